@@ -1,0 +1,368 @@
+//! Signing keys: the [`KeySource`] trait and its JWKS implementation (a JWKS URL, OIDC
+//! discovery of a Keycloak realm, or a local JWKS file).
+//!
+//! An unknown `kid` triggers at most one refetch per cooldown (single-flight, so a burst of
+//! tokens from a rotated key costs one fetch). A failed fetch keeps the last good keys, so a
+//! Keycloak outage does not break tokens signed with keys we already know.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use jsonwebtoken::{Algorithm, DecodingKey, jwk::Jwk};
+use serde::Deserialize;
+
+use crate::config::{JwtConfig, KeySourceConfig, discovery_url};
+
+/// A verification key from the JWKS.
+pub struct SigningKey {
+    pub kid: String,
+    /// The `alg` the JWKS pins for this key, if any.
+    pub alg: Option<Algorithm>,
+    pub key: DecodingKey,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("signing key kid={kid} not found in {origin}")]
+    NotFound { kid: String, origin: String },
+    #[error("cannot fetch keys from {origin}: {cause}")]
+    Unavailable {
+        kid: String,
+        origin: String,
+        cause: String,
+    },
+    #[error("no signing keys loaded yet from {origin}: {cause}")]
+    Empty { origin: String, cause: String },
+}
+
+/// Where verification keys come from.
+#[async_trait::async_trait]
+pub trait KeySource: Send + Sync {
+    /// The key for `kid`, refreshing the set (within the cooldown) when it is unknown.
+    async fn key(&self, kid: &str) -> Result<Arc<SigningKey>, KeyError>;
+    /// Fetches the keys now; returns how many were loaded.
+    async fn refresh(&self) -> Result<usize, KeyError>;
+    /// Whether any key has been loaded (readiness).
+    fn ready(&self) -> bool;
+    /// The issuer learned from OIDC discovery, if this source does discovery.
+    fn discovered_issuer(&self) -> Option<String>;
+    /// Human-readable origin, e.g. `JWKS http://kc/realms/r/protocol/openid-connect/certs`.
+    fn describe(&self) -> String;
+    /// Loaded key ids, for `doctor` and the startup log.
+    fn key_ids(&self) -> Vec<String>;
+}
+
+#[derive(Default)]
+struct KeySet {
+    keys: HashMap<String, Arc<SigningKey>>,
+    issuer: Option<String>,
+    jwks_url: Option<String>,
+}
+
+enum Origin {
+    Url(String),
+    Discovery(String),
+    File(PathBuf),
+}
+
+/// JWKS-backed [`KeySource`].
+pub struct JwksKeySource {
+    origin: Origin,
+    http: reqwest::Client,
+    timeout: Duration,
+    cooldown: Duration,
+    set: ArcSwap<KeySet>,
+    last_fetch: Mutex<Option<Instant>>,
+    last_error: Mutex<Option<String>>,
+    fetch_lock: tokio::sync::Mutex<()>,
+}
+
+#[derive(Deserialize)]
+struct Discovery {
+    issuer: String,
+    jwks_uri: String,
+}
+
+impl JwksKeySource {
+    pub fn new(cfg: &JwtConfig) -> Option<Self> {
+        let origin = match &cfg.source {
+            KeySourceConfig::JwksUrl(u) => Origin::Url(u.clone()),
+            KeySourceConfig::Discovery { base_url, realm } => {
+                Origin::Discovery(discovery_url(base_url, realm))
+            }
+            KeySourceConfig::File(p) => Origin::File(p.clone()),
+            KeySourceConfig::None => return None,
+        };
+        Some(Self {
+            origin,
+            http: crate::http_client::client(cfg.fetch_timeout),
+            timeout: cfg.fetch_timeout,
+            cooldown: cfg.refresh_cooldown,
+            set: ArcSwap::from_pointee(KeySet::default()),
+            last_fetch: Mutex::new(None),
+            last_error: Mutex::new(None),
+            fetch_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn source_name(&self) -> String {
+        match &self.origin {
+            Origin::Url(u) => format!("JWKS {u}"),
+            Origin::Discovery(d) => match &self.set.load().jwks_url {
+                Some(j) => format!("JWKS {j}"),
+                None => format!("OIDC discovery {d}"),
+            },
+            Origin::File(p) => format!("JWKS file {}", p.display()),
+        }
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, String> {
+        let resp =
+            self.http.get(url).send().await.map_err(|e| {
+                format!("{url}: {}", crate::http_client::describe(&e, self.timeout))
+            })?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(format!("{url}: HTTP {status}"));
+        }
+        resp.json::<T>()
+            .await
+            .map_err(|e| format!("{url}: not a valid document: {e}"))
+    }
+
+    async fn fetch(&self) -> Result<KeySet, String> {
+        let (doc, issuer, jwks_url): (serde_json::Value, _, _) = match &self.origin {
+            Origin::Url(u) => (self.get_json(u).await?, None, Some(u.clone())),
+            Origin::Discovery(d) => {
+                let disc: Discovery = self.get_json(d).await?;
+                (
+                    self.get_json(&disc.jwks_uri).await?,
+                    Some(disc.issuer),
+                    Some(disc.jwks_uri),
+                )
+            }
+            Origin::File(p) => {
+                let text = tokio::fs::read_to_string(p)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let doc = serde_json::from_str(&text)
+                    .map_err(|e| format!("not JSON: {e}"))?;
+                (doc, None, None)
+            }
+        };
+        let keys = parse_jwks(&doc)?;
+        Ok(KeySet {
+            keys,
+            issuer,
+            jwks_url,
+        })
+    }
+
+    fn set_error(&self, e: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+
+    fn last_error(&self) -> String {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| "not fetched yet".into())
+    }
+}
+
+/// Parses a JWKS document. Keys for encryption and key types we cannot verify with are skipped
+/// (Keycloak publishes an RSA-OAEP encryption key next to its signing key).
+pub fn parse_jwks(doc: &serde_json::Value) -> Result<HashMap<String, Arc<SigningKey>>, String> {
+    let list = doc
+        .get("keys")
+        .and_then(|k| k.as_array())
+        .ok_or("not a JWKS: no \"keys\" array")?;
+    let mut keys = HashMap::new();
+    for (i, raw) in list.iter().enumerate() {
+        if raw.get("use").and_then(|u| u.as_str()) == Some("enc") {
+            continue;
+        }
+        let Some(kid) = raw.get("kid").and_then(|k| k.as_str()) else {
+            tracing::warn!(index = i, "JWKS key without kid skipped");
+            continue;
+        };
+        let jwk: Jwk = match serde_json::from_value(raw.clone()) {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::warn!(kid, error = %e, "JWKS key skipped: unreadable");
+                continue;
+            }
+        };
+        if !jwk.is_supported() {
+            continue;
+        }
+        let key = match DecodingKey::from_jwk(&jwk) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(kid, error = %e, "JWKS key skipped: unusable");
+                continue;
+            }
+        };
+        let alg = raw
+            .get("alg")
+            .and_then(|a| a.as_str())
+            .and_then(|a| a.parse::<Algorithm>().ok());
+        keys.insert(
+            kid.to_string(),
+            Arc::new(SigningKey {
+                kid: kid.to_string(),
+                alg,
+                key,
+            }),
+        );
+    }
+    Ok(keys)
+}
+
+#[async_trait::async_trait]
+impl KeySource for JwksKeySource {
+    async fn key(&self, kid: &str) -> Result<Arc<SigningKey>, KeyError> {
+        if let Some(k) = self.set.load().keys.get(kid) {
+            return Ok(k.clone());
+        }
+        let _guard = self.fetch_lock.lock().await;
+        // Another task may have fetched while we waited.
+        if let Some(k) = self.set.load().keys.get(kid) {
+            return Ok(k.clone());
+        }
+        let recent = self
+            .last_fetch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < self.cooldown);
+        if !recent {
+            if let Err(e) = self.refresh_locked().await {
+                return Err(match e {
+                    KeyError::Unavailable { origin, cause, .. }
+                    | KeyError::Empty { origin, cause } => KeyError::Unavailable {
+                        kid: kid.into(),
+                        origin,
+                        cause,
+                    },
+                    other => other,
+                });
+            }
+            if let Some(k) = self.set.load().keys.get(kid) {
+                return Ok(k.clone());
+            }
+        } else if self.set.load().keys.is_empty() {
+            return Err(KeyError::Unavailable {
+                kid: kid.into(),
+                origin: self.source_name(),
+                cause: self.last_error(),
+            });
+        }
+        Err(KeyError::NotFound {
+            kid: kid.into(),
+            origin: self.source_name(),
+        })
+    }
+
+    async fn refresh(&self) -> Result<usize, KeyError> {
+        let _guard = self.fetch_lock.lock().await;
+        self.refresh_locked().await
+    }
+
+    fn ready(&self) -> bool {
+        !self.set.load().keys.is_empty()
+    }
+
+    fn discovered_issuer(&self) -> Option<String> {
+        self.set.load().issuer.clone()
+    }
+
+    fn describe(&self) -> String {
+        self.source_name()
+    }
+
+    fn key_ids(&self) -> Vec<String> {
+        let mut ids: Vec<_> = self.set.load().keys.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+}
+
+impl JwksKeySource {
+    async fn refresh_locked(&self) -> Result<usize, KeyError> {
+        *self.last_fetch.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        match self.fetch().await {
+            Ok(set) if set.keys.is_empty() => {
+                let cause = "the JWKS has no usable signing keys".to_string();
+                self.set_error(Some(cause.clone()));
+                Err(KeyError::Empty {
+                    origin: self.source_name(),
+                    cause,
+                })
+            }
+            Ok(set) => {
+                let n = set.keys.len();
+                let mut ids: Vec<_> = set.keys.keys().cloned().collect();
+                ids.sort();
+                tracing::debug!(source = %self.source_name(), kids = ?ids, "signing keys loaded");
+                self.set.store(Arc::new(set));
+                self.set_error(None);
+                Ok(n)
+            }
+            Err(cause) => {
+                tracing::warn!(source = %self.source_name(), %cause, "signing key refresh failed; keeping the last good keys");
+                self.set_error(Some(cause.clone()));
+                Err(KeyError::Unavailable {
+                    kid: String::new(),
+                    origin: self.source_name(),
+                    cause,
+                })
+            }
+        }
+    }
+}
+
+/// A fixed set of keys (tests, benchmarks).
+pub struct StaticKeys {
+    keys: HashMap<String, Arc<SigningKey>>,
+}
+
+impl StaticKeys {
+    pub fn from_jwks(doc: &serde_json::Value) -> Result<Self, String> {
+        Ok(Self {
+            keys: parse_jwks(doc)?,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl KeySource for StaticKeys {
+    async fn key(&self, kid: &str) -> Result<Arc<SigningKey>, KeyError> {
+        self.keys
+            .get(kid)
+            .cloned()
+            .ok_or_else(|| KeyError::NotFound {
+                kid: kid.into(),
+                origin: self.describe(),
+            })
+    }
+    async fn refresh(&self) -> Result<usize, KeyError> {
+        Ok(self.keys.len())
+    }
+    fn ready(&self) -> bool {
+        true
+    }
+    fn discovered_issuer(&self) -> Option<String> {
+        None
+    }
+    fn describe(&self) -> String {
+        "static keys".into()
+    }
+    fn key_ids(&self) -> Vec<String> {
+        self.keys.keys().cloned().collect()
+    }
+}

@@ -1,0 +1,560 @@
+//! Bearer JWT verification: structure, algorithm allowlist, signature against the
+//! [`KeySource`], then claims (`exp`/`nbf` with leeway, `iss`, `aud`, required claims), each
+//! failure with its own reason. Verified tokens are cached by SHA-256 until they expire, so a
+//! repeated token costs a hash and a map lookup, not a signature check.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use dashmap::DashMap;
+use jsonwebtoken::{Algorithm, Validation};
+use serde::Deserialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::jwks::{KeyError, KeySource};
+use super::{AuthMethod, AuthnError, Principal, PrincipalKind, fingerprint};
+use crate::config::JwtConfig;
+
+/// Larger than any real Keycloak token (a few KiB with many roles), small enough that a
+/// hostile header costs nothing to refuse.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// Seconds since the epoch; a function so tests can move time.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    })
+}
+
+#[derive(Deserialize)]
+struct RawHeader {
+    alg: Option<String>,
+    kid: Option<String>,
+    crit: Option<Value>,
+}
+
+struct Cached {
+    principal: Arc<Principal>,
+    exp: u64,
+}
+
+pub struct JwtVerifier {
+    keys: Arc<dyn KeySource>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    client_id: Option<String>,
+    algorithms: Vec<Algorithm>,
+    leeway: u64,
+    required_claims: Vec<String>,
+    cache: DashMap<[u8; 32], Cached>,
+    cache_size: usize,
+    clock: Clock,
+}
+
+/// The one `Validation` this crate uses: signature and algorithm only. Claims are checked by
+/// [`JwtVerifier::check_claims`] so each failure has its own precise reason.
+fn validation(alg: Algorithm) -> Validation {
+    let mut v = Validation::new(alg);
+    v.validate_exp = false;
+    v.validate_nbf = false;
+    v.validate_aud = false;
+    v.required_spec_claims.clear();
+    v
+}
+
+fn b64_json(part: &str, what: &str) -> Result<Value, AuthnError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part.trim_end_matches('='))
+        .map_err(|_| AuthnError::Malformed(format!("{what} is not base64url")))?;
+    serde_json::from_slice(&bytes).map_err(|_| AuthnError::Malformed(format!("{what} is not JSON")))
+}
+
+fn alg_name(a: Algorithm) -> String {
+    format!("{a:?}")
+}
+
+impl JwtVerifier {
+    pub fn new(cfg: &JwtConfig, keys: Arc<dyn KeySource>, clock: Clock) -> Self {
+        Self {
+            keys,
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
+            client_id: cfg.client_id.clone(),
+            algorithms: cfg.algorithms.clone(),
+            leeway: cfg.leeway.as_secs(),
+            required_claims: cfg.required_claims.clone(),
+            cache: DashMap::new(),
+            cache_size: cfg.token_cache_size,
+            clock,
+        }
+    }
+
+    pub fn key_source(&self) -> &Arc<dyn KeySource> {
+        &self.keys
+    }
+
+    /// The configured issuer, else the one OIDC discovery found.
+    pub fn expected_issuer(&self) -> Option<String> {
+        self.issuer
+            .clone()
+            .or_else(|| self.keys.discovered_issuer())
+    }
+
+    pub fn cached_tokens(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Verifies `token` and maps its claims to a [`Principal`].
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthnError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthnError::TooLarge {
+                size: token.len(),
+                limit: MAX_TOKEN_BYTES,
+            });
+        }
+        let now = (self.clock)();
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(hit) = self.cache.get(&digest) {
+            if now <= hit.exp + self.leeway {
+                return Ok((*hit.principal).clone());
+            }
+        }
+        let (principal, exp) = self.verify(token, now).await?;
+        self.remember(digest, principal.clone(), exp, now);
+        Ok(principal)
+    }
+
+    fn remember(&self, digest: [u8; 32], principal: Principal, exp: u64, now: u64) {
+        if self.cache_size == 0 {
+            return;
+        }
+        if self.cache.len() >= self.cache_size {
+            self.cache.retain(|_, c| c.exp + self.leeway >= now);
+            if self.cache.len() >= self.cache_size {
+                // Still full of live tokens: start over rather than grow without bound.
+                self.cache.clear();
+            }
+        }
+        self.cache.insert(
+            digest,
+            Cached {
+                principal: Arc::new(principal),
+                exp,
+            },
+        );
+    }
+
+    async fn verify(&self, token: &str, now: u64) -> Result<(Principal, u64), AuthnError> {
+        let parts: Vec<&str> = token.split('.').collect();
+        if parts.len() != 3 {
+            return Err(AuthnError::Malformed(format!(
+                "expected 3 dot-separated segments, got {}",
+                parts.len()
+            )));
+        }
+        let header: RawHeader = serde_json::from_value(b64_json(parts[0], "header")?)
+            .map_err(|_| AuthnError::Malformed("header is not a JWT header".into()))?;
+        let alg_raw = header
+            .alg
+            .ok_or_else(|| AuthnError::Malformed("header has no alg".into()))?;
+        if alg_raw.eq_ignore_ascii_case("none") {
+            return Err(AuthnError::AlgNone);
+        }
+        let allowed = || {
+            self.algorithms
+                .iter()
+                .map(|a| alg_name(*a))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let alg = alg_raw
+            .parse::<Algorithm>()
+            .ok()
+            .filter(|a| self.algorithms.contains(a))
+            .ok_or_else(|| AuthnError::AlgorithmNotAllowed {
+                alg: alg_raw.clone(),
+                allowed: allowed(),
+            })?;
+        if header.crit.is_some() {
+            return Err(AuthnError::Malformed(
+                "header has crit extensions, none are supported".into(),
+            ));
+        }
+        let claims = b64_json(parts[1], "payload")?;
+        if !claims.is_object() {
+            return Err(AuthnError::Malformed("payload is not a JSON object".into()));
+        }
+        if parts[2].is_empty() {
+            return Err(AuthnError::Malformed("signature is empty".into()));
+        }
+        let kid = header
+            .kid
+            .filter(|k| !k.is_empty())
+            .ok_or(AuthnError::MissingKid)?;
+        let key = self.keys.key(&kid).await.map_err(|e| match e {
+            KeyError::NotFound { kid, origin } => AuthnError::UnknownKid { kid, origin },
+            KeyError::Unavailable { origin, cause, .. } => AuthnError::KeySourceUnavailable {
+                kid: kid.clone(),
+                origin,
+                cause,
+            },
+            KeyError::Empty { origin, cause } => AuthnError::NoKeys { origin, cause },
+        })?;
+        if let Some(key_alg) = key.alg {
+            if key_alg != alg {
+                return Err(AuthnError::KeyAlgorithmMismatch {
+                    kid,
+                    key_alg: alg_name(key_alg),
+                    alg: alg_name(alg),
+                });
+            }
+        }
+        jsonwebtoken::decode::<Value>(token, &key.key, &validation(alg)).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            match e.kind() {
+                ErrorKind::InvalidSignature => AuthnError::BadSignature { kid: kid.clone() },
+                ErrorKind::InvalidAlgorithm
+                | ErrorKind::InvalidRsaKey(_)
+                | ErrorKind::InvalidEcdsaKey
+                | ErrorKind::InvalidEddsaKey => AuthnError::KeyAlgorithmMismatch {
+                    kid: kid.clone(),
+                    key_alg: "another key type".into(),
+                    alg: alg_name(alg),
+                },
+                ErrorKind::Base64(_) => AuthnError::Malformed("signature is not base64url".into()),
+                _ => AuthnError::Malformed(e.to_string()),
+            }
+        })?;
+        let exp = self.check_claims(&claims, now)?;
+        let mut principal = self.principal(&claims)?;
+        principal.key_id = kid;
+        principal.credential_hash = fingerprint(token);
+        Ok((principal, exp))
+    }
+
+    fn check_claims(&self, claims: &Value, now: u64) -> Result<u64, AuthnError> {
+        let num = |name: &str| -> Result<Option<u64>, AuthnError> {
+            match claims.get(name) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+                    .map(Some)
+                    .ok_or_else(|| AuthnError::InvalidClaim {
+                        claim: name.into(),
+                        why: "not a NumericDate".into(),
+                    }),
+            }
+        };
+        let exp = num("exp")?.ok_or_else(|| AuthnError::MissingClaim("exp".into()))?;
+        if now > exp + self.leeway {
+            return Err(AuthnError::Expired { ago: now - exp });
+        }
+        if let Some(nbf) = num("nbf")? {
+            if nbf > now + self.leeway {
+                return Err(AuthnError::NotYetValid { in_secs: nbf - now });
+            }
+        }
+        if let Some(want) = self.expected_issuer() {
+            match claims.get("iss").and_then(Value::as_str) {
+                None => return Err(AuthnError::MissingClaim("iss".into())),
+                Some(got) if got != want => {
+                    return Err(AuthnError::WrongIssuer {
+                        got: got.into(),
+                        want,
+                    });
+                }
+                _ => {}
+            }
+        }
+        if let Some(want) = &self.audience {
+            let ok = match claims.get("aud") {
+                Some(Value::String(s)) => s == want,
+                Some(Value::Array(a)) => a.iter().any(|v| v.as_str() == Some(want)),
+                _ => return Err(AuthnError::MissingClaim("aud".into())),
+            };
+            if !ok {
+                return Err(AuthnError::WrongAudience {
+                    got: claims["aud"].to_string(),
+                    want: want.clone(),
+                });
+            }
+        }
+        for name in &self.required_claims {
+            match claims.get(name) {
+                None | Some(Value::Null) => return Err(AuthnError::MissingClaim(name.clone())),
+                Some(Value::String(s)) if s.is_empty() => {
+                    return Err(AuthnError::MissingClaim(name.clone()));
+                }
+                _ => {}
+            }
+        }
+        Ok(exp)
+    }
+
+    /// Keycloak's claim layout: roles in `realm_access.roles`, `resource_access.<client>.roles`
+    /// and a top-level `roles`; scopes in `scope`; a client-credentials token has a
+    /// `service-account-<client>` username and names its client in `client_id`/`azp`.
+    fn principal(&self, claims: &Value) -> Result<Principal, AuthnError> {
+        let s = |name: &str| {
+            claims
+                .get(name)
+                .and_then(Value::as_str)
+                .filter(|v| !v.is_empty())
+        };
+        let username = s("preferred_username");
+        let client = s("client_id").or_else(|| s("azp"));
+        let service_account = username
+            .and_then(|u| u.strip_prefix("service-account-"))
+            .map(|rest| client.unwrap_or(rest));
+        let (kind, id) = match service_account {
+            Some(client) => (PrincipalKind::ServicePrincipal, client.to_string()),
+            None => {
+                let id = username
+                    .or_else(|| s("sub"))
+                    .ok_or_else(|| AuthnError::MissingClaim("sub".into()))?;
+                (PrincipalKind::User, id.to_string())
+            }
+        };
+        let mut p = Principal::new(kind, &id, AuthMethod::Jwt);
+        p.username = username.unwrap_or(&id).to_string();
+        let mut roles = Vec::new();
+        let mut push_all = |v: Option<&Value>| {
+            if let Some(Value::Array(items)) = v {
+                for r in items.iter().filter_map(Value::as_str) {
+                    if !roles.iter().any(|x: &String| x == r) {
+                        roles.push(r.to_string());
+                    }
+                }
+            }
+        };
+        push_all(claims.pointer("/realm_access/roles"));
+        if let Some(c) = &self.client_id {
+            push_all(
+                claims
+                    .get("resource_access")
+                    .and_then(|ra| ra.get(c))
+                    .and_then(|c| c.get("roles")),
+            );
+        }
+        push_all(claims.get("roles"));
+        p.roles = roles;
+        p.scopes = match claims.get("scope") {
+            Some(Value::String(s)) => s.split_whitespace().map(String::from).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_str)
+                .map(String::from)
+                .collect(),
+            _ => match claims.get("scp") {
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(String::from)
+                    .collect(),
+                _ => Vec::new(),
+            },
+        };
+        if let Some(Value::Array(g)) = claims.get("groups") {
+            p.groups = g
+                .iter()
+                .filter_map(Value::as_str)
+                .map(String::from)
+                .collect();
+        }
+        Ok(p)
+    }
+}
+
+/// Signs `claims` with a PEM private key (local trials and tests; never used by the server).
+pub fn mint(
+    key_pem: &[u8],
+    alg: Algorithm,
+    kid: &str,
+    claims: &Value,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    use jsonwebtoken::EncodingKey;
+    let key = match alg {
+        Algorithm::ES256 | Algorithm::ES384 => EncodingKey::from_ec_pem(key_pem)?,
+        Algorithm::EdDSA => EncodingKey::from_ed_pem(key_pem)?,
+        _ => EncodingKey::from_rsa_pem(key_pem)?,
+    };
+    let mut header = jsonwebtoken::Header::new(alg);
+    header.kid = Some(kid.to_string());
+    jsonwebtoken::encode(&header, claims, &key)
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authn::jwks::StaticKeys;
+    use serde_json::json;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    const KEYS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keys");
+
+    fn pem(name: &str) -> Vec<u8> {
+        std::fs::read(format!("{KEYS}/{name}.pem")).unwrap()
+    }
+
+    fn verifier(now: Arc<AtomicU64>) -> JwtVerifier {
+        let doc: Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("{KEYS}/jwks.json")).unwrap())
+                .unwrap();
+        let cfg = crate::config::Config::from_yaml(
+            "jwt: { jwks_file: x, issuer: https://kc/realms/r, audience: mcp-server, algorithms: [RS256, ES256, EdDSA, PS256] }",
+            std::path::Path::new("/"),
+            &std::collections::BTreeMap::new(),
+        )
+        .unwrap();
+        JwtVerifier::new(
+            &cfg.jwt,
+            Arc::new(StaticKeys::from_jwks(&doc).unwrap()),
+            Arc::new(move || now.load(Ordering::Relaxed)),
+        )
+    }
+
+    fn claims(now: u64) -> Value {
+        json!({
+            "sub": "0b7a", "preferred_username": "alice", "iss": "https://kc/realms/r",
+            "aud": ["mcp-server", "account"], "exp": now + 300, "iat": now,
+            "realm_access": {"roles": ["user", "premium"]},
+            "resource_access": {"mcp-server": {"roles": ["tool-runner"]}},
+            "scope": "openid read:agents", "groups": ["/acme"]
+        })
+    }
+
+    fn at(now: u64) -> (JwtVerifier, Arc<AtomicU64>) {
+        let clock = Arc::new(AtomicU64::new(now));
+        (verifier(clock.clone()), clock)
+    }
+
+    #[tokio::test]
+    async fn valid_token_maps_keycloak_claims() {
+        let (v, _) = at(1_000_000);
+        let t = mint(&pem("rsa-a"), Algorithm::RS256, "rsa-a", &claims(1_000_000)).unwrap();
+        let p = v.authenticate(&t).await.unwrap();
+        assert_eq!(p.subject, "user:alice");
+        assert_eq!(p.roles, vec!["user", "premium", "tool-runner"]);
+        assert_eq!(p.scopes, vec!["openid", "read:agents"]);
+        assert_eq!(p.groups, vec!["/acme"]);
+        assert_eq!(p.key_id, "rsa-a");
+        assert_eq!(v.cached_tokens(), 1);
+    }
+
+    #[tokio::test]
+    async fn other_algorithms_verify() {
+        let (v, _) = at(1_000_000);
+        for (k, alg) in [("ec256", Algorithm::ES256), ("ed25519", Algorithm::EdDSA)] {
+            let t = mint(&pem(k), alg, k, &claims(1_000_000)).unwrap();
+            v.authenticate(&t)
+                .await
+                .unwrap_or_else(|e| panic!("{k}: {e}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn service_account_token() {
+        let (v, _) = at(1_000_000);
+        let mut c = claims(1_000_000);
+        c["preferred_username"] = json!("service-account-svc-reporter");
+        c["client_id"] = json!("svc-reporter");
+        let t = mint(&pem("rsa-a"), Algorithm::RS256, "rsa-a", &c).unwrap();
+        let p = v.authenticate(&t).await.unwrap();
+        assert_eq!(p.kind, PrincipalKind::ServicePrincipal);
+        assert_eq!(p.subject, "service_principal:svc-reporter");
+    }
+
+    #[tokio::test]
+    async fn claim_failures_have_reasons() {
+        let now = 1_000_000;
+        let (v, _) = at(now);
+        let key = pem("rsa-a");
+        let cases: Vec<(Value, &str)> = vec![
+            (json!({"exp": now - 42}), "token expired 72s ago"),
+            (json!({"nbf": now + 100}), "not valid yet"),
+            (json!({"iss": "https://evil"}), "wrong issuer"),
+            (json!({"aud": "other"}), "wrong audience"),
+            (json!({"sub": null}), "missing claim sub"),
+            (json!({"exp": "soon"}), "invalid claim exp"),
+        ];
+        for (patch, want) in cases {
+            let mut c = claims(now);
+            for (k, val) in patch.as_object().unwrap() {
+                if k == "exp" && val.is_u64() {
+                    c["exp"] = json!(val.as_u64().unwrap() - 30);
+                } else {
+                    c[k] = val.clone();
+                }
+            }
+            let t = mint(&key, Algorithm::RS256, "rsa-a", &c).unwrap();
+            let e = v.authenticate(&t).await.unwrap_err().to_string();
+            assert!(e.contains(want), "{e} should contain {want}");
+        }
+    }
+
+    #[tokio::test]
+    async fn cache_respects_expiry() {
+        let now = 1_000_000;
+        let (v, clock) = at(now);
+        let t = mint(&pem("rsa-a"), Algorithm::RS256, "rsa-a", &claims(now)).unwrap();
+        v.authenticate(&t).await.unwrap();
+        clock.store(now + 300 + 31, Ordering::Relaxed);
+        let e = v.authenticate(&t).await.unwrap_err();
+        assert_eq!(e, AuthnError::Expired { ago: 31 });
+    }
+
+    #[tokio::test]
+    async fn structural_attacks_are_refused() {
+        let now = 1_000_000;
+        let (v, _) = at(now);
+        let good = mint(&pem("rsa-a"), Algorithm::RS256, "rsa-a", &claims(now)).unwrap();
+        let parts: Vec<&str> = good.split('.').collect();
+        let enc = |v: &Value| URL_SAFE_NO_PAD.encode(v.to_string());
+        // alg none
+        let none = format!(
+            "{}.{}.",
+            enc(&json!({"alg": "none", "kid": "rsa-a"})),
+            parts[1]
+        );
+        assert_eq!(
+            v.authenticate(&none).await.unwrap_err(),
+            AuthnError::AlgNone
+        );
+        // signature from another key under a known kid
+        let forged = mint(&pem("rsa-b"), Algorithm::RS256, "rsa-a", &claims(now)).unwrap();
+        assert!(matches!(
+            v.authenticate(&forged).await.unwrap_err(),
+            AuthnError::BadSignature { .. }
+        ));
+        // tampered payload
+        let mut c = claims(now);
+        c["preferred_username"] = json!("admin");
+        let tampered = format!("{}.{}.{}", parts[0], enc(&c), parts[2]);
+        assert!(matches!(
+            v.authenticate(&tampered).await.unwrap_err(),
+            AuthnError::BadSignature { .. }
+        ));
+        // key/alg confusion: EC key id with an RSA signature
+        let confused = mint(&pem("rsa-a"), Algorithm::RS256, "ec256", &claims(now)).unwrap();
+        assert!(matches!(
+            v.authenticate(&confused).await.unwrap_err(),
+            AuthnError::KeyAlgorithmMismatch { .. }
+        ));
+    }
+}

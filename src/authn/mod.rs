@@ -1,0 +1,291 @@
+//! Authentication: who is calling. Owns the [`Principal`], the credential extraction from the
+//! request (bearer token or API key) and the error a failed authentication produces.
+//!
+//! Backends live behind traits in the submodules: [`jwks::KeySource`] for signing keys and
+//! [`api_key::ApiKeyStore`] for API keys, so tests and future backends swap in.
+
+pub mod api_key;
+pub mod jwks;
+pub mod jwt;
+pub mod principals;
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::request::{CheckInput, RequestError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PrincipalKind {
+    User,
+    ServicePrincipal,
+}
+
+impl PrincipalKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::ServicePrincipal => "service_principal",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    Jwt,
+    ApiKey,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Jwt => "jwt",
+            Self::ApiKey => "api_key",
+        }
+    }
+}
+
+/// The authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub kind: PrincipalKind,
+    /// Username for users, client id for service principals.
+    pub id: String,
+    /// OpenFGA subject: `user:alice`, `service_principal:svc-reporter`.
+    pub subject: String,
+    pub username: String,
+    pub roles: Vec<String>,
+    pub scopes: Vec<String>,
+    /// Keycloak group paths (`/acme`).
+    pub groups: Vec<String>,
+    pub method: AuthMethod,
+    /// Signing key id (JWT) or API key record id: safe to log and forward.
+    pub key_id: String,
+    /// Short SHA-256 of the credential, for correlating logs without the secret.
+    pub credential_hash: String,
+}
+
+impl Principal {
+    pub fn new(kind: PrincipalKind, id: &str, method: AuthMethod) -> Self {
+        Self {
+            kind,
+            id: id.to_string(),
+            subject: format!("{}:{id}", kind.as_str()),
+            username: id.to_string(),
+            roles: Vec::new(),
+            scopes: Vec::new(),
+            groups: Vec::new(),
+            method,
+            key_id: String::new(),
+            credential_hash: String::new(),
+        }
+    }
+
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope)
+    }
+}
+
+/// Everything that makes authentication fail. The text is the reason a user reads, in the deny
+/// body, the log and `doctor`; it never contains a token or a key.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum AuthnError {
+    #[error("no credentials: send Authorization: Bearer <token> or an API key in {api_key_header}")]
+    Missing { api_key_header: String },
+    #[error("Authorization header is not a Bearer token")]
+    NotBearer,
+    #[error("empty bearer token")]
+    EmptyBearer,
+    #[error("two Authorization headers (or two bearer tokens in one)")]
+    DuplicateAuthorization,
+    #[error("{0}")]
+    BadHeader(String),
+    #[error("both a bearer token and an API key were sent: send one")]
+    BothCredentials,
+    #[error("bearer tokens are not accepted here: no JWT key source is configured")]
+    JwtNotConfigured,
+    #[error("API keys are not accepted here: no API key file is configured")]
+    ApiKeysNotConfigured,
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    #[error("token too large: {size} bytes (limit {limit})")]
+    TooLarge { size: usize, limit: usize },
+    #[error("algorithm none is never accepted")]
+    AlgNone,
+    #[error("algorithm {alg} not allowed (allowed: {allowed})")]
+    AlgorithmNotAllowed { alg: String, allowed: String },
+    #[error("token header has no kid")]
+    MissingKid,
+    #[error("signing key kid={kid} not found in {origin}")]
+    UnknownKid { kid: String, origin: String },
+    #[error("signing key kid={kid} not found: cannot refresh keys from {origin}: {cause}")]
+    KeySourceUnavailable {
+        kid: String,
+        origin: String,
+        cause: String,
+    },
+    #[error("no signing keys loaded yet from {origin}: {cause}")]
+    NoKeys { origin: String, cause: String },
+    #[error("signing key kid={kid} is for {key_alg}, token says {alg}")]
+    KeyAlgorithmMismatch {
+        kid: String,
+        key_alg: String,
+        alg: String,
+    },
+    #[error("signature verification failed (kid={kid}): wrong public key or tampered token")]
+    BadSignature { kid: String },
+    #[error("token expired {ago}s ago")]
+    Expired { ago: u64 },
+    #[error("token not valid yet: nbf is {in_secs}s in the future")]
+    NotYetValid { in_secs: u64 },
+    #[error("wrong issuer {got:?}: expected {want:?}")]
+    WrongIssuer { got: String, want: String },
+    #[error("wrong audience {got}: expected {want:?}")]
+    WrongAudience { got: String, want: String },
+    #[error("missing claim {0}")]
+    MissingClaim(String),
+    #[error("invalid claim {claim}: {why}")]
+    InvalidClaim { claim: String, why: String },
+    #[error("invalid API key")]
+    ApiKeyUnknown,
+    #[error("API key inactive (id={id})")]
+    ApiKeyInactive { id: String },
+    #[error("API key expired (id={id}, {ago}s ago)")]
+    ApiKeyExpired { id: String, ago: u64 },
+    #[error("API key store unavailable: {0}")]
+    ApiKeyStoreUnavailable(String),
+    #[error("service principal {id} disabled")]
+    PrincipalDisabled { id: String },
+    #[error("service principal {id} is not listed in principals.service_principals")]
+    PrincipalNotListed { id: String },
+}
+
+impl AuthnError {
+    /// 403 rather than 401: the credentials are genuine, the principal may not act.
+    pub fn is_forbidden(&self) -> bool {
+        matches!(
+            self,
+            Self::PrincipalDisabled { .. } | Self::PrincipalNotListed { .. }
+        )
+    }
+
+    /// A backend problem rather than a bad credential: 503, so clients retry.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::ApiKeyStoreUnavailable(_) | Self::NoKeys { .. })
+    }
+
+    pub fn code(&self) -> &'static str {
+        if self.is_forbidden() {
+            "forbidden"
+        } else if self.is_unavailable() {
+            "unavailable"
+        } else if matches!(self, Self::Missing { .. }) {
+            "unauthenticated"
+        } else {
+            "invalid_token"
+        }
+    }
+}
+
+impl From<RequestError> for AuthnError {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::DuplicateHeader(h) if h == "authorization" => {
+                Self::DuplicateAuthorization
+            }
+            other => Self::BadHeader(other.to_string()),
+        }
+    }
+}
+
+/// Short, non-reversible fingerprint of a secret for logs: 12 hex chars of SHA-256.
+pub fn fingerprint(secret: &str) -> String {
+    let digest = Sha256::digest(secret.as_bytes());
+    hex::encode(&digest[..6])
+}
+
+/// Picks the credential from the request and verifies it.
+pub struct Authenticator {
+    pub jwt: Option<jwt::JwtVerifier>,
+    pub api_keys: Option<Arc<dyn api_key::ApiKeyStore>>,
+    pub api_key_header: String,
+    pub principals: principals::Principals,
+}
+
+impl Authenticator {
+    pub async fn authenticate(&self, input: &CheckInput) -> Result<Principal, AuthnError> {
+        let authorization = input.headers.single("authorization")?;
+        let api_key = input.headers.single(&self.api_key_header)?;
+        let principal = match (authorization, api_key) {
+            (Some(_), Some(_)) => return Err(AuthnError::BothCredentials),
+            (Some(value), None) => {
+                let token = bearer_token(value)?;
+                let verifier = self.jwt.as_ref().ok_or(AuthnError::JwtNotConfigured)?;
+                verifier.authenticate(token).await?
+            }
+            (None, Some(key)) => {
+                let store = self
+                    .api_keys
+                    .as_ref()
+                    .ok_or(AuthnError::ApiKeysNotConfigured)?;
+                store.authenticate(key.trim()).await?
+            }
+            (None, None) => {
+                return Err(AuthnError::Missing {
+                    api_key_header: self.api_key_header.clone(),
+                });
+            }
+        };
+        self.principals.admit(principal)
+    }
+}
+
+/// `Bearer <token>` per RFC 6750 (scheme case-insensitive). Envoy joins repeated headers with
+/// a comma, so a comma means two Authorization headers.
+pub fn bearer_token(value: &str) -> Result<&str, AuthnError> {
+    let value = value.trim();
+    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthnError::NotBearer);
+    }
+    let token = rest.trim();
+    if token.is_empty() {
+        return Err(AuthnError::EmptyBearer);
+    }
+    if token.contains(',') {
+        return Err(AuthnError::DuplicateAuthorization);
+    }
+    if token.contains(char::is_whitespace) {
+        return Err(AuthnError::Malformed("token contains whitespace".into()));
+    }
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_parsing() {
+        assert_eq!(bearer_token("Bearer abc").unwrap(), "abc");
+        assert_eq!(bearer_token("bearer   abc ").unwrap(), "abc");
+        assert_eq!(bearer_token("Basic abc"), Err(AuthnError::NotBearer));
+        assert_eq!(bearer_token("Bearer"), Err(AuthnError::EmptyBearer));
+        assert_eq!(bearer_token("Bearer  "), Err(AuthnError::EmptyBearer));
+        assert_eq!(
+            bearer_token("Bearer a,Bearer b"),
+            Err(AuthnError::DuplicateAuthorization)
+        );
+    }
+
+    #[test]
+    fn fingerprint_is_short_and_stable() {
+        assert_eq!(fingerprint("secret"), fingerprint("secret"));
+        assert_eq!(fingerprint("secret").len(), 12);
+        assert_ne!(fingerprint("secret"), fingerprint("secret2"));
+    }
+}

@@ -1,0 +1,916 @@
+//! The decision cache: a [`RelationshipChecker`] that wraps another one (the OpenFGA client)
+//! and remembers its answers, so the pipeline asks the same trait either way.
+//!
+//! Owns: the entries (allowed answers for `allowed_ttl`, denied for `denied_ttl`, at most
+//! `max_entries`), single-flight of concurrent identical misses, and invalidation by tuple
+//! (driven by the OpenFGA changelog) through secondary indexes by object and by subject.
+//!
+//! Questions asked with `HIGHER_CONSISTENCY` (read-after-write) bypass the cache.
+//! Errors are never cached. An answer whose question was in flight while an invalidation
+//! ran is returned but not kept: it may predate the change that caused the invalidation.
+
+use std::collections::HashMap;
+use std::collections::HashSet;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry as MapEntry;
+use tokio::sync::watch;
+
+use super::{BackendError, CheckQuery, RelationshipChecker, TupleKey};
+use crate::config::{CacheConfig, Consistency};
+
+/// Milliseconds on a monotonic clock; a function so tests can move time.
+pub type MillisClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Milliseconds since the clock was made, from [`Instant`] (never goes backwards).
+pub fn monotonic_clock() -> MillisClock {
+    let start = Instant::now();
+    Arc::new(move || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Counters for metrics; `size` is the number of entries now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    /// Misses that waited for an identical question already in flight.
+    pub coalesced: u64,
+    /// Entries removed to stay within `max_entries`.
+    pub evictions: u64,
+    /// Entries removed because a tuple changed (or everything was cleared).
+    pub invalidations: u64,
+    pub size: u64,
+}
+
+/// What an answer is about. The contextual tuples and consistency are folded into a 64-bit
+/// hash (keyed per process, so nobody can precompute collisions).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    user: String,
+    relation: String,
+    object: String,
+    context: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    allowed: bool,
+    expires_at: u64,
+}
+
+/// `None` until the leader of a flight publishes its answer.
+type Flight = Option<Result<bool, BackendError>>;
+
+pub struct DecisionCache {
+    inner: Arc<dyn RelationshipChecker>,
+    allowed_ttl: u64,
+    denied_ttl: u64,
+    max_entries: usize,
+    clock: MillisClock,
+    hasher: std::collections::hash_map::RandomState,
+    entries: DashMap<Arc<Key>, Entry>,
+    by_object: DashMap<String, HashSet<Arc<Key>>>,
+    by_subject: DashMap<String, HashSet<Arc<Key>>>,
+    inflight: DashMap<Arc<Key>, watch::Receiver<Flight>>,
+    /// Bumped by every invalidation; a flight that saw it change does not store its answer.
+    epoch: AtomicU64,
+    evicting: AtomicBool,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    coalesced: AtomicU64,
+    evictions: AtomicU64,
+    invalidations: AtomicU64,
+}
+
+impl DecisionCache {
+    pub fn new(inner: Arc<dyn RelationshipChecker>, cfg: &CacheConfig) -> Self {
+        Self::with_clock(inner, cfg, monotonic_clock())
+    }
+
+    pub fn with_clock(
+        inner: Arc<dyn RelationshipChecker>,
+        cfg: &CacheConfig,
+        clock: MillisClock,
+    ) -> Self {
+        Self {
+            inner,
+            allowed_ttl: millis(cfg.allowed_ttl),
+            denied_ttl: millis(cfg.denied_ttl),
+            max_entries: cfg.max_entries.max(1),
+            clock,
+            hasher: Default::default(),
+            entries: DashMap::new(),
+            by_object: DashMap::new(),
+            by_subject: DashMap::new(),
+            inflight: DashMap::new(),
+            epoch: AtomicU64::new(0),
+            evicting: AtomicBool::new(false),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+        }
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            coalesced: self.coalesced.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            invalidations: self.invalidations.load(Ordering::Relaxed),
+            size: self.entries.len() as u64,
+        }
+    }
+
+    /// A tuple was written or deleted: forget every answer about its object and every answer
+    /// for its user. A userset (`group:x#member`) or wildcard (`user:*`) user changes answers
+    /// for subjects that cannot be found by key, so those clear everything.
+    ///
+    /// Answers on *other* objects that reach this one through a tupleset (`member from
+    /// parent`) are not traced here; the OpenFGA changelog watcher decides from the model
+    /// when a change needs [`clear`](Self::clear) instead.
+    pub fn invalidate(&self, tuple: &TupleKey) {
+        if tuple.user.contains('#') || tuple.user.ends_with(":*") {
+            self.clear();
+            return;
+        }
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let mut removed = 0u64;
+        // Taking the whole set out first: a store racing with this either put its key in
+        // before (and is removed here) or sees the new epoch and removes its entry itself.
+        let by_object = self.by_object.remove(&tuple.object).map(|(_, keys)| keys);
+        let by_subject = self.by_subject.remove(&tuple.user).map(|(_, keys)| keys);
+        for key in by_object.into_iter().chain(by_subject).flatten() {
+            if self.remove_entry(&key, |_| true) {
+                removed += 1;
+            }
+        }
+        self.invalidations.fetch_add(removed, Ordering::Relaxed);
+    }
+
+    /// Forget every answer (a missed changelog poll, a new authorization model).
+    pub fn clear(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let n = self.entries.len() as u64;
+        self.entries.clear();
+        self.by_object.clear();
+        self.by_subject.clear();
+        self.invalidations.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn context_hash(&self, q: &CheckQuery) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        q.contextual.hash(&mut h);
+        q.consistency.hash(&mut h);
+        h.finish()
+    }
+
+    fn key(&self, q: &CheckQuery, context: u64) -> Key {
+        Key {
+            user: q.tuple.user.clone(),
+            relation: q.tuple.relation.clone(),
+            object: q.tuple.object.clone(),
+            context,
+        }
+    }
+
+    /// A fresh cached answer; an expired one is removed on the way.
+    fn lookup(&self, key: &Arc<Key>, now: u64) -> Option<bool> {
+        let entry = *self.entries.get(key.as_ref())?;
+        if entry.expires_at > now {
+            return Some(entry.allowed);
+        }
+        self.remove_entry(key, |e| e.expires_at <= now);
+        None
+    }
+
+    /// Removes the entry for `key` when `pred` holds, and its index entries.
+    ///
+    /// Entries and their index entries change together under the entry's shard lock (here
+    /// and in [`store`](Self::store)), so a removal cannot unindex a newer entry stored under
+    /// the same key: an entry the indexes do not know could never be invalidated. Lock order
+    /// is always entry shard, then index shard; nothing holds an index shard while taking an
+    /// entry shard.
+    fn remove_entry(&self, key: &Arc<Key>, pred: impl FnOnce(&Entry) -> bool) -> bool {
+        match self.entries.entry(key.clone()) {
+            MapEntry::Occupied(o) => {
+                if !pred(o.get()) {
+                    return false;
+                }
+                unindex(&self.by_object, &key.object, key);
+                unindex(&self.by_subject, &key.user, key);
+                o.remove();
+                true
+            }
+            // No entry: whatever the indexes still hold for the key is left over (a clear
+            // raced with a store) and goes too.
+            MapEntry::Vacant(_) => {
+                unindex(&self.by_object, &key.object, key);
+                unindex(&self.by_subject, &key.user, key);
+                false
+            }
+        }
+    }
+
+    /// Stores an answer unless an invalidation ran since its flight began (`epoch`).
+    ///
+    /// The epoch is read again after the entry is in: an invalidation that bumped it after
+    /// that finds the key in the index and removes the entry; one that bumped it before is
+    /// seen here and the entry is removed again.
+    fn store(&self, key: &Arc<Key>, allowed: bool, epoch: u64) {
+        if self.epoch.load(Ordering::SeqCst) != epoch {
+            return;
+        }
+        let ttl = if allowed {
+            self.allowed_ttl
+        } else {
+            self.denied_ttl
+        };
+        if ttl == 0 {
+            return;
+        }
+        let entry = Entry {
+            allowed,
+            expires_at: (self.clock)().saturating_add(ttl),
+        };
+        match self.entries.entry(key.clone()) {
+            MapEntry::Occupied(mut o) => {
+                o.insert(entry);
+            }
+            MapEntry::Vacant(v) => {
+                self.by_object
+                    .entry(key.object.clone())
+                    .or_default()
+                    .insert(key.clone());
+                self.by_subject
+                    .entry(key.user.clone())
+                    .or_default()
+                    .insert(key.clone());
+                v.insert(entry);
+            }
+        }
+        if self.epoch.load(Ordering::SeqCst) != epoch {
+            self.remove_entry(key, |_| true);
+            return;
+        }
+        if self.entries.len() > self.max_entries {
+            self.evict();
+        }
+    }
+
+    /// Back under `max_entries` with 1% headroom (so the scan is not repeated on every
+    /// insert): expired entries first, then whatever the iteration meets. One evictor at a
+    /// time; inserts racing with it may overshoot by a few entries until the next pass.
+    fn evict(&self) {
+        if self.evicting.swap(true, Ordering::Acquire) {
+            return;
+        }
+        let headroom = (self.max_entries / 100).max(1);
+        let target = self.max_entries.saturating_sub(headroom);
+        let len = self.entries.len();
+        if len > target {
+            let excess = len - target;
+            let now = (self.clock)();
+            let mut expired = Vec::new();
+            let mut others = Vec::new();
+            for e in self.entries.iter() {
+                if e.value().expires_at <= now {
+                    expired.push(e.key().clone());
+                } else if others.len() < excess {
+                    others.push(e.key().clone());
+                }
+            }
+            let mut removed = 0u64;
+            for key in &expired {
+                if self.remove_entry(key, |e| e.expires_at <= now) {
+                    removed += 1;
+                }
+            }
+            let mut over = self.entries.len().saturating_sub(target);
+            for key in &others {
+                if over == 0 {
+                    break;
+                }
+                if self.remove_entry(key, |_| true) {
+                    removed += 1;
+                    over -= 1;
+                }
+            }
+            self.evictions.fetch_add(removed, Ordering::Relaxed);
+        }
+        self.evicting.store(false, Ordering::Release);
+    }
+}
+
+/// Drops `key` from the index set under `name`, and the set once it is empty.
+fn unindex(index: &DashMap<String, HashSet<Arc<Key>>>, name: &str, key: &Key) {
+    if let Some(mut set) = index.get_mut(name) {
+        set.remove(key);
+    }
+    index.remove_if(name, |_, set| set.is_empty());
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Removes a flight from the in-flight table when its leader finishes or is cancelled;
+/// dropping the sender wakes waiters of a cancelled leader, who then ask again.
+struct FlightGuard<'a> {
+    inflight: &'a DashMap<Arc<Key>, watch::Receiver<Flight>>,
+    key: Arc<Key>,
+    tx: watch::Sender<Flight>,
+    /// Ours, to tell our flight from a later one under the same key.
+    own: watch::Receiver<Flight>,
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        let own = &self.own;
+        self.inflight
+            .remove_if(&self.key, |_, rx| own.same_channel(rx));
+    }
+}
+
+/// One distinct question of a batch and the positions that asked it.
+struct Slot {
+    key: Arc<Key>,
+    query: CheckQuery,
+    positions: Vec<usize>,
+}
+
+#[async_trait::async_trait]
+impl RelationshipChecker for DecisionCache {
+    async fn check(&self, queries: &[CheckQuery]) -> Result<Vec<bool>, BackendError> {
+        let mut answers: Vec<Option<bool>> = vec![None; queries.len()];
+        let mut pending: Vec<Slot> = Vec::new();
+        {
+            // Questions sharing one contextual list (the usual case) hash it once.
+            let mut contexts: HashMap<(usize, Consistency), u64> = HashMap::new();
+            let mut seen: HashMap<Key, usize> = HashMap::new();
+            for (i, q) in queries.iter().enumerate() {
+                let context = *contexts
+                    .entry((Arc::as_ptr(&q.contextual) as usize, q.consistency))
+                    .or_insert_with(|| self.context_hash(q));
+                let key = self.key(q, context);
+                if let Some(&slot) = seen.get(&key) {
+                    pending[slot].positions.push(i);
+                    continue;
+                }
+                seen.insert(key.clone(), pending.len());
+                pending.push(Slot {
+                    key: Arc::new(key),
+                    query: q.clone(),
+                    positions: vec![i],
+                });
+            }
+        }
+
+        // A waited-for flight whose leader was cancelled sends its question round again.
+        while !pending.is_empty() {
+            let now = (self.clock)();
+            let epoch = self.epoch.load(Ordering::SeqCst);
+            // Misses this call asks about; `None`: a question that bypasses the cache.
+            let mut leading: Vec<(Slot, Option<FlightGuard<'_>>)> = Vec::new();
+            let mut waiting: Vec<(Slot, watch::Receiver<Flight>)> = Vec::new();
+            for slot in pending.drain(..) {
+                // HIGHER_CONSISTENCY asks for read-after-write: an answer cached (or in
+                // flight) from before the caller's write would defeat it.
+                if slot.query.consistency == Consistency::HigherConsistency {
+                    self.misses.fetch_add(1, Ordering::Relaxed);
+                    leading.push((slot, None));
+                    continue;
+                }
+                if let Some(allowed) = self.lookup(&slot.key, now) {
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                    for &p in &slot.positions {
+                        answers[p] = Some(allowed);
+                    }
+                    continue;
+                }
+                match self.inflight.entry(slot.key.clone()) {
+                    MapEntry::Occupied(o) => {
+                        let rx = o.get().clone();
+                        drop(o);
+                        self.coalesced.fetch_add(1, Ordering::Relaxed);
+                        waiting.push((slot, rx));
+                    }
+                    MapEntry::Vacant(v) => {
+                        let (tx, rx) = watch::channel(None);
+                        v.insert(rx.clone());
+                        self.misses.fetch_add(1, Ordering::Relaxed);
+                        let guard = FlightGuard {
+                            inflight: &self.inflight,
+                            key: slot.key.clone(),
+                            tx,
+                            own: rx,
+                        };
+                        leading.push((slot, Some(guard)));
+                    }
+                }
+            }
+
+            if !leading.is_empty() {
+                let asked: Vec<CheckQuery> = leading.iter().map(|(s, _)| s.query.clone()).collect();
+                let result = self.inner.check(&asked).await;
+                let result = match result {
+                    Ok(a) if a.len() == asked.len() => Ok(a),
+                    Ok(a) => Err(BackendError::Unavailable(format!(
+                        "relationship backend gave {} answers to {} questions",
+                        a.len(),
+                        asked.len()
+                    ))),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(allowed) => {
+                        for ((slot, guard), ok) in leading.into_iter().zip(allowed) {
+                            if let Some(guard) = guard {
+                                self.store(&slot.key, ok, epoch);
+                                guard.tx.send_replace(Some(Ok(ok)));
+                            }
+                            for &p in &slot.positions {
+                                answers[p] = Some(ok);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        for guard in leading.iter().filter_map(|(_, g)| g.as_ref()) {
+                            guard.tx.send_replace(Some(Err(e.clone())));
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+
+            for (slot, mut rx) in waiting {
+                let outcome = match rx.wait_for(Option::is_some).await {
+                    Ok(v) => v.clone(),
+                    Err(_) => None, // the leader was cancelled
+                };
+                match outcome {
+                    Some(Ok(ok)) => {
+                        for &p in &slot.positions {
+                            answers[p] = Some(ok);
+                        }
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => pending.push(slot),
+                }
+            }
+        }
+
+        answers
+            .into_iter()
+            .map(|a| {
+                a.ok_or_else(|| BackendError::Unavailable("decision cache lost an answer".into()))
+            })
+            .collect()
+    }
+
+    fn ready(&self) -> bool {
+        self.inner.ready()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} (cached: allowed {}, denied {}, at most {} entries)",
+            self.inner.describe(),
+            humantime::format_duration(Duration::from_millis(self.allowed_ttl)),
+            humantime::format_duration(Duration::from_millis(self.denied_ttl)),
+            self.max_entries
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Answers from a set of tuples; counts calls and questions; optionally slow or failing.
+    #[derive(Default)]
+    struct Fake {
+        allowed: Mutex<HashSet<TupleKey>>,
+        calls: AtomicUsize,
+        asked: Mutex<Vec<Vec<TupleKey>>>,
+        delay: Duration,
+        fail: AtomicBool,
+    }
+
+    impl Fake {
+        fn allow(&self, t: &TupleKey) {
+            self.allowed.lock().unwrap().insert(t.clone());
+        }
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl RelationshipChecker for Fake {
+        async fn check(&self, queries: &[CheckQuery]) -> Result<Vec<bool>, BackendError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.asked
+                .lock()
+                .unwrap()
+                .push(queries.iter().map(|q| q.tuple.clone()).collect());
+            if !self.delay.is_zero() {
+                tokio::time::sleep(self.delay).await;
+            }
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(BackendError::Unavailable("connection refused".into()));
+            }
+            let allowed = self.allowed.lock().unwrap();
+            Ok(queries.iter().map(|q| allowed.contains(&q.tuple)).collect())
+        }
+        fn ready(&self) -> bool {
+            true
+        }
+        fn describe(&self) -> String {
+            "fake".into()
+        }
+    }
+
+    fn t(user: &str, relation: &str, object: &str) -> TupleKey {
+        TupleKey {
+            user: user.into(),
+            relation: relation.into(),
+            object: object.into(),
+        }
+    }
+
+    fn q(tuple: &TupleKey) -> CheckQuery {
+        CheckQuery {
+            tuple: tuple.clone(),
+            contextual: Arc::new(Vec::new()),
+            consistency: Consistency::MinimizeLatency,
+        }
+    }
+
+    fn cfg(max_entries: usize) -> CacheConfig {
+        CacheConfig {
+            enabled: true,
+            allowed_ttl: Duration::from_millis(1000),
+            denied_ttl: Duration::from_millis(100),
+            max_entries,
+        }
+    }
+
+    /// A cache over `fake` with a clock the test moves.
+    fn cache(fake: Fake, max_entries: usize) -> (Arc<DecisionCache>, Arc<Fake>, Arc<AtomicU64>) {
+        let fake = Arc::new(fake);
+        let now = Arc::new(AtomicU64::new(0));
+        let clock_now = now.clone();
+        let c = DecisionCache::with_clock(
+            fake.clone(),
+            &cfg(max_entries),
+            Arc::new(move || clock_now.load(Ordering::SeqCst)),
+        );
+        (Arc::new(c), fake, now)
+    }
+
+    fn slow(ms: u64) -> Fake {
+        Fake {
+            delay: Duration::from_millis(ms),
+            ..Fake::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn hit_miss_and_ttl_by_answer() {
+        let (c, fake, now) = cache(Fake::default(), 100);
+        let yes = t("user:alice", "executor", "tool:a");
+        let no = t("user:bob", "executor", "tool:a");
+        fake.allow(&yes);
+        assert_eq!(c.check(&[q(&yes), q(&no)]).await, Ok(vec![true, false]));
+        assert_eq!(c.check(&[q(&yes), q(&no)]).await, Ok(vec![true, false]));
+        assert_eq!(fake.calls(), 1);
+        let s = c.stats();
+        assert_eq!((s.hits, s.misses, s.size), (2, 2, 2));
+
+        now.store(101, Ordering::SeqCst); // denied expired, allowed not
+        c.check(&[q(&yes), q(&no)]).await.unwrap();
+        assert_eq!(fake.calls(), 2);
+        assert_eq!(fake.asked.lock().unwrap()[1], vec![no.clone()]);
+
+        now.store(1001, Ordering::SeqCst);
+        c.check(&[q(&yes)]).await.unwrap();
+        assert_eq!(fake.calls(), 3);
+    }
+
+    #[tokio::test]
+    async fn contextual_tuples_are_part_of_the_key() {
+        let (c, fake, _) = cache(Fake::default(), 100);
+        let tuple = t("user:alice", "executor", "tool:a");
+        let plain = q(&tuple);
+        let mut with_ctx = q(&tuple);
+        with_ctx.contextual = Arc::new(vec![t("user:alice", "member", "organization:acme")]);
+        c.check(std::slice::from_ref(&plain)).await.unwrap();
+        c.check(std::slice::from_ref(&with_ctx)).await.unwrap();
+        c.check(std::slice::from_ref(&plain)).await.unwrap();
+        assert_eq!(fake.calls(), 2);
+        // Equal contents in another Arc is the same question.
+        let mut same_ctx = q(&tuple);
+        same_ctx.contextual = Arc::new((*with_ctx.contextual).clone());
+        c.check(&[same_ctx]).await.unwrap();
+        assert_eq!(fake.calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn higher_consistency_bypasses_the_cache() {
+        let (c, fake, _) = cache(Fake::default(), 100);
+        let tuple = t("user:alice", "executor", "tool:a");
+        let plain = q(&tuple);
+        let mut strong = q(&tuple);
+        strong.consistency = Consistency::HigherConsistency;
+        c.check(std::slice::from_ref(&plain)).await.unwrap();
+        fake.allow(&tuple); // written since: the cached denial is stale
+        assert_eq!(c.check(std::slice::from_ref(&plain)).await, Ok(vec![false]));
+        // Asked along with a hit, a strong question still goes out, alone.
+        let other = q(&t("user:bob", "executor", "tool:a"));
+        c.check(std::slice::from_ref(&other)).await.unwrap();
+        assert_eq!(
+            c.check(&[other, strong.clone()]).await,
+            Ok(vec![false, true])
+        );
+        assert_eq!(c.check(std::slice::from_ref(&strong)).await, Ok(vec![true]));
+        assert_eq!(fake.calls(), 4);
+        assert_eq!(fake.asked.lock().unwrap()[2], vec![tuple.clone()]);
+        assert_eq!(c.stats().size, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_identical_misses_make_one_call() {
+        let (c, fake, _) = cache(slow(100), 100);
+        let tuple = t("user:alice", "executor", "tool:a");
+        fake.allow(&tuple);
+        let mut tasks = Vec::new();
+        for _ in 0..100 {
+            let c = c.clone();
+            let query = q(&tuple);
+            tasks.push(tokio::spawn(async move { c.check(&[query]).await }));
+        }
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), Ok(vec![true]));
+        }
+        assert_eq!(fake.calls(), 1);
+        let s = c.stats();
+        assert_eq!((s.misses, s.coalesced), (1, 99));
+    }
+
+    #[tokio::test]
+    async fn batch_sends_only_its_misses_in_one_call() {
+        let (c, fake, _) = cache(Fake::default(), 100);
+        let tuples: Vec<TupleKey> = (0..5)
+            .map(|i| t("user:alice", "viewer", &format!("conversation:{i}")))
+            .collect();
+        fake.allow(&tuples[1]);
+        fake.allow(&tuples[3]);
+        c.check(&[q(&tuples[0]), q(&tuples[1])]).await.unwrap();
+        // Five questions, one asked twice: two hits, three distinct misses.
+        let mut batch: Vec<CheckQuery> = tuples.iter().map(q).collect();
+        batch.push(q(&tuples[4]));
+        let answers = c.check(&batch).await.unwrap();
+        assert_eq!(answers, vec![false, true, false, true, false, false]);
+        assert_eq!(fake.calls(), 2);
+        assert_eq!(
+            fake.asked.lock().unwrap()[1],
+            vec![tuples[2].clone(), tuples[3].clone(), tuples[4].clone()]
+        );
+    }
+
+    #[tokio::test]
+    async fn invalidate_by_object_and_by_subject() {
+        let (c, fake, _) = cache(Fake::default(), 100);
+        let a_x = t("user:alice", "executor", "tool:x");
+        let b_x = t("user:bob", "executor", "tool:x");
+        let a_y = t("user:alice", "viewer", "conversation:y");
+        let c_z = t("user:carol", "viewer", "conversation:z");
+        let all = [q(&a_x), q(&b_x), q(&a_y), q(&c_z)];
+        c.check(&all).await.unwrap();
+        assert_eq!(c.stats().size, 4);
+
+        // tool:x's organization changed: every answer about tool:x goes.
+        c.invalidate(&t("organization:acme", "organization", "tool:x"));
+        assert_eq!(c.stats().size, 2);
+        c.check(&all).await.unwrap();
+        assert_eq!(
+            fake.asked.lock().unwrap()[1],
+            vec![a_x.clone(), b_x.clone()]
+        );
+
+        // alice joined an organization: every answer for alice goes.
+        c.invalidate(&t("user:alice", "member", "organization:acme"));
+        assert_eq!(c.stats().size, 2);
+        c.check(&all).await.unwrap();
+        assert_eq!(
+            fake.asked.lock().unwrap()[2],
+            vec![a_x.clone(), a_y.clone()]
+        );
+        assert_eq!(c.stats().invalidations, 4);
+        // The indexes follow: nothing stale is left under either name.
+        assert!(c.by_subject.get("user:alice").is_some_and(|s| s.len() == 2));
+        assert!(c.by_object.get("tool:x").is_some_and(|s| s.len() == 2));
+    }
+
+    #[tokio::test]
+    async fn usersets_and_wildcards_clear_everything() {
+        let (c, _, _) = cache(Fake::default(), 100);
+        let all = [
+            q(&t("user:alice", "executor", "tool:x")),
+            q(&t("user:bob", "viewer", "conversation:y")),
+        ];
+        c.check(&all).await.unwrap();
+        c.invalidate(&t("group:eng#member", "viewer", "conversation:other"));
+        assert_eq!(c.stats().size, 0);
+        c.check(&all).await.unwrap();
+        c.invalidate(&t("user:*", "viewer", "conversation:other"));
+        assert_eq!(c.stats().size, 0);
+        assert!(c.by_object.is_empty() && c.by_subject.is_empty());
+    }
+
+    #[tokio::test]
+    async fn bounded_size_evicts_expired_first() {
+        let (c, fake, now) = cache(Fake::default(), 10);
+        let allowed: Vec<TupleKey> = (0..5)
+            .map(|i| t("user:a", "viewer", &format!("doc:{i}")))
+            .collect();
+        for tuple in &allowed {
+            fake.allow(tuple);
+        }
+        let denied: Vec<TupleKey> = (0..5)
+            .map(|i| t("user:d", "viewer", &format!("doc:{i}")))
+            .collect();
+        c.check(&allowed.iter().chain(&denied).map(q).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        assert_eq!(c.stats().size, 10);
+        now.store(500, Ordering::SeqCst); // the denied answers are expired, not yet removed
+        c.check(&[q(&t("user:new", "viewer", "doc:0"))])
+            .await
+            .unwrap();
+        let s = c.stats();
+        assert_eq!((s.size, s.evictions), (6, 5));
+        let calls = fake.calls();
+        c.check(&allowed.iter().map(q).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        assert_eq!(fake.calls(), calls, "the fresh answers survived");
+
+        // Nothing expired: arbitrary entries go, the size stays bounded.
+        for i in 0..100 {
+            c.check(&[q(&t("user:many", "viewer", &format!("doc:{i}")))])
+                .await
+                .unwrap();
+            assert!(c.stats().size <= 10);
+        }
+        assert!(c.stats().evictions >= 95);
+        // Evicted entries leave the indexes too.
+        let indexed: usize = c.by_object.iter().map(|e| e.value().len()).sum();
+        assert_eq!(indexed as u64, c.stats().size);
+    }
+
+    #[tokio::test]
+    async fn errors_are_not_cached() {
+        let (c, fake, _) = cache(Fake::default(), 100);
+        let tuple = t("user:alice", "executor", "tool:a");
+        fake.fail.store(true, Ordering::SeqCst);
+        assert!(matches!(
+            c.check(&[q(&tuple)]).await,
+            Err(BackendError::Unavailable(_))
+        ));
+        fake.fail.store(false, Ordering::SeqCst);
+        assert_eq!(c.check(&[q(&tuple)]).await, Ok(vec![false]));
+        assert_eq!(fake.calls(), 2);
+        assert!(c.inflight.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn every_waiter_of_a_failed_flight_gets_the_error() {
+        let (c, fake, _) = cache(slow(100), 100);
+        fake.fail.store(true, Ordering::SeqCst);
+        let tuple = t("user:alice", "executor", "tool:a");
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let c = c.clone();
+                let query = q(&tuple);
+                tokio::spawn(async move { c.check(&[query]).await })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(
+                task.await.unwrap(),
+                Err(BackendError::Unavailable("connection refused".into()))
+            );
+        }
+        assert_eq!(fake.calls(), 1);
+        assert_eq!(c.stats().size, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_in_flight_during_an_invalidation_is_not_kept() {
+        let (c, fake, _) = cache(slow(100), 100);
+        let tuple = t("user:alice", "executor", "tool:a");
+        fake.allow(&tuple);
+        let task = {
+            let c = c.clone();
+            let query = q(&tuple);
+            tokio::spawn(async move { c.check(&[query]).await })
+        };
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        c.invalidate(&tuple); // e.g. the tuple was deleted while OpenFGA answered
+        assert_eq!(task.await.unwrap(), Ok(vec![true]));
+        assert_eq!(c.stats().size, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiters_of_a_cancelled_leader_ask_again() {
+        let (c, fake, _) = cache(slow(100), 100);
+        let tuple = t("user:alice", "executor", "tool:a");
+        fake.allow(&tuple);
+        let leader = {
+            let c = c.clone();
+            let query = q(&tuple);
+            tokio::spawn(async move { c.check(&[query]).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let waiter = {
+            let c = c.clone();
+            let query = q(&tuple);
+            tokio::spawn(async move { c.check(&[query]).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        leader.abort();
+        assert_eq!(waiter.await.unwrap(), Ok(vec![true]));
+        assert_eq!(fake.calls(), 2);
+        assert!(c.inflight.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn indexes_stay_consistent_under_concurrent_churn() {
+        let fake = Arc::new(Fake::default());
+        let c = Arc::new(DecisionCache::new(
+            fake.clone(),
+            &CacheConfig {
+                enabled: true,
+                allowed_ttl: Duration::from_millis(5),
+                denied_ttl: Duration::from_millis(2),
+                max_entries: 50,
+            },
+        ));
+        let mut tasks = Vec::new();
+        for worker in 0..8u64 {
+            let c = c.clone();
+            let fake = fake.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut x = worker.wrapping_mul(6364136223846793005).wrapping_add(1);
+                for _ in 0..2000 {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let (u, o) = ((x >> 33) % 12, (x >> 45) % 12);
+                    let tuple = t(&format!("user:u{u}"), "viewer", &format!("doc:{o}"));
+                    match (x >> 20) % 10 {
+                        0 => c.invalidate(&tuple),
+                        1 => fake.allow(&tuple),
+                        _ => {
+                            c.check(&[q(&tuple)]).await.unwrap();
+                        }
+                    }
+                    if (x >> 10) % 7 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        // Every entry is reachable from both indexes (or invalidation could miss it), and
+        // the indexes hold nothing else.
+        for e in c.entries.iter() {
+            let k = e.key();
+            assert!(
+                c.by_object.get(&k.object).is_some_and(|s| s.contains(k)),
+                "{k:?}"
+            );
+            assert!(
+                c.by_subject.get(&k.user).is_some_and(|s| s.contains(k)),
+                "{k:?}"
+            );
+        }
+        let indexed: usize = c.by_object.iter().map(|e| e.value().len()).sum();
+        assert_eq!(indexed, c.entries.len());
+        let indexed: usize = c.by_subject.iter().map(|e| e.value().len()).sum();
+        assert_eq!(indexed, c.entries.len());
+        assert!(c.inflight.is_empty());
+    }
+}

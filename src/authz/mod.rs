@@ -1,0 +1,204 @@
+//! Authorization: what an authenticated principal may do. Owns the route rules
+//! ([`rules`]), the role/scope requirements and the relationship checks a rule asks of a
+//! [`RelationshipChecker`] (OpenFGA, behind the decision cache).
+
+pub mod breaker;
+pub mod cache;
+pub mod openfga;
+pub mod rules;
+
+use std::sync::Arc;
+
+use crate::authn::Principal;
+use crate::config::{Consistency, Match, OnBackendError};
+use rules::{EvalContext, Rule};
+
+/// A relationship tuple: `user:alice` `executor` `tool:agent_chat`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TupleKey {
+    pub user: String,
+    pub relation: String,
+    pub object: String,
+}
+
+impl std::fmt::Display for TupleKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} {}", self.user, self.relation, self.object)
+    }
+}
+
+/// One question for the relationship backend.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CheckQuery {
+    pub tuple: TupleKey,
+    /// Tuples that hold for this request only (from token roles and groups).
+    pub contextual: Arc<Vec<TupleKey>>,
+    pub consistency: Consistency,
+}
+
+/// Why the relationship backend could not answer.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum BackendError {
+    /// Unreachable, timed out, or answered 5xx.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The circuit breaker is open after repeated failures.
+    #[error("circuit open after repeated failures (last: {last}); retrying in {retry_in_ms}ms")]
+    CircuitOpen { last: String, retry_in_ms: u64 },
+    /// The backend refused the question itself (unknown type or relation, bad store).
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// Answers relationship checks. The decision cache implements it too, wrapping the OpenFGA
+/// client, so the pipeline does not know where an answer came from.
+#[async_trait::async_trait]
+pub trait RelationshipChecker: Send + Sync {
+    /// One answer per query, in order.
+    async fn check(&self, queries: &[CheckQuery]) -> Result<Vec<bool>, BackendError>;
+    /// Whether the backend is configured and reachable (readiness).
+    fn ready(&self) -> bool;
+    fn describe(&self) -> String;
+}
+
+/// Why a principal may not do what it asked.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum AuthzError {
+    #[error("no route rule matches {method} {path}")]
+    NoRule { method: String, path: String },
+    #[error("role {0} required")]
+    RoleRequired(String),
+    #[error("one of roles {0} required")]
+    AnyRoleRequired(String),
+    #[error("scope {0} required")]
+    ScopeRequired(String),
+    #[error("{0}")]
+    Template(String),
+    #[error("{user} is not {relation} of {object}")]
+    RelationMissing {
+        user: String,
+        relation: String,
+        object: String,
+    },
+    #[error("none of the required relationships hold: {0}")]
+    NoneOf(String),
+    #[error("authorization backend unavailable: {0}")]
+    BackendUnavailable(String),
+    #[error("authorization backend rejected the check: {0}")]
+    BackendRejected(String),
+    #[error("rule {0} needs relationship checks but no OpenFGA is configured")]
+    NoChecker(String),
+}
+
+impl AuthzError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::ScopeRequired(_) => "insufficient_scope",
+            Self::BackendUnavailable(_) | Self::NoChecker(_) => "unavailable",
+            _ => "forbidden",
+        }
+    }
+}
+
+/// What passing authorization produced, beyond "yes".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Granted {
+    /// The rule let the request through although the backend failed (`on_backend_error: allow`).
+    pub failed_open: Option<String>,
+    /// Relationship checks that held, for the log.
+    pub relations: Vec<String>,
+}
+
+/// Roles, then scopes, then relationship checks.
+pub async fn authorize(
+    rule: &Rule,
+    principal: &Principal,
+    ctx: &EvalContext<'_>,
+    checker: Option<&dyn RelationshipChecker>,
+    contextual: &Arc<Vec<TupleKey>>,
+) -> Result<Granted, AuthzError> {
+    if !rule.roles.is_empty() {
+        match rule.roles_match {
+            Match::All => {
+                if let Some(missing) = rule.roles.iter().find(|r| !principal.has_role(r)) {
+                    return Err(AuthzError::RoleRequired(missing.clone()));
+                }
+            }
+            Match::Any => {
+                if !rule.roles.iter().any(|r| principal.has_role(r)) {
+                    return Err(if rule.roles.len() == 1 {
+                        AuthzError::RoleRequired(rule.roles[0].clone())
+                    } else {
+                        AuthzError::AnyRoleRequired(rule.roles.join(", "))
+                    });
+                }
+            }
+        }
+    }
+    if let Some(missing) = rule.scopes.iter().find(|s| !principal.has_scope(s)) {
+        return Err(AuthzError::ScopeRequired(missing.clone()));
+    }
+    let Some(check) = &rule.check else {
+        return Ok(Granted::default());
+    };
+    let checker = checker.ok_or_else(|| AuthzError::NoChecker(rule.name.clone()))?;
+    let mut queries = Vec::with_capacity(check.checks.len());
+    for c in &check.checks {
+        let tuple = c.render(principal, ctx).map_err(AuthzError::Template)?;
+        queries.push(CheckQuery {
+            tuple,
+            contextual: contextual.clone(),
+            consistency: check.consistency,
+        });
+    }
+    let answers = match checker.check(&queries).await {
+        Ok(a) => a,
+        Err(e) => {
+            return match (check.on_backend_error, e) {
+                (_, BackendError::Rejected(m)) => Err(AuthzError::BackendRejected(m)),
+                (OnBackendError::Allow, e) => Ok(Granted {
+                    failed_open: Some(e.to_string()),
+                    relations: Vec::new(),
+                }),
+                (OnBackendError::Deny, e) => Err(AuthzError::BackendUnavailable(e.to_string())),
+            };
+        }
+    };
+    let held: Vec<String> = queries
+        .iter()
+        .zip(&answers)
+        .filter(|(_, ok)| **ok)
+        .map(|(q, _)| q.tuple.to_string())
+        .collect();
+    let pass = if check.all {
+        answers.iter().all(|a| *a)
+    } else {
+        answers.iter().any(|a| *a)
+    };
+    if pass {
+        return Ok(Granted {
+            failed_open: None,
+            relations: held,
+        });
+    }
+    if check.all {
+        let (q, _) = queries
+            .iter()
+            .zip(&answers)
+            .find(|(_, ok)| !**ok)
+            .expect("a check failed");
+        Err(AuthzError::RelationMissing {
+            user: q.tuple.user.clone(),
+            relation: q.tuple.relation.clone(),
+            object: q.tuple.object.clone(),
+        })
+    } else {
+        Err(AuthzError::NoneOf(
+            queries
+                .iter()
+                .map(|q| q.tuple.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+        ))
+    }
+}

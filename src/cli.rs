@@ -1,0 +1,307 @@
+//! The command line: `serve`, `doctor`, `check-config`, `token mint` and `apikey new`.
+//! Every command that reads a config exits 2 with one line naming the key when it is bad.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "authz-sidecar",
+    version,
+    about = "Envoy ext_authz sidecar: Keycloak JWTs, API keys, route rules, OpenFGA"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConfigArg {
+    /// YAML config file.
+    #[arg(
+        long,
+        short = 'c',
+        env = "AUTHZ_CONFIG",
+        default_value = "deploy/local/sidecar.yaml"
+    )]
+    pub config: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the sidecar.
+    Serve {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// gRPC listen address (HOST:PORT or unix:/path); overrides server.grpc_addr.
+        #[arg(long, env = "AUTHZ_GRPC_ADDR")]
+        grpc_addr: Option<String>,
+        /// Ops HTTP listen address (HOST:PORT or "off"); overrides server.ops_addr.
+        #[arg(long, env = "AUTHZ_OPS_ADDR")]
+        ops_addr: Option<String>,
+    },
+    /// Validate the config and print what it resolves to.
+    CheckConfig {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Check every backend the config names and explain, one line each, what is wrong.
+    Doctor(crate::doctor::DoctorArgs),
+    /// Tokens for local trials.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// API keys.
+    #[command(subcommand)]
+    Apikey(ApiKeyCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Sign a token with a local private key (deploy/local/dev-signing-key.pem is dev-only).
+    Mint {
+        #[arg(long, default_value = "deploy/local/dev-signing-key.pem")]
+        key: PathBuf,
+        #[arg(long, default_value = "dev-local-1")]
+        kid: String,
+        #[arg(long, default_value = "RS256")]
+        alg: String,
+        #[arg(long)]
+        sub: String,
+        /// preferred_username (defaults to --sub).
+        #[arg(long)]
+        username: Option<String>,
+        /// Realm roles, comma-separated (realm_access.roles).
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+        /// Scopes, comma-separated (the scope claim, space-joined).
+        #[arg(long, value_delimiter = ',')]
+        scopes: Vec<String>,
+        #[arg(long, default_value = "authz-sidecar-local")]
+        iss: String,
+        #[arg(long, default_value = "mcp-server")]
+        aud: String,
+        /// Lifetime, e.g. 15m, 1h.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Mint a client-credentials (service account) token for this client id.
+        #[arg(long)]
+        client_id: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ApiKeyCmd {
+    /// Append a new key's hashed record to the keys file and print the key (only once).
+    New {
+        /// user:<name> or service_principal:<id>
+        #[arg(long)]
+        principal: String,
+        #[arg(long, value_delimiter = ',')]
+        scopes: Vec<String>,
+        #[arg(long, env = "API_KEYS_FILE")]
+        file: PathBuf,
+        /// e.g. 365d; none by default.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<Duration>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+}
+
+fn config_error(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("authz-sidecar: config error: {e}");
+    ExitCode::from(2)
+}
+
+pub async fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve {
+            config,
+            grpc_addr,
+            ops_addr,
+        } => serve(config.config, grpc_addr, ops_addr).await,
+        Command::CheckConfig { config } => match Config::load(&config.config) {
+            Ok(c) => {
+                println!("config ok: {}", config.config.display());
+                println!(
+                    "  grpc: {}  ops: {}",
+                    c.grpc_addr,
+                    c.ops_addr.map_or("off".into(), |a| a.to_string())
+                );
+                println!("  keys: {}", c.jwt.source.describe());
+                println!(
+                    "  api keys: {}",
+                    c.api_keys
+                        .as_ref()
+                        .map_or("off".into(), |a| a.file.display().to_string())
+                );
+                println!(
+                    "  rules: {}  unmatched: {:?}",
+                    c.routes.rules.len(),
+                    c.routes.unmatched
+                );
+                println!(
+                    "  openfga: {}",
+                    c.openfga
+                        .as_ref()
+                        .map_or("off".into(), |f| f.api_url.clone())
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_error(e),
+        },
+        Command::Doctor(args) => crate::doctor::run(args).await,
+        Command::Token(TokenCmd::Mint {
+            key,
+            kid,
+            alg,
+            sub,
+            username,
+            roles,
+            scopes,
+            iss,
+            aud,
+            ttl,
+            client_id,
+        }) => {
+            let alg = match crate::config::parse_algorithm(&alg) {
+                Ok(a) => a,
+                Err(e) => return config_error(e),
+            };
+            let pem = match std::fs::read(&key) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("authz-sidecar: cannot read --key {}: {e}", key.display());
+                    return ExitCode::from(2);
+                }
+            };
+            let now = crate::authn::jwt::now_secs();
+            let mut claims = serde_json::json!({
+                "sub": sub, "iss": iss, "aud": aud, "iat": now, "exp": now + ttl.as_secs(),
+                "preferred_username": username.unwrap_or_else(|| sub.clone()),
+                "realm_access": {"roles": roles},
+                "scope": scopes.join(" "),
+            });
+            if let Some(c) = client_id {
+                claims["preferred_username"] = serde_json::json!(format!("service-account-{c}"));
+                claims["client_id"] = serde_json::json!(c.clone());
+                claims["azp"] = serde_json::json!(c);
+            }
+            match crate::authn::jwt::mint(&pem, alg, &kid, &claims) {
+                Ok(t) => {
+                    println!("{t}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("authz-sidecar: cannot sign with {}: {e}", key.display());
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Apikey(ApiKeyCmd::New {
+            principal,
+            scopes,
+            file,
+            expires_in,
+            description,
+        }) => match crate::authn::api_key::append_new_key(
+            &file,
+            &principal,
+            &scopes,
+            expires_in,
+            description.as_deref(),
+        ) {
+            Ok((key, record)) => {
+                eprintln!(
+                    "added {} for {} to {}",
+                    record.id,
+                    record.principal,
+                    file.display()
+                );
+                println!("{key}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("authz-sidecar: {e}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+async fn serve(path: PathBuf, grpc_addr: Option<String>, ops_addr: Option<String>) -> ExitCode {
+    // Flags are the same overrides as the environment variables, applied last.
+    let mut config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => return config_error(e),
+    };
+    if let Some(a) = grpc_addr.filter(|a| !a.is_empty()) {
+        match crate::config::ListenAddr::parse("--grpc-addr", &a) {
+            Ok(l) => config.grpc_addr = l,
+            Err(e) => return config_error(e),
+        }
+    }
+    if let Some(a) = ops_addr.filter(|a| !a.is_empty()) {
+        config.ops_addr = if a == "off" {
+            None
+        } else {
+            match a.parse() {
+                Ok(s) => Some(s),
+                Err(_) => return config_error(format!("--ops-addr: {a:?} is not HOST:PORT")),
+            }
+        };
+    }
+    crate::telemetry::init_logging(&config.log);
+    tracing::info!(config = %path.display(), version = env!("CARGO_PKG_VERSION"), keys = %config.jwt.source.describe(), "starting");
+    let listeners = match crate::server::Listeners::bind(&config).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("authz-sidecar: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            shutdown.cancel();
+        });
+    }
+    match crate::server::run(config, listeners, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "stopped");
+            eprintln!("authz-sidecar: {e:#}");
+            let fatal_config = e.downcast_ref::<crate::server::Fatal>().is_some()
+                || e.downcast_ref::<crate::config::ConfigError>().is_some()
+                || e.downcast_ref::<crate::authn::api_key::ApiKeyFileError>()
+                    .is_some();
+            ExitCode::from(if fatal_config { 2 } else { 1 })
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM"),
+                _ = int.recv() => tracing::info!("SIGINT"),
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,1055 @@
+//! Typed configuration: the YAML file, the environment variables that override it, and the
+//! validation that turns both into a [`Config`] or one error naming the offending key.
+//!
+//! Every default is written here once (see the `default_*` functions) and documented in the
+//! README's reference table. An empty environment variable counts as unset, so a Helm chart
+//! that renders `KEYCLOAK_URL: ""` does not silently switch the key source.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration problem, always naming the key (or variable) and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Where the gRPC server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    pub fn parse(key: &str, raw: &str) -> Result<Self, ConfigError> {
+        if let Some(path) = raw.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(ConfigError::invalid(key, "unix: needs a socket path"));
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        raw.parse().map(Self::Tcp).map_err(|_| {
+            ConfigError::invalid(
+                key,
+                format!("{raw:?} is not an address (want HOST:PORT or unix:/path)"),
+            )
+        })
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file as written by operators. Everything optional here; `Config::resolve` applies
+// defaults and the environment, then validates.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub jwt: RawJwt,
+    #[serde(default)]
+    pub api_keys: RawApiKeys,
+    #[serde(default)]
+    pub principals: RawPrincipals,
+    #[serde(default)]
+    pub cors: RawCors,
+    #[serde(default)]
+    pub routes: RawRoutes,
+    #[serde(default)]
+    pub openfga: Option<RawOpenFga>,
+    #[serde(default)]
+    pub cache: RawCache,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub grpc_addr: Option<String>,
+    pub ops_addr: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub drain_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<String>,
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwt {
+    pub jwks_url: Option<String>,
+    pub keycloak_url: Option<String>,
+    pub keycloak_realm: Option<String>,
+    pub jwks_file: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub client_id: Option<String>,
+    pub realm: Option<String>,
+    pub algorithms: Option<Vec<String>>,
+    #[serde(default, with = "humantime_serde")]
+    pub leeway: Option<Duration>,
+    pub required_claims: Option<Vec<String>>,
+    #[serde(default, with = "humantime_serde")]
+    pub refresh_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub refresh_cooldown: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub fetch_timeout: Option<Duration>,
+    pub token_cache_size: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiKeys {
+    pub file: Option<PathBuf>,
+    pub header: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub reload_interval: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrincipals {
+    #[serde(default)]
+    pub require_listed: bool,
+    #[serde(default)]
+    pub service_principals: Vec<ServicePrincipalConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePrincipalConfig {
+    pub id: String,
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCors {
+    pub allowed_origins: Option<Vec<String>>,
+    pub allowed_methods: Option<Vec<String>>,
+    pub allowed_headers: Option<Vec<String>>,
+    pub max_age: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoutes {
+    pub unmatched: Option<Unmatched>,
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+/// What happens to a request that no rule matches.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Unmatched {
+    /// 403 "no route rule matches" (the default: fail closed).
+    #[default]
+    Deny,
+    /// Any authenticated principal may pass.
+    Authenticated,
+    /// Pass without credentials (only for migrations; logged at startup).
+    Allow,
+}
+
+/// One route rule as written in the file; compiled by `authz::rules`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    pub path: String,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Extra predicates: `"body:/method == tools/call"`, `"header:x-tenant exists"`.
+    #[serde(default)]
+    pub when: Vec<String>,
+    #[serde(default)]
+    pub public: bool,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub roles_match: Match,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    pub check: Option<CheckConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Match {
+    #[default]
+    Any,
+    All,
+}
+
+/// The relationship checks a rule requires (OpenFGA).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CheckConfig {
+    #[serde(default)]
+    pub all: Vec<RelationCheckConfig>,
+    #[serde(default)]
+    pub any: Vec<RelationCheckConfig>,
+    pub consistency: Option<Consistency>,
+    #[serde(default)]
+    pub on_backend_error: OnBackendError,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelationCheckConfig {
+    pub relation: String,
+    pub object: String,
+    /// Subject template; defaults to the principal's subject (`user:{username}`,
+    /// `service_principal:{id}`).
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, Hash)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Consistency {
+    #[default]
+    MinimizeLatency,
+    HigherConsistency,
+}
+
+impl Consistency {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MinimizeLatency => "MINIMIZE_LATENCY",
+            Self::HigherConsistency => "HIGHER_CONSISTENCY",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBackendError {
+    #[default]
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOpenFga {
+    pub api_url: Option<String>,
+    pub store_id: Option<String>,
+    pub store_name: Option<String>,
+    pub model_id: Option<String>,
+    pub api_token: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    pub consistency: Option<Consistency>,
+    pub max_batch_size: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub changelog_interval: Option<Duration>,
+    /// Contextual tuples built from token claims, e.g.
+    /// `{from: roles, tuple: "{subject} assignee role:{value}"}`.
+    #[serde(default)]
+    pub contextual_tuples: Vec<ContextualTupleConfig>,
+    pub breaker_failures: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub breaker_open_for: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContextualTupleConfig {
+    /// `roles` or `groups`.
+    pub from: ClaimSet,
+    /// `relation` and `object` template, `{value}` standing for each role or group
+    /// (groups lose their leading `/`).
+    pub relation: String,
+    pub object: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ClaimSet {
+    Roles,
+    Groups,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    pub enabled: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub allowed_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub denied_ttl: Option<Duration>,
+    pub max_entries: Option<usize>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The resolved configuration the server runs on.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub grpc_addr: ListenAddr,
+    pub ops_addr: Option<SocketAddr>,
+    pub drain_timeout: Duration,
+    pub log: LogConfig,
+    pub jwt: JwtConfig,
+    pub api_keys: Option<ApiKeysConfig>,
+    pub principals: PrincipalsConfig,
+    pub cors: CorsConfig,
+    pub routes: RoutesConfig,
+    pub openfga: Option<OpenFgaConfig>,
+    pub cache: CacheConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A tracing `EnvFilter` directive (`info`, `debug`, `authz_sidecar=debug`).
+    pub filter: String,
+    pub json: bool,
+}
+
+/// Where signing keys come from, in precedence order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySourceConfig {
+    /// `AUTH_PUBLIC_KEY_URL` / `jwt.jwks_url`.
+    JwksUrl(String),
+    /// `KEYCLOAK_URL` + `KEYCLOAK_REALM`: OIDC discovery of issuer and JWKS.
+    Discovery { base_url: String, realm: String },
+    /// `jwt.jwks_file`: a local JWKS document.
+    File(PathBuf),
+    /// No JWT authentication configured (API keys only).
+    None,
+}
+
+impl KeySourceConfig {
+    pub fn describe(&self) -> String {
+        match self {
+            Self::JwksUrl(u) => format!("JWKS {u}"),
+            Self::Discovery { base_url, realm } => {
+                format!("OIDC discovery {}", discovery_url(base_url, realm))
+            }
+            Self::File(p) => format!("JWKS file {}", p.display()),
+            Self::None => "none".into(),
+        }
+    }
+}
+
+pub fn discovery_url(base_url: &str, realm: &str) -> String {
+    format!(
+        "{}/realms/{realm}/.well-known/openid-configuration",
+        base_url.trim_end_matches('/')
+    )
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub source: KeySourceConfig,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub client_id: Option<String>,
+    /// `realm` in `WWW-Authenticate: Bearer realm=".."`.
+    pub realm: String,
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    pub leeway: Duration,
+    pub required_claims: Vec<String>,
+    pub refresh_interval: Duration,
+    pub refresh_cooldown: Duration,
+    pub fetch_timeout: Duration,
+    pub token_cache_size: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiKeysConfig {
+    pub file: PathBuf,
+    pub header: String,
+    pub reload_interval: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PrincipalsConfig {
+    pub require_listed: bool,
+    pub service_principals: Vec<ServicePrincipalConfig>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CorsConfig {
+    pub allowed_origins: Vec<String>,
+    pub allowed_methods: Vec<String>,
+    pub allowed_headers: Vec<String>,
+    pub max_age: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RoutesConfig {
+    pub unmatched: Unmatched,
+    pub rules: Vec<RuleConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreRef {
+    Id(String),
+    Name(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct OpenFgaConfig {
+    pub api_url: String,
+    pub store: StoreRef,
+    pub model_id: Option<String>,
+    pub api_token: Option<String>,
+    pub timeout: Duration,
+    pub consistency: Consistency,
+    pub max_batch_size: usize,
+    pub changelog_interval: Duration,
+    pub contextual_tuples: Vec<ContextualTupleConfig>,
+    pub breaker_failures: u32,
+    pub breaker_open_for: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    pub allowed_ttl: Duration,
+    pub denied_ttl: Duration,
+    pub max_entries: usize,
+}
+
+fn default_true() -> bool {
+    true
+}
+pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:9191";
+pub const DEFAULT_OPS_ADDR: &str = "0.0.0.0:9092";
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
+pub const DEFAULT_REFRESH_COOLDOWN: Duration = Duration::from_secs(10);
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_TOKEN_CACHE_SIZE: usize = 10_000;
+pub const DEFAULT_API_KEY_HEADER: &str = "x-api-key";
+pub const DEFAULT_API_KEYS_RELOAD: Duration = Duration::from_secs(2);
+pub const DEFAULT_REALM: &str = "authz-sidecar";
+pub const DEFAULT_OPENFGA_TIMEOUT: Duration = Duration::from_millis(500);
+pub const DEFAULT_OPENFGA_BATCH: usize = 50;
+pub const DEFAULT_CHANGELOG_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
+pub const DEFAULT_BREAKER_OPEN_FOR: Duration = Duration::from_secs(5);
+pub const DEFAULT_ALLOWED_TTL: Duration = Duration::from_secs(60);
+pub const DEFAULT_DENIED_TTL: Duration = Duration::from_secs(10);
+pub const DEFAULT_CACHE_ENTRIES: usize = 100_000;
+
+/// Reads the environment. A trait so tests resolve configs against a map, not the process.
+pub trait Env {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment; an empty value counts as unset.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+    }
+}
+
+impl Env for BTreeMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        BTreeMap::get(self, name)
+            .cloned()
+            .filter(|v| !v.trim().is_empty())
+    }
+}
+
+/// First set variable of `names`, with the name it came from.
+fn env_any(env: &dyn Env, names: &[&'static str]) -> Option<(&'static str, String)> {
+    names
+        .iter()
+        .find_map(|n| env.get(n).map(|v| (*n, v.trim().to_string())))
+}
+
+fn split_list(raw: &str) -> Vec<String> {
+    raw.split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn check_http_url(key: &str, url: &str) -> Result<String, ConfigError> {
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| ConfigError::invalid(key, format!("{url:?} is not a URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{url:?} must be an http:// or https:// URL"),
+        ));
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+impl Config {
+    /// Loads the file at `path` and resolves it against the process environment.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, &ProcessEnv)
+    }
+
+    pub fn load_with_env(path: &Path, env: &dyn Env) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        Self::from_yaml(&text, base, env).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses YAML text; relative paths in it resolve against `base_dir`.
+    pub fn from_yaml(text: &str, base_dir: &Path, env: &dyn Env) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            message: e.to_string(),
+        })?;
+        Self::resolve(raw, base_dir, env)
+    }
+
+    pub fn resolve(raw: RawConfig, base_dir: &Path, env: &dyn Env) -> Result<Self, ConfigError> {
+        let rel = |p: PathBuf| if p.is_absolute() { p } else { base_dir.join(p) };
+
+        // server
+        let grpc_raw = env_any(env, &["AUTHZ_GRPC_ADDR"])
+            .map(|(_, v)| v)
+            .or(raw.server.grpc_addr)
+            .unwrap_or_else(|| DEFAULT_GRPC_ADDR.into());
+        let grpc_addr = ListenAddr::parse("server.grpc_addr (AUTHZ_GRPC_ADDR)", &grpc_raw)?;
+        let ops_raw = env_any(env, &["AUTHZ_OPS_ADDR"])
+            .map(|(_, v)| v)
+            .or(raw.server.ops_addr)
+            .unwrap_or_else(|| DEFAULT_OPS_ADDR.into());
+        let ops_addr = if ops_raw == "off" {
+            None
+        } else {
+            Some(ops_raw.parse().map_err(|_| {
+                ConfigError::invalid(
+                    "server.ops_addr (AUTHZ_OPS_ADDR)",
+                    format!("{ops_raw:?} is not HOST:PORT (or \"off\")"),
+                )
+            })?)
+        };
+
+        // log
+        let level = env_any(env, &["LOG_LEVEL"])
+            .map(|(_, v)| v.to_ascii_lowercase())
+            .or(raw.log.level)
+            .unwrap_or_else(|| "info".into());
+        // RUST_LOG carries full directives and wins over the plain level.
+        let filter = env_any(env, &["RUST_LOG"]).map(|(_, v)| v).unwrap_or(level);
+        tracing_subscriber::EnvFilter::try_new(&filter).map_err(|e| {
+            ConfigError::invalid(
+                "log.level (LOG_LEVEL / RUST_LOG)",
+                format!("{filter:?}: {e}"),
+            )
+        })?;
+        let format = env_any(env, &["LOG_FORMAT"])
+            .map(|(_, v)| v)
+            .or(raw.log.format)
+            .unwrap_or_else(|| "text".into());
+        let json = match format.as_str() {
+            "json" => true,
+            "text" => false,
+            other => {
+                return Err(ConfigError::invalid(
+                    "log.format (LOG_FORMAT)",
+                    format!("{other:?}: want text or json"),
+                ));
+            }
+        };
+
+        let jwt = resolve_jwt(raw.jwt, env, &rel)?;
+
+        // api keys
+        let api_key_file = env_any(env, &["API_KEYS_FILE"])
+            .map(|(_, v)| PathBuf::from(v))
+            .or(raw.api_keys.file.map(&rel));
+        let api_keys = match api_key_file {
+            None => None,
+            Some(file) => {
+                let header = raw
+                    .api_keys
+                    .header
+                    .unwrap_or_else(|| DEFAULT_API_KEY_HEADER.into())
+                    .to_ascii_lowercase();
+                if header.is_empty() || header == "authorization" {
+                    return Err(ConfigError::invalid(
+                        "api_keys.header",
+                        "must name a header other than authorization",
+                    ));
+                }
+                Some(ApiKeysConfig {
+                    file,
+                    header,
+                    reload_interval: raw
+                        .api_keys
+                        .reload_interval
+                        .unwrap_or(DEFAULT_API_KEYS_RELOAD),
+                })
+            }
+        };
+
+        // principals
+        let mut seen = std::collections::HashSet::new();
+        for (i, sp) in raw.principals.service_principals.iter().enumerate() {
+            if sp.id.trim().is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("principals.service_principals[{i}].id"),
+                    "must not be empty",
+                ));
+            }
+            if !seen.insert(sp.id.clone()) {
+                return Err(ConfigError::invalid(
+                    format!("principals.service_principals[{i}].id"),
+                    format!("{:?} is listed twice", sp.id),
+                ));
+            }
+        }
+        let principals = PrincipalsConfig {
+            require_listed: raw.principals.require_listed,
+            service_principals: raw.principals.service_principals,
+        };
+
+        // cors
+        let origins = env_any(env, &["CORS_ORIGINS", "CORS_ALLOWED_ORIGINS"])
+            .map(|(n, v)| (n.to_string(), split_list(&v)))
+            .or_else(|| {
+                raw.cors
+                    .allowed_origins
+                    .map(|o| ("cors.allowed_origins".to_string(), o))
+            });
+        let (origins_key, allowed_origins) = origins.unwrap_or_default();
+        for o in &allowed_origins {
+            if o == "*" {
+                return Err(ConfigError::invalid(
+                    origins_key,
+                    "\"*\" is refused: list the exact origins (credentials cannot be shared with any origin)",
+                ));
+            }
+            let url = reqwest::Url::parse(o).map_err(|_| {
+                ConfigError::invalid(
+                    &origins_key,
+                    format!("{o:?} is not an origin like https://app.example.com"),
+                )
+            })?;
+            if url.path() != "/" || o.ends_with('/') {
+                return Err(ConfigError::invalid(
+                    &origins_key,
+                    format!("{o:?}: an origin has no path or trailing slash"),
+                ));
+            }
+        }
+        let cors = CorsConfig {
+            allowed_origins,
+            allowed_methods: raw.cors.allowed_methods.unwrap_or_else(|| {
+                ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+                    .map(String::from)
+                    .to_vec()
+            }),
+            allowed_headers: raw.cors.allowed_headers.unwrap_or_else(|| {
+                ["authorization", "content-type", "x-api-key", "x-request-id"]
+                    .map(String::from)
+                    .to_vec()
+            }),
+            max_age: raw.cors.max_age.unwrap_or(600),
+        };
+
+        let routes = RoutesConfig {
+            unmatched: raw.routes.unmatched.unwrap_or_default(),
+            rules: raw.routes.rules,
+        };
+
+        let openfga = resolve_openfga(raw.openfga, env)?;
+        let cache = CacheConfig {
+            enabled: raw.cache.enabled.unwrap_or(true),
+            allowed_ttl: raw.cache.allowed_ttl.unwrap_or(DEFAULT_ALLOWED_TTL),
+            denied_ttl: raw.cache.denied_ttl.unwrap_or(DEFAULT_DENIED_TTL),
+            max_entries: raw.cache.max_entries.unwrap_or(DEFAULT_CACHE_ENTRIES),
+        };
+        if cache.max_entries == 0 {
+            return Err(ConfigError::invalid(
+                "cache.max_entries",
+                "must be at least 1 (set cache.enabled: false to turn the cache off)",
+            ));
+        }
+
+        if matches!(jwt.source, KeySourceConfig::None) && api_keys.is_none() {
+            let every_rule_public = routes.rules.iter().all(|r| r.public);
+            if !every_rule_public || routes.unmatched == Unmatched::Authenticated {
+                return Err(ConfigError::invalid(
+                    "jwt",
+                    "no credential source: set jwt.jwks_file, AUTH_PUBLIC_KEY_URL, KEYCLOAK_URL + KEYCLOAK_REALM, or API_KEYS_FILE",
+                ));
+            }
+        }
+
+        let config = Config {
+            grpc_addr,
+            ops_addr,
+            drain_timeout: raw.server.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            log: LogConfig { filter, json },
+            jwt,
+            api_keys,
+            principals,
+            cors,
+            routes,
+            openfga,
+            cache,
+        };
+        // Compile the rules once here so a bad rule stops startup with its key.
+        crate::authz::rules::RuleSet::compile(&config.routes, config.openfga.as_ref())?;
+        Ok(config)
+    }
+}
+
+fn resolve_jwt(
+    raw: RawJwt,
+    env: &dyn Env,
+    rel: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<JwtConfig, ConfigError> {
+    let jwks_url = env_any(env, &["AUTH_PUBLIC_KEY_URL"])
+        .map(|(n, v)| (n.to_string(), v))
+        .or(raw.jwks_url.map(|v| ("jwt.jwks_url".to_string(), v)));
+    let kc_url = env_any(env, &["KEYCLOAK_URL", "KEYCLOAK_SERVER_URL"])
+        .map(|(n, v)| (n.to_string(), v))
+        .or(raw
+            .keycloak_url
+            .map(|v| ("jwt.keycloak_url".to_string(), v)));
+    let kc_realm = env_any(env, &["KEYCLOAK_REALM"])
+        .map(|(_, v)| v)
+        .or(raw.keycloak_realm);
+
+    let source = if let Some((key, url)) = jwks_url {
+        KeySourceConfig::JwksUrl(check_http_url(&key, &url)?)
+    } else if let Some((key, url)) = kc_url {
+        let base_url = check_http_url(&key, &url)?;
+        let realm = kc_realm.ok_or_else(|| {
+            ConfigError::invalid(
+                "KEYCLOAK_REALM (jwt.keycloak_realm)",
+                format!("{key} is set, so the realm is needed for OIDC discovery"),
+            )
+        })?;
+        KeySourceConfig::Discovery { base_url, realm }
+    } else if let Some(file) = raw.jwks_file {
+        KeySourceConfig::File(rel(file))
+    } else {
+        KeySourceConfig::None
+    };
+
+    let issuer = env_any(env, &["JWT_ISSUER"]).map(|(_, v)| v).or(raw.issuer);
+    let audience = env_any(env, &["JWT_AUDIENCE"])
+        .map(|(_, v)| v)
+        .or(raw.audience);
+
+    let names = raw.algorithms.unwrap_or_else(|| vec!["RS256".into()]);
+    if names.is_empty() {
+        return Err(ConfigError::invalid(
+            "jwt.algorithms",
+            "must list at least one algorithm",
+        ));
+    }
+    let mut algorithms = Vec::new();
+    for name in &names {
+        algorithms.push(parse_algorithm(name)?);
+    }
+
+    let required_claims = raw.required_claims.unwrap_or_else(|| vec!["sub".into()]);
+    let realm = raw
+        .realm
+        .or_else(|| match &source {
+            KeySourceConfig::Discovery { realm, .. } => Some(realm.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| DEFAULT_REALM.into());
+    if realm.contains('"') || realm.contains('\\') {
+        return Err(ConfigError::invalid(
+            "jwt.realm",
+            "must not contain quotes or backslashes",
+        ));
+    }
+    let refresh_cooldown = raw.refresh_cooldown.unwrap_or(DEFAULT_REFRESH_COOLDOWN);
+    let refresh_interval = raw.refresh_interval.unwrap_or(DEFAULT_REFRESH_INTERVAL);
+    if refresh_interval.is_zero() {
+        return Err(ConfigError::invalid(
+            "jwt.refresh_interval",
+            "must be greater than zero",
+        ));
+    }
+    Ok(JwtConfig {
+        client_id: raw.client_id.or_else(|| audience.clone()),
+        source,
+        issuer,
+        audience,
+        realm,
+        algorithms,
+        leeway: raw.leeway.unwrap_or(DEFAULT_LEEWAY),
+        required_claims,
+        refresh_interval,
+        refresh_cooldown,
+        fetch_timeout: raw.fetch_timeout.unwrap_or(DEFAULT_FETCH_TIMEOUT),
+        token_cache_size: raw.token_cache_size.unwrap_or(DEFAULT_TOKEN_CACHE_SIZE),
+    })
+}
+
+/// Asymmetric algorithms only: a JWKS never holds a shared secret, and accepting HMAC next to
+/// public keys is the classic algorithm-confusion hole.
+pub fn parse_algorithm(name: &str) -> Result<jsonwebtoken::Algorithm, ConfigError> {
+    use jsonwebtoken::Algorithm::*;
+    Ok(match name {
+        "RS256" => RS256,
+        "RS384" => RS384,
+        "RS512" => RS512,
+        "PS256" => PS256,
+        "PS384" => PS384,
+        "PS512" => PS512,
+        "ES256" => ES256,
+        "ES384" => ES384,
+        "EdDSA" => EdDSA,
+        "HS256" | "HS384" | "HS512" | "none" => {
+            return Err(ConfigError::invalid(
+                "jwt.algorithms",
+                format!("{name} is never accepted (asymmetric algorithms only)"),
+            ));
+        }
+        other => {
+            return Err(ConfigError::invalid(
+                "jwt.algorithms",
+                format!(
+                    "unknown algorithm {other:?} (RS256 RS384 RS512 PS256 PS384 PS512 ES256 ES384 EdDSA)"
+                ),
+            ));
+        }
+    })
+}
+
+fn resolve_openfga(
+    raw: Option<RawOpenFga>,
+    env: &dyn Env,
+) -> Result<Option<OpenFgaConfig>, ConfigError> {
+    let env_url = env_any(env, &["OPENFGA_API_URL"]).map(|(_, v)| v);
+    let raw = match (raw, env_url.is_some()) {
+        (None, false) => return Ok(None),
+        (raw, _) => raw.unwrap_or_default(),
+    };
+    let api_url = env_url.or(raw.api_url).ok_or_else(|| {
+        ConfigError::invalid(
+            "OPENFGA_API_URL (openfga.api_url)",
+            "not set: the OpenFGA HTTP API address, e.g. http://openfga:8080",
+        )
+    })?;
+    let api_url = check_http_url("OPENFGA_API_URL (openfga.api_url)", &api_url)?;
+    let store_id = env_any(env, &["OPENFGA_STORE_ID"])
+        .map(|(_, v)| v)
+        .or(raw.store_id);
+    let store_name = env_any(env, &["OPENFGA_STORE_NAME"])
+        .map(|(_, v)| v)
+        .or(raw.store_name);
+    let store = match (store_id, store_name) {
+        (Some(id), _) => StoreRef::Id(id),
+        (None, Some(name)) => StoreRef::Name(name),
+        (None, None) => {
+            return Err(ConfigError::invalid(
+                "OPENFGA_STORE_ID (openfga.store_id)",
+                "store id not set: set OPENFGA_STORE_ID or OPENFGA_STORE_NAME (create one with POST /stores)",
+            ));
+        }
+    };
+    let max_batch_size = raw.max_batch_size.unwrap_or(DEFAULT_OPENFGA_BATCH);
+    if max_batch_size == 0 {
+        return Err(ConfigError::invalid(
+            "openfga.max_batch_size",
+            "must be at least 1",
+        ));
+    }
+    let timeout = raw.timeout.unwrap_or(DEFAULT_OPENFGA_TIMEOUT);
+    if timeout.is_zero() {
+        return Err(ConfigError::invalid(
+            "openfga.timeout",
+            "must be greater than zero",
+        ));
+    }
+    Ok(Some(OpenFgaConfig {
+        api_url,
+        store,
+        model_id: env_any(env, &["OPENFGA_MODEL_ID"])
+            .map(|(_, v)| v)
+            .or(raw.model_id),
+        api_token: env_any(env, &["OPENFGA_API_TOKEN"])
+            .map(|(_, v)| v)
+            .or(raw.api_token),
+        timeout,
+        consistency: raw.consistency.unwrap_or_default(),
+        max_batch_size,
+        changelog_interval: raw.changelog_interval.unwrap_or(DEFAULT_CHANGELOG_INTERVAL),
+        contextual_tuples: raw.contextual_tuples,
+        breaker_failures: raw.breaker_failures.unwrap_or(DEFAULT_BREAKER_FAILURES),
+        breaker_open_for: raw.breaker_open_for.unwrap_or(DEFAULT_BREAKER_OPEN_FOR),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    const MIN: &str = "jwt: { jwks_file: keys.json }\n";
+
+    fn load(yaml: &str, e: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_yaml(yaml, Path::new("/etc/authz"), &env(e))
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = load(MIN, &[]).unwrap();
+        assert_eq!(
+            c.grpc_addr,
+            ListenAddr::Tcp("0.0.0.0:9191".parse().unwrap())
+        );
+        assert_eq!(c.ops_addr, Some("0.0.0.0:9092".parse().unwrap()));
+        assert_eq!(
+            c.jwt.source,
+            KeySourceConfig::File(PathBuf::from("/etc/authz/keys.json"))
+        );
+        assert_eq!(c.jwt.leeway, Duration::from_secs(30));
+        assert_eq!(c.jwt.required_claims, vec!["sub".to_string()]);
+        assert_eq!(c.routes.unmatched, Unmatched::Deny);
+        assert!(c.openfga.is_none());
+    }
+
+    #[test]
+    fn key_source_precedence() {
+        let c = load(
+            MIN,
+            &[
+                ("AUTH_PUBLIC_KEY_URL", "http://kc/certs"),
+                ("KEYCLOAK_URL", "http://kc"),
+                ("KEYCLOAK_REALM", "r"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.jwt.source,
+            KeySourceConfig::JwksUrl("http://kc/certs".into())
+        );
+        let c = load(
+            MIN,
+            &[
+                ("KEYCLOAK_SERVER_URL", "http://kc/"),
+                ("KEYCLOAK_REALM", "r"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.jwt.source,
+            KeySourceConfig::Discovery {
+                base_url: "http://kc".into(),
+                realm: "r".into()
+            }
+        );
+        assert_eq!(c.jwt.realm, "r");
+        // An empty variable is unset: the file wins.
+        let c = load(MIN, &[("AUTH_PUBLIC_KEY_URL", "  ")]).unwrap();
+        assert!(matches!(c.jwt.source, KeySourceConfig::File(_)));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = load(MIN, &[("KEYCLOAK_URL", "http://kc")]).unwrap_err();
+        assert!(e.to_string().starts_with("KEYCLOAK_REALM"), "{e}");
+        let e = load(MIN, &[("CORS_ORIGINS", "*")]).unwrap_err();
+        assert!(e.to_string().starts_with("CORS_ORIGINS"), "{e}");
+        let e = load("jwt: { jwks_file: k, algorithms: [HS256] }", &[]).unwrap_err();
+        assert!(e.to_string().contains("jwt.algorithms"), "{e}");
+        let e = load(MIN, &[("AUTHZ_GRPC_ADDR", "nope")]).unwrap_err();
+        assert!(e.to_string().contains("AUTHZ_GRPC_ADDR"), "{e}");
+        let e = load("jwt: { jwks_file: k, bogus: 1 }", &[]).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = load(MIN, &[("OPENFGA_API_URL", "http://fga:8080")]).unwrap_err();
+        assert!(e.to_string().contains("OPENFGA_STORE_ID"), "{e}");
+        let e = load(MIN, &[("LOG_LEVEL", "lots=of=noise")]).unwrap_err();
+        assert!(e.to_string().contains("LOG_LEVEL"), "{e}");
+    }
+
+    #[test]
+    fn cors_lists_from_either_variable() {
+        let c = load(
+            MIN,
+            &[(
+                "CORS_ALLOWED_ORIGINS",
+                "http://localhost:3000, https://a.example",
+            )],
+        )
+        .unwrap();
+        assert_eq!(
+            c.cors.allowed_origins,
+            vec!["http://localhost:3000", "https://a.example"]
+        );
+        let e = load(MIN, &[("CORS_ORIGINS", "https://a.example/")]).unwrap_err();
+        assert!(e.to_string().contains("trailing slash"), "{e}");
+    }
+
+    #[test]
+    fn unix_socket_address() {
+        let c = load(MIN, &[("AUTHZ_GRPC_ADDR", "unix:/run/authz.sock")]).unwrap();
+        assert_eq!(c.grpc_addr, ListenAddr::Unix("/run/authz.sock".into()));
+    }
+}

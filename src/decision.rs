@@ -1,0 +1,183 @@
+//! The outcome of a check and the one mapping from every failure to what the caller sees:
+//! HTTP status, gRPC code, `error` code, reason and `WWW-Authenticate` challenge.
+
+use crate::authn::{AuthnError, Principal};
+use crate::authz::AuthzError;
+use crate::request::RequestError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allow {
+    pub principal: Option<Principal>,
+    pub rule: String,
+    /// The backend failed and the rule allows failing open: carried to the app as a header.
+    pub failed_open: Option<String>,
+    /// Response headers for the browser (CORS).
+    pub response_headers: Vec<(String, String)>,
+    pub relations: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deny {
+    pub http_status: u16,
+    pub grpc_code: tonic::Code,
+    /// Machine-readable code: `invalid_token`, `insufficient_scope`, `forbidden`, ...
+    pub error: &'static str,
+    pub reason: String,
+    pub www_authenticate: Option<String>,
+    pub response_headers: Vec<(String, String)>,
+    pub principal: Option<Principal>,
+    pub rule: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow(Allow),
+    Deny(Deny),
+}
+
+impl Decision {
+    pub fn is_allow(&self) -> bool {
+        matches!(self, Self::Allow(_))
+    }
+}
+
+/// Everything that can stop a request.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum Failure {
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error(transparent)]
+    Authn(#[from] AuthnError),
+    #[error(transparent)]
+    Authz(#[from] AuthzError),
+    #[error("CORS preflight from origin {0} is not allowed (CORS_ORIGINS)")]
+    CorsOrigin(String),
+}
+
+/// Quotes are not allowed inside an RFC 6750 auth-param; replace rather than escape, since
+/// clients differ in how they unescape.
+fn param(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c == '"' || c == '\\' || c.is_control() {
+                '\''
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// The one place failures become answers.
+pub fn deny_for(failure: &Failure, realm: &str) -> Deny {
+    let reason = failure.to_string();
+    let (http_status, grpc_code, error, challenge) = match failure {
+        Failure::Request(_) => (400, tonic::Code::InvalidArgument, "invalid_request", None),
+        Failure::CorsOrigin(_) => (403, tonic::Code::PermissionDenied, "cors_origin", None),
+        Failure::Authn(e) if e.is_unavailable() => {
+            (503, tonic::Code::Unavailable, "unavailable", None)
+        }
+        Failure::Authn(e) if e.is_forbidden() => {
+            (403, tonic::Code::PermissionDenied, "forbidden", None)
+        }
+        // RFC 6750 §3.1: a request without credentials gets a bare challenge.
+        Failure::Authn(AuthnError::Missing { .. }) => (
+            401,
+            tonic::Code::Unauthenticated,
+            "unauthenticated",
+            Some(format!("Bearer realm=\"{}\"", param(realm))),
+        ),
+        Failure::Authn(_) => (
+            401,
+            tonic::Code::Unauthenticated,
+            "invalid_token",
+            Some(format!(
+                "Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"{}\"",
+                param(realm),
+                param(&reason)
+            )),
+        ),
+        Failure::Authz(AuthzError::ScopeRequired(scope)) => (
+            403,
+            tonic::Code::PermissionDenied,
+            "insufficient_scope",
+            Some(format!(
+                "Bearer realm=\"{}\", error=\"insufficient_scope\", error_description=\"{}\", scope=\"{}\"",
+                param(realm),
+                param(&reason),
+                param(scope)
+            )),
+        ),
+        Failure::Authz(e @ (AuthzError::BackendUnavailable(_) | AuthzError::NoChecker(_))) => {
+            (503, tonic::Code::Unavailable, e.code(), None)
+        }
+        Failure::Authz(e) => (403, tonic::Code::PermissionDenied, e.code(), None),
+    };
+    Deny {
+        http_status,
+        grpc_code,
+        error,
+        reason,
+        www_authenticate: challenge,
+        response_headers: Vec::new(),
+        principal: None,
+        rule: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses() {
+        let d = deny_for(&AuthnError::Expired { ago: 42 }.into(), "mcp");
+        assert_eq!(
+            (d.http_status, d.grpc_code),
+            (401, tonic::Code::Unauthenticated)
+        );
+        assert_eq!(
+            d.www_authenticate.unwrap(),
+            "Bearer realm=\"mcp\", error=\"invalid_token\", error_description=\"token expired 42s ago\""
+        );
+        let d = deny_for(
+            &AuthnError::Missing {
+                api_key_header: "x-api-key".into(),
+            }
+            .into(),
+            "mcp",
+        );
+        assert_eq!(d.www_authenticate.unwrap(), "Bearer realm=\"mcp\"");
+        let d = deny_for(
+            &AuthzError::ScopeRequired("execute:tools".into()).into(),
+            "mcp",
+        );
+        assert_eq!((d.http_status, d.error), (403, "insufficient_scope"));
+        assert!(
+            d.www_authenticate
+                .unwrap()
+                .contains("scope=\"execute:tools\"")
+        );
+        let d = deny_for(
+            &AuthzError::BackendUnavailable("connection refused".into()).into(),
+            "r",
+        );
+        assert_eq!(
+            (d.http_status, d.grpc_code),
+            (503, tonic::Code::Unavailable)
+        );
+        let d = deny_for(
+            &AuthnError::PrincipalDisabled { id: "svc".into() }.into(),
+            "r",
+        );
+        assert_eq!(
+            (d.http_status, d.reason.as_str()),
+            (403, "service principal svc disabled")
+        );
+        let d = deny_for(
+            &AuthnError::Malformed("a \"quoted\" thing".into()).into(),
+            "r",
+        );
+        assert!(!d.www_authenticate.unwrap().contains("\"quoted\""));
+    }
+}

@@ -1,0 +1,143 @@
+//! The edge out: turns a [`Decision`] into Envoy's `CheckResponse`.
+//!
+//! Allow: identity headers set on the upstream request (overwriting anything the client sent
+//! under those names) and every identity header we do not set removed, so the app can trust
+//! `x-auth-*`. Deny: the HTTP status, `WWW-Authenticate`, and a JSON body saying why.
+
+use crate::decision::{Allow, Decision, Deny};
+use crate::proto::pb::envoy::config::core::v3::{
+    HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
+};
+use crate::proto::pb::envoy::service::auth::v3::{
+    CheckResponse, DeniedHttpResponse, OkHttpResponse, check_response::HttpResponse,
+};
+use crate::proto::pb::envoy::r#type::v3::HttpStatus;
+use crate::proto::pb::google::rpc::Status;
+
+pub const H_SUBJECT: &str = "x-auth-subject";
+pub const H_PRINCIPAL_TYPE: &str = "x-auth-principal-type";
+pub const H_USERNAME: &str = "x-auth-username";
+pub const H_METHOD: &str = "x-auth-method";
+pub const H_ROLES: &str = "x-auth-roles";
+pub const H_SCOPES: &str = "x-auth-scopes";
+pub const H_KEY_ID: &str = "x-auth-key-id";
+pub const H_FAILED_OPEN: &str = "x-auth-failed-open";
+
+/// Every header the app may trust because only we set it.
+pub const IDENTITY_HEADERS: [&str; 8] = [
+    H_SUBJECT,
+    H_PRINCIPAL_TYPE,
+    H_USERNAME,
+    H_METHOD,
+    H_ROLES,
+    H_SCOPES,
+    H_KEY_ID,
+    H_FAILED_OPEN,
+];
+
+fn header(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_string(),
+            value: value.to_string(),
+            ..Default::default()
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+/// Header values cannot hold CR/LF; identity values come from tokens, so make sure.
+fn clean(v: &str) -> String {
+    v.chars().filter(|c| !c.is_control()).collect()
+}
+
+pub fn to_proto(decision: &Decision, request_id: &str) -> CheckResponse {
+    match decision {
+        Decision::Allow(a) => allow(a),
+        Decision::Deny(d) => deny(d, request_id),
+    }
+}
+
+fn allow(a: &Allow) -> CheckResponse {
+    let mut set: Vec<(&str, String)> = Vec::new();
+    if let Some(p) = &a.principal {
+        set.push((H_SUBJECT, clean(&p.subject)));
+        set.push((H_PRINCIPAL_TYPE, p.kind.as_str().to_string()));
+        set.push((H_USERNAME, clean(&p.username)));
+        set.push((H_METHOD, p.method.as_str().to_string()));
+        if !p.roles.is_empty() {
+            set.push((H_ROLES, clean(&p.roles.join(","))));
+        }
+        if !p.scopes.is_empty() {
+            set.push((H_SCOPES, clean(&p.scopes.join(" "))));
+        }
+        if !p.key_id.is_empty() {
+            set.push((H_KEY_ID, clean(&p.key_id)));
+        }
+    }
+    if let Some(cause) = &a.failed_open {
+        set.push((H_FAILED_OPEN, clean(cause)));
+    }
+    // Removing a header we also set would race with Envoy's order of operations; overwrite
+    // those, remove the rest.
+    let headers_to_remove = IDENTITY_HEADERS
+        .iter()
+        .filter(|h| !set.iter().any(|(k, _)| k == *h))
+        .map(|h| h.to_string())
+        .collect();
+    CheckResponse {
+        status: Some(Status {
+            code: tonic::Code::Ok as i32,
+            ..Default::default()
+        }),
+        http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+            headers: set.iter().map(|(k, v)| header(k, v)).collect(),
+            headers_to_remove,
+            response_headers_to_add: a
+                .response_headers
+                .iter()
+                .map(|(k, v)| header(k, v))
+                .collect(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// The JSON body of a deny.
+pub fn deny_body(d: &Deny, request_id: &str) -> String {
+    serde_json::json!({
+        "error": d.error,
+        "reason": d.reason,
+        "status": d.http_status,
+        "request_id": request_id,
+    })
+    .to_string()
+}
+
+fn deny(d: &Deny, request_id: &str) -> CheckResponse {
+    let mut headers = vec![header("content-type", "application/json")];
+    if let Some(c) = &d.www_authenticate {
+        headers.push(header("www-authenticate", c));
+    }
+    if !request_id.is_empty() {
+        headers.push(header("x-request-id", &clean(request_id)));
+    }
+    headers.extend(d.response_headers.iter().map(|(k, v)| header(k, v)));
+    CheckResponse {
+        status: Some(Status {
+            code: d.grpc_code as i32,
+            message: d.reason.clone(),
+            ..Default::default()
+        }),
+        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: Some(HttpStatus {
+                code: i32::from(d.http_status),
+            }),
+            headers,
+            body: deny_body(d, request_id),
+        })),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,11 @@
+//! Shared helpers for the integration tests: the in-process sidecar, and the real peers
+//! (Envoy, OpenFGA, Keycloak) started as processes on free loopback ports.
+#![allow(dead_code, unused_imports)]
+
+pub mod envoy;
+pub mod keycloak;
+pub mod openfga;
+pub mod process;
+pub mod sidecar;
+pub mod tools;
+pub mod upstream;

@@ -1,0 +1,327 @@
+//! A real OpenFGA server (v1.18.1, `bin/openfga`) on free loopback ports, plus small HTTP API
+//! helpers.
+//!
+//! ```ignore
+//! let fga = OpenFga::start().await;                  // memory engine
+//! let store = fga.create_store("test-store").await;  // names: 3..64 chars
+//! let model = fga.write_model(&store, &app_model()).await;
+//! fga.write_tuples(&store, &[("user:alice", "member", "organization:acme")]).await;
+//! assert!(!fga.check(&store, "user:bob", "executor", "tool:search").await);
+//! ```
+//!
+//! `OpenFga::start_sqlite(dir)` keeps its data in `dir/openfga.db`, so `stop()` + `start_again()`
+//! (or `restart()`) brings the same stores, models and tuples back; the memory engine loses them.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::process::{Proc, free_port};
+use super::tools;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Debug)]
+enum Engine {
+    Memory,
+    Sqlite(PathBuf),
+}
+
+pub struct OpenFga {
+    proc: Proc,
+    http_port: u16,
+    grpc_port: u16,
+    engine: Engine,
+}
+
+/// The app's authorization model (`deploy/openfga/model.json`), as the JSON body of
+/// `POST /stores/{id}/authorization-models`.
+pub fn app_model() -> Value {
+    let path = tools::repo_file("deploy/openfga/model.json");
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+}
+
+fn client() -> reqwest::Client {
+    // A client per call: helpers may be shared across tests, and each #[tokio::test] has its
+    // own runtime (a pooled connection from a dead runtime fails).
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("reqwest client")
+}
+
+static SHARED: tokio::sync::OnceCell<OpenFga> = tokio::sync::OnceCell::const_new();
+
+impl OpenFga {
+    /// One memory-engine OpenFGA per test binary, started on first use and stopped by its
+    /// watchdog when the test process exits. Give each test its own store.
+    pub async fn shared() -> &'static OpenFga {
+        SHARED.get_or_init(OpenFga::start_watched).await
+    }
+
+    /// Memory engine, free HTTP and gRPC ports; returns once `/healthz` says SERVING.
+    pub async fn start() -> OpenFga {
+        Self::start_engine(Engine::Memory, false).await
+    }
+
+    /// Like [`OpenFga::start`], for a server kept in a static: the process is watched and stops
+    /// when the test process exits.
+    pub async fn start_watched() -> OpenFga {
+        Self::start_engine(Engine::Memory, true).await
+    }
+
+    /// SQLite engine with its database in `dir/openfga.db` (created and migrated first):
+    /// data survives `stop()` / `start_again()` / `restart()`.
+    pub async fn start_sqlite(dir: &Path) -> OpenFga {
+        std::fs::create_dir_all(dir).expect("create sqlite dir");
+        let engine = Engine::Sqlite(dir.join("openfga.db"));
+        let out = Command::new(tools::tool("openfga"))
+            .args(["migrate", "--datastore-engine", "sqlite", "--datastore-uri"])
+            .arg(Self::datastore_uri(&engine).unwrap())
+            .output()
+            .expect("run openfga migrate");
+        assert!(
+            out.status.success(),
+            "openfga migrate failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self::start_engine(engine, false).await
+    }
+
+    fn datastore_uri(engine: &Engine) -> Option<String> {
+        match engine {
+            Engine::Memory => None,
+            Engine::Sqlite(path) => Some(format!(
+                "file:{}?_pragma=journal_mode(WAL)&_pragma=busy_timeout(5000)",
+                path.display()
+            )),
+        }
+    }
+
+    async fn start_engine(engine: Engine, watched: bool) -> OpenFga {
+        let http_port = free_port();
+        let grpc_port = free_port();
+        let mut cmd = Command::new(tools::tool("openfga"));
+        cmd.arg("run");
+        match &engine {
+            Engine::Memory => {
+                cmd.args(["--datastore-engine", "memory"]);
+            }
+            Engine::Sqlite(_) => {
+                cmd.args(["--datastore-engine", "sqlite", "--datastore-uri"])
+                    .arg(Self::datastore_uri(&engine).unwrap());
+            }
+        }
+        cmd.arg(format!("--http-addr=127.0.0.1:{http_port}"))
+            .arg(format!("--grpc-addr=127.0.0.1:{grpc_port}"))
+            .args([
+                "--metrics-enabled=false",
+                "--playground-enabled=false",
+                "--profiler-enabled=false",
+                "--log-format=text",
+                "--log-level=warn",
+            ]);
+        let proc = Proc::spawn_opts("openfga", http_port, &cmd, watched);
+        let mut fga = OpenFga {
+            proc,
+            http_port,
+            grpc_port,
+            engine,
+        };
+        fga.wait_ready().await;
+        fga
+    }
+
+    async fn wait_ready(&mut self) {
+        let url = format!("{}/healthz", self.http_url());
+        self.proc
+            .wait_until(
+                || {
+                    let url = url.clone();
+                    async move {
+                        match client().get(&url).send().await {
+                            Ok(r) if r.status().is_success() => r
+                                .json::<Value>()
+                                .await
+                                .map(|v| v["status"] == "SERVING")
+                                .unwrap_or(false),
+                            _ => false,
+                        }
+                    }
+                },
+                READY_TIMEOUT,
+                "openfga /healthz SERVING",
+            )
+            .await;
+    }
+
+    /// `http://127.0.0.1:<port>`
+    pub fn http_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.http_port))
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.grpc_port))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    pub fn proc(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    /// Stop the server (SIGTERM, then SIGKILL after 10 s). The ports stay reserved for
+    /// `start_again`.
+    pub fn stop(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Start again on the same ports (after `stop`); waits for SERVING.
+    pub async fn start_again(&mut self) {
+        self.proc.respawn();
+        self.wait_ready().await;
+    }
+
+    /// `stop` + `start_again`. With the memory engine all data is lost; with SQLite it is kept.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.start_again().await;
+    }
+
+    // ---- API helpers (panic on any non-2xx answer) -------------------------------------
+
+    async fn post(&self, path: &str, body: &Value) -> Value {
+        let url = format!("{}{path}", self.http_url());
+        let resp = client()
+            .post(&url)
+            .json(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        assert!(
+            status.is_success(),
+            "POST {url} -> {status}: {text}\nbody: {body}"
+        );
+        if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::Null)
+        }
+    }
+
+    /// Create a store (name: 3..64 chars of `[a-zA-Z0-9 .-/^_&@]`); returns its id.
+    pub async fn create_store(&self, name: &str) -> String {
+        let v = self.post("/stores", &json!({ "name": name })).await;
+        v["id"].as_str().expect("store id").to_string()
+    }
+
+    /// Write an authorization model (JSON as in `deploy/openfga/model.json`); returns its id.
+    pub async fn write_model(&self, store: &str, model: &Value) -> String {
+        let v = self
+            .post(&format!("/stores/{store}/authorization-models"), model)
+            .await;
+        v["authorization_model_id"]
+            .as_str()
+            .expect("authorization_model_id")
+            .to_string()
+    }
+
+    /// A new store with the app model; returns (store id, model id).
+    pub async fn app_store(&self, name: &str) -> (String, String) {
+        let store = self.create_store(name).await;
+        let model = self.write_model(&store, &app_model()).await;
+        (store, model)
+    }
+
+    fn tuple_keys(tuples: &[(&str, &str, &str)]) -> Value {
+        Value::Array(
+            tuples
+                .iter()
+                .map(|(user, relation, object)| {
+                    json!({ "user": user, "relation": relation, "object": object })
+                })
+                .collect(),
+        )
+    }
+
+    /// Write (user, relation, object) tuples against the store's latest model.
+    pub async fn write_tuples(&self, store: &str, tuples: &[(&str, &str, &str)]) {
+        if tuples.is_empty() {
+            return;
+        }
+        self.post(
+            &format!("/stores/{store}/write"),
+            &json!({ "writes": { "tuple_keys": Self::tuple_keys(tuples) } }),
+        )
+        .await;
+    }
+
+    /// Delete (user, relation, object) tuples.
+    pub async fn delete_tuples(&self, store: &str, tuples: &[(&str, &str, &str)]) {
+        if tuples.is_empty() {
+            return;
+        }
+        self.post(
+            &format!("/stores/{store}/write"),
+            &json!({ "deletes": { "tuple_keys": Self::tuple_keys(tuples) } }),
+        )
+        .await;
+    }
+
+    /// Check against the store's latest model, with HIGHER_CONSISTENCY (no cache).
+    pub async fn check(&self, store: &str, user: &str, relation: &str, object: &str) -> bool {
+        let v = self
+            .post(
+                &format!("/stores/{store}/check"),
+                &json!({
+                    "tuple_key": { "user": user, "relation": relation, "object": object },
+                    "consistency": "HIGHER_CONSISTENCY"
+                }),
+            )
+            .await;
+        v["allowed"]
+            .as_bool()
+            .unwrap_or_else(|| panic!("check answer without allowed: {v}"))
+    }
+
+    /// ListObjects of `type_` on which `user` has `relation`.
+    pub async fn list_objects(
+        &self,
+        store: &str,
+        user: &str,
+        relation: &str,
+        type_: &str,
+    ) -> Vec<String> {
+        let v = self
+            .post(
+                &format!("/stores/{store}/list-objects"),
+                &json!({ "user": user, "relation": relation, "type": type_ }),
+            )
+            .await;
+        let mut out: Vec<String> = v["objects"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|o| o.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+}

@@ -1,0 +1,276 @@
+//! The sidecar under test, in-process on `127.0.0.1:0`, plus builders for Envoy-shaped check
+//! requests and readers for the answers.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use authz_sidecar::proto::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+use authz_sidecar::proto::pb::envoy::service::auth::v3::{
+    AttributeContext, CheckRequest, CheckResponse, attribute_context,
+    authorization_client::AuthorizationClient, check_response::HttpResponse,
+};
+use authz_sidecar::{Config, Listeners};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn local_dir() -> PathBuf {
+    repo().join("deploy/local")
+}
+
+pub struct Sidecar {
+    pub grpc_addr: SocketAddr,
+    pub ops_addr: SocketAddr,
+    shutdown: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Sidecar {
+    /// Starts the sidecar on a config given as YAML (relative paths resolve against
+    /// `base_dir`), with `env` standing in for the process environment.
+    pub async fn start(yaml: &str, base_dir: &Path, env: &[(&str, &str)]) -> Self {
+        let mut env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        env.insert("AUTHZ_GRPC_ADDR".into(), "127.0.0.1:0".into());
+        env.insert("AUTHZ_OPS_ADDR".into(), "127.0.0.1:0".into());
+        let config = Config::from_yaml(yaml, base_dir, &env).expect("test config is valid");
+        Self::start_config(config).await
+    }
+
+    /// The embedded default config from deploy/local.
+    pub async fn local() -> Self {
+        let yaml = std::fs::read_to_string(local_dir().join("sidecar.yaml")).unwrap();
+        Self::start(&yaml, &local_dir(), &[]).await
+    }
+
+    pub async fn start_config(config: Config) -> Self {
+        authz_sidecar::telemetry::init_logging(&config.log);
+        let listeners = Listeners::bind(&config).await.expect("bind");
+        let grpc_addr = match &listeners.grpc {
+            authz_sidecar::server::GrpcListener::Tcp(l) => l.local_addr().unwrap(),
+            _ => panic!("tests use TCP"),
+        };
+        let ops_addr = listeners.ops.as_ref().unwrap().local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(authz_sidecar::run(config, listeners, shutdown.clone()));
+        Self {
+            grpc_addr,
+            ops_addr,
+            shutdown,
+            handle: Some(handle),
+        }
+    }
+
+    pub async fn client(&self) -> AuthorizationClient<Channel> {
+        let url = format!("http://{}", self.grpc_addr);
+        for _ in 0..50 {
+            if let Ok(c) = AuthorizationClient::connect(url.clone()).await {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("sidecar at {url} did not accept connections");
+    }
+
+    pub async fn check(&self, req: CheckRequest) -> CheckResponse {
+        self.client()
+            .await
+            .check(req)
+            .await
+            .expect("Check RPC")
+            .into_inner()
+    }
+
+    pub async fn ops_get(&self, path: &str) -> (u16, String) {
+        let r = reqwest::get(format!("http://{}{path}", self.ops_addr))
+            .await
+            .expect("ops GET");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    }
+
+    /// Waits until `/readyz` says ready.
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (status, body) = self.ops_get("/readyz").await;
+            if status == 200 {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("sidecar not ready after {timeout:?}: {body}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops and returns what `run` returned.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.handle.take().unwrap().await.expect("server task")
+    }
+
+    /// Waits for `run` to return on its own (fatal errors).
+    pub async fn join(mut self, timeout: Duration) -> anyhow::Result<()> {
+        tokio::time::timeout(timeout, self.handle.take().unwrap())
+            .await
+            .expect("server did not stop")
+            .expect("server task")
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// An Envoy-shaped HTTP check request.
+pub fn http(
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> CheckRequest {
+    let mut map = std::collections::HashMap::new();
+    for (k, v) in headers {
+        map.entry(k.to_ascii_lowercase())
+            .and_modify(|e: &mut String| {
+                e.push(',');
+                e.push_str(v)
+            })
+            .or_insert_with(|| v.to_string());
+    }
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(attribute_context::Request {
+                http: Some(attribute_context::HttpRequest {
+                    id: "test-req".into(),
+                    method: method.into(),
+                    path: path.into(),
+                    host: "app.local".into(),
+                    scheme: "http".into(),
+                    headers: map,
+                    body: body.unwrap_or_default().into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// A check request carrying headers as raw bytes in `header_map` (every occurrence kept).
+pub fn http_raw(method: &str, path: &str, headers: &[(&str, &[u8])]) -> CheckRequest {
+    let mut req = http(method, path, &[], None);
+    let h = req
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap();
+    h.header_map = Some(HeaderMap {
+        headers: headers
+            .iter()
+            .map(|(k, v)| HeaderValue {
+                key: k.to_string(),
+                raw_value: v.to_vec(),
+                ..Default::default()
+            })
+            .collect(),
+    });
+    req
+}
+
+/// HTTP status of the answer: 200 for an allow.
+pub fn status(r: &CheckResponse) -> u16 {
+    match &r.http_response {
+        Some(HttpResponse::DeniedResponse(d)) => d.status.as_ref().map_or(403, |s| s.code as u16),
+        Some(HttpResponse::OkResponse(_)) | None => {
+            assert_eq!(
+                r.status.as_ref().map_or(0, |s| s.code),
+                0,
+                "OK answer with a non-OK status: {r:?}"
+            );
+            200
+        }
+        #[allow(unreachable_patterns)]
+        _ => panic!("unexpected answer {r:?}"),
+    }
+}
+
+/// The `reason` of a deny's JSON body.
+pub fn reason(r: &CheckResponse) -> String {
+    match &r.http_response {
+        Some(HttpResponse::DeniedResponse(d)) => {
+            let v: serde_json::Value = serde_json::from_str(&d.body).expect("deny body is JSON");
+            v["reason"].as_str().unwrap_or_default().to_string()
+        }
+        _ => panic!("not a deny: {r:?}"),
+    }
+}
+
+/// A header of the answer: set on the upstream request (allow) or on the reply (deny).
+pub fn header(r: &CheckResponse, name: &str) -> Option<String> {
+    let list = match &r.http_response {
+        Some(HttpResponse::DeniedResponse(d)) => &d.headers,
+        Some(HttpResponse::OkResponse(o)) => &o.headers,
+        _ => return None,
+    };
+    list.iter()
+        .filter_map(|h| h.header.as_ref())
+        .find(|h| h.key.eq_ignore_ascii_case(name))
+        .map(|h| h.value.clone())
+}
+
+pub fn response_header(r: &CheckResponse, name: &str) -> Option<String> {
+    match &r.http_response {
+        Some(HttpResponse::OkResponse(o)) => o
+            .response_headers_to_add
+            .iter()
+            .filter_map(|h| h.header.as_ref())
+            .find(|h| h.key.eq_ignore_ascii_case(name))
+            .map(|h| h.value.clone()),
+        Some(HttpResponse::DeniedResponse(_)) => header(r, name),
+        _ => None,
+    }
+}
+
+pub fn removed(r: &CheckResponse) -> Vec<String> {
+    match &r.http_response {
+        Some(HttpResponse::OkResponse(o)) => o.headers_to_remove.clone(),
+        _ => Vec::new(),
+    }
+}
+
+/// Mints a token with the dev key (deploy/local) or a fixture key.
+pub fn mint(claims: serde_json::Value) -> String {
+    let pem = std::fs::read(local_dir().join("dev-signing-key.pem")).unwrap();
+    authz_sidecar::authn::jwt::mint(&pem, jsonwebtoken::Algorithm::RS256, "dev-local-1", &claims)
+        .unwrap()
+}
+
+pub fn now() -> u64 {
+    authz_sidecar::authn::jwt::now_secs()
+}
+
+/// Claims the local config accepts, for `user`, with `roles`.
+pub fn local_claims(user: &str, roles: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "sub": format!("id-{user}"), "preferred_username": user, "iss": "authz-sidecar-local",
+        "aud": "mcp-server", "exp": now() + 600, "iat": now(),
+        "realm_access": {"roles": roles}, "scope": "openid read:agents"
+    })
+}

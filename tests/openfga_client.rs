@@ -1,0 +1,647 @@
+//! The OpenFGA client, decision cache and changelog watcher against a real OpenFGA
+//! (`target/tools/bin/openfga`, `scripts/install-tools.sh openfga`; `AUTHZ_TOOLS_DIR`
+//! overrides `target/tools`): startup resolution and its errors, model validation, check and
+//! batch-check answers, contextual tuples, changelog invalidation, and an outage with the
+//! circuit breaker and recovery.
+//!
+//! Each test starts its own OpenFGA on free loopback ports (it is ready in ~50 ms) and
+//! kills it by process id when done, so tests run in parallel without sharing stores.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use authz_sidecar::authz::breaker::BreakerState;
+use authz_sidecar::authz::cache::DecisionCache;
+use authz_sidecar::authz::openfga::{OpenFgaClient, OpenFgaError, RelationRef, watch_changes};
+use authz_sidecar::authz::{BackendError, CheckQuery, RelationshipChecker, TupleKey};
+use authz_sidecar::config::{CacheConfig, Consistency, OpenFgaConfig, StoreRef};
+use common::openfga::{OpenFga, app_model};
+use common::process::{Proc, free_port};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// An OpenFGA that requires a preshared key as bearer token (the shared helper starts
+/// servers without authentication), with the few API calls the token test needs.
+struct KeyedFga {
+    _proc: Proc,
+    url: String,
+    key: String,
+}
+
+impl KeyedFga {
+    async fn start(key: &str) -> Self {
+        let (http, grpc) = (free_port(), free_port());
+        let mut cmd = Command::new(common::tools::tool("openfga"));
+        cmd.args([
+            "run",
+            "--datastore-engine",
+            "memory",
+            "--authn-method=preshared",
+        ])
+        .arg(format!("--authn-preshared-keys={key}"))
+        .arg(format!("--http-addr=127.0.0.1:{http}"))
+        .arg(format!("--grpc-addr=127.0.0.1:{grpc}"))
+        .args([
+            "--metrics-enabled=false",
+            "--playground-enabled=false",
+            "--log-level=warn",
+        ]);
+        let mut proc = Proc::spawn("openfga-keyed", http, &cmd);
+        let url = format!("http://127.0.0.1:{http}");
+        let health = format!("{url}/healthz");
+        proc.wait_until(
+            || common::process::http_ok(&health),
+            Duration::from_secs(30),
+            "openfga (preshared key) /healthz",
+        )
+        .await;
+        Self {
+            _proc: proc,
+            url,
+            key: key.to_string(),
+        }
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let resp = reqwest::Client::new()
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(&self.key)
+            .json(&body)
+            .send()
+            .await
+            .expect("OpenFGA request");
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        assert!(status.is_success(), "{path}: {status} {body}");
+        body
+    }
+}
+
+fn config(url: &str, store: StoreRef) -> OpenFgaConfig {
+    OpenFgaConfig {
+        api_url: url.to_string(),
+        store,
+        model_id: None,
+        api_token: None,
+        timeout: Duration::from_millis(500),
+        consistency: Consistency::MinimizeLatency,
+        max_batch_size: 50,
+        changelog_interval: Duration::from_millis(100),
+        contextual_tuples: Vec::new(),
+        breaker_failures: 5,
+        breaker_open_for: Duration::from_secs(5),
+    }
+}
+
+fn t(user: &str, relation: &str, object: &str) -> TupleKey {
+    TupleKey {
+        user: user.into(),
+        relation: relation.into(),
+        object: object.into(),
+    }
+}
+
+/// `TupleKey`s as the `(user, relation, object)` triples the OpenFGA helper writes.
+fn triples(tuples: &[TupleKey]) -> Vec<(&str, &str, &str)> {
+    tuples
+        .iter()
+        .map(|t| (t.user.as_str(), t.relation.as_str(), t.object.as_str()))
+        .collect()
+}
+
+fn q(tuple: &TupleKey) -> CheckQuery {
+    CheckQuery {
+        tuple: tuple.clone(),
+        contextual: Arc::new(Vec::new()),
+        consistency: Consistency::MinimizeLatency,
+    }
+}
+
+async fn connect_err(cfg: &OpenFgaConfig) -> String {
+    match OpenFgaClient::connect(cfg).await {
+        Ok(c) => panic!("connected: {}", c.describe()),
+        Err(e) => e.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Startup
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn connects_by_store_id_and_by_name() {
+    let fga = OpenFga::shared().await;
+    let url = fga.http_url();
+    let (store, model) = fga.app_store("connect-by-name").await;
+
+    let by_id = OpenFgaClient::connect(&config(&url, StoreRef::Id(store.clone())))
+        .await
+        .unwrap();
+    assert_eq!(by_id.store_id(), store);
+    assert_eq!(by_id.model_id(), model);
+    assert!(by_id.ready());
+    let d = by_id.describe();
+    assert!(
+        d.contains(&store) && d.contains("connect-by-name") && d.contains(&model),
+        "{d}"
+    );
+
+    let by_name = OpenFgaClient::connect(&config(&url, StoreRef::Name("connect-by-name".into())))
+        .await
+        .unwrap();
+    assert_eq!(by_name.store_id(), store);
+
+    // A pinned model stays pinned when a newer one is written; a followed one moves.
+    let mut pinned_cfg = config(&url, StoreRef::Id(store.clone()));
+    pinned_cfg.model_id = Some(model.clone());
+    let pinned = OpenFgaClient::connect(&pinned_cfg).await.unwrap();
+    let newer = fga.write_model(&store, &app_model()).await;
+    assert_eq!(pinned.refresh_model().await, Ok(false));
+    assert_eq!(pinned.model_id(), model);
+    assert_eq!(by_id.refresh_model().await, Ok(true));
+    assert_eq!(by_id.model_id(), newer);
+    assert_eq!(by_id.refresh_model().await, Ok(false));
+}
+
+#[tokio::test]
+async fn startup_errors_say_what_to_fix() {
+    // Its own server: the errors list every store it has.
+    let fga = OpenFga::start().await;
+    let url = fga.http_url();
+    let (mcp, model) = fga.app_store("mcp").await;
+    let other = fga.create_store("other").await;
+    let twin_a = fga.create_store("twin").await;
+    let twin_b = fga.create_store("twin").await;
+
+    // A well-formed id the server does not have: the stores it does have, names and ids.
+    let missing = "01HVMMBCMGZNT3SED4Z17ECXCA";
+    let e = connect_err(&config(&url, StoreRef::Id(missing.into()))).await;
+    assert!(
+        e.starts_with(&format!(
+            "OPENFGA_STORE_ID {missing}: store not found; the server has: "
+        )),
+        "{e}"
+    );
+    assert!(
+        e.contains(&format!("mcp ({mcp})")) && e.contains(&format!("other ({other})")),
+        "{e}"
+    );
+
+    let e = connect_err(&config(&url, StoreRef::Id("nope".into()))).await;
+    assert!(
+        e.starts_with("OPENFGA_STORE_ID nope: not a store id"),
+        "{e}"
+    );
+    assert!(e.contains(&format!("mcp ({mcp})")), "{e}");
+
+    let e = connect_err(&config(&url, StoreRef::Name("absent".into()))).await;
+    assert!(
+        e.starts_with("OPENFGA_STORE_NAME absent: no store has this name; the server has: "),
+        "{e}"
+    );
+    let e = connect_err(&config(&url, StoreRef::Name("twin".into()))).await;
+    assert!(
+        e.starts_with("OPENFGA_STORE_NAME twin: 2 stores have this name"),
+        "{e}"
+    );
+    assert!(
+        e.contains(&twin_a) && e.contains(&twin_b) && e.contains("set OPENFGA_STORE_ID"),
+        "{e}"
+    );
+
+    // A model id the store does not have: the ones it has.
+    let mut cfg = config(&url, StoreRef::Id(mcp.clone()));
+    cfg.model_id = Some(missing.into());
+    let e = connect_err(&cfg).await;
+    assert!(
+        e.starts_with(&format!(
+            "OPENFGA_MODEL_ID {missing}: authorization model not found in store mcp ({mcp})"
+        )),
+        "{e}"
+    );
+    assert!(
+        e.contains(&format!("available (newest first): {model}")),
+        "{e}"
+    );
+
+    cfg.model_id = Some("nope".into());
+    let e = connect_err(&cfg).await;
+    assert!(
+        e.starts_with("OPENFGA_MODEL_ID nope: not a model id"),
+        "{e}"
+    );
+
+    // A store without a model.
+    let e = connect_err(&config(&url, StoreRef::Id(other.clone()))).await;
+    assert_eq!(
+        e,
+        format!(
+            "authorization model not set: the store other ({other}) has no model: write one (deploy/openfga/model.json)"
+        )
+    );
+
+    // Nothing listening.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    match OpenFgaClient::connect(&config(&dead, StoreRef::Id(mcp))).await {
+        Err(e @ OpenFgaError::Unreachable { .. }) => {
+            assert!(e.is_transient());
+            assert_eq!(
+                e.to_string(),
+                format!("OpenFGA unreachable at {dead} (OPENFGA_API_URL): connection refused")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_api_token_is_sent_as_a_bearer() {
+    let fga = KeyedFga::start("s3cret-key").await;
+    let url = url.clone();
+    let store = fga.post("/stores", json!({"name": "keyed"})).await["id"]
+        .as_str()
+        .expect("store id")
+        .to_string();
+    fga.post(
+        &format!("/stores/{store}/authorization-models"),
+        app_model(),
+    )
+    .await;
+    let grant = t("user:alice", "owner", "tool:search");
+    fga.post(
+        &format!("/stores/{store}/write"),
+        json!({"writes": {"tuple_keys": [
+            {"user": grant.user, "relation": grant.relation, "object": grant.object}]}}),
+    )
+    .await;
+
+    let mut cfg = config(&url, StoreRef::Id(store));
+    let e = connect_err(&cfg).await;
+    assert_eq!(
+        e,
+        format!(
+            "OpenFGA at {} refused the credentials (401 Unauthorized): set OPENFGA_API_TOKEN to a token it accepts",
+            url
+        )
+    );
+    cfg.api_token = Some("wrong".into());
+    assert!(connect_err(&cfg).await.contains("refused the credentials"));
+    cfg.api_token = Some("s3cret-key".into());
+    let client = OpenFgaClient::connect(&cfg).await.unwrap();
+    assert_eq!(client.check(&[q(&grant)]).await, Ok(vec![true]));
+}
+
+#[tokio::test]
+async fn validate_flags_relations_the_model_lacks() {
+    let fga = OpenFga::shared().await;
+    let url = fga.http_url();
+    let (store, _) = fga.app_store("validate").await;
+    let client = OpenFgaClient::connect(&config(&url, StoreRef::Id(store)))
+        .await
+        .unwrap();
+    let good = RelationRef {
+        rule: "tools".into(),
+        key: "routes.rules[0].check.all[0]".into(),
+        relation: "executor".into(),
+        object_type: Some("tool".into()),
+        user_type: Some("service_principal".into()),
+    };
+    assert_eq!(client.validate(std::slice::from_ref(&good)), Ok(()));
+    let bad = RelationRef {
+        key: "routes.rules[2].check.any[1]".into(),
+        relation: "runner".into(),
+        ..good.clone()
+    };
+    let e = client.validate(&[good, bad]).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "routes.rules[2].check.any[1] (rule tools): type tool has no relation runner; it has: executor, organization, owner"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn checks_and_batches_answer_from_written_tuples() {
+    let fga = OpenFga::shared().await;
+    let url = fga.http_url();
+    let (store, _) = fga.app_store("checks").await;
+    fga.write_tuples(
+        &store,
+        &triples(&[
+            t("user:alice", "owner", "tool:search"),
+            t("user:bob", "executor", "tool:search"),
+            t("service_principal:bot", "executor", "tool:deploy"),
+            t("organization:acme", "organization", "tool:billing"),
+            t("user:carol", "member", "organization:acme"),
+            t("user:alice", "viewer", "conversation:1"),
+        ]),
+    )
+    .await;
+    let mut cfg = config(&url, StoreRef::Id(store));
+    cfg.max_batch_size = 2;
+    let client = OpenFgaClient::connect(&cfg).await.unwrap();
+
+    // One question: /check.
+    assert_eq!(
+        client
+            .check(&[q(&t("user:alice", "executor", "tool:search"))])
+            .await,
+        Ok(vec![true])
+    );
+    assert_eq!(
+        client
+            .check(&[q(&t("user:bob", "owner", "tool:search"))])
+            .await,
+        Ok(vec![false])
+    );
+    assert_eq!(client.stats().requests, 2);
+
+    // Seven questions with batches of two: four concurrent requests, answers in order.
+    let questions = [
+        (t("user:alice", "executor", "tool:search"), true), // owner implies executor
+        (t("user:bob", "executor", "tool:search"), true),
+        (t("user:bob", "executor", "tool:deploy"), false),
+        (t("service_principal:bot", "executor", "tool:deploy"), true),
+        (t("user:carol", "executor", "tool:billing"), true), // member from organization
+        (t("user:dave", "executor", "tool:billing"), false),
+        (t("user:alice", "viewer", "conversation:1"), true),
+    ];
+    let asked: Vec<CheckQuery> = questions.iter().map(|(tk, _)| q(tk)).collect();
+    let want: Vec<bool> = questions.iter().map(|(_, a)| *a).collect();
+    assert_eq!(client.check(&asked).await, Ok(want.clone()));
+    assert_eq!(client.stats().requests, 2 + 4);
+
+    // Mixed consistency still answers in the caller's order.
+    let mut mixed = asked.clone();
+    for m in mixed.iter_mut().step_by(2) {
+        m.consistency = Consistency::HigherConsistency;
+    }
+    assert_eq!(client.check(&mixed).await, Ok(want));
+
+    // Contextual tuples: alice is a member of acme for this request only.
+    let mut ctx = q(&t("user:alice", "executor", "tool:billing"));
+    assert_eq!(
+        client.check(std::slice::from_ref(&ctx)).await,
+        Ok(vec![false])
+    );
+    ctx.contextual = Arc::new(vec![t("user:alice", "member", "organization:acme")]);
+    assert_eq!(
+        client.check(std::slice::from_ref(&ctx)).await,
+        Ok(vec![true])
+    );
+    assert_eq!(
+        client
+            .check(&[ctx.clone(), q(&t("user:bob", "executor", "tool:search"))])
+            .await,
+        Ok(vec![true, true]),
+        "contextual tuples in a batch-check"
+    );
+
+    // Questions the model cannot answer are refused with OpenFGA's reason and do not trip
+    // the breaker, alone or inside a batch.
+    let before = client.stats().errors;
+    for _ in 0..(cfg.breaker_failures + 1) {
+        match client
+            .check(&[q(&t("user:alice", "runner", "tool:search"))])
+            .await
+        {
+            Err(BackendError::Rejected(m)) => assert!(m.contains("tool#runner"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    match client
+        .check(&[
+            q(&t("user:alice", "executor", "tool:search")),
+            q(&t("user:alice", "viewer", "gadget:1")),
+        ])
+        .await
+    {
+        Err(BackendError::Rejected(m)) => assert!(m.contains("gadget"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(client.stats().breaker, BreakerState::Closed);
+    assert!(client.stats().errors > before);
+    assert!(client.ready());
+}
+
+#[tokio::test]
+async fn the_cache_saves_requests_and_the_changelog_evicts_a_revoked_allow() {
+    let fga = OpenFga::shared().await;
+    let url = fga.http_url();
+    let (store, _) = fga.app_store("changelog").await;
+    let grant = t("user:alice", "executor", "tool:search");
+    // Older history (more than one page) the watcher must read past.
+    for i in 0..150 {
+        let object = format!("tool:t{i}");
+        fga.write_tuples(&store, &[("user:old", "owner", object.as_str())])
+            .await;
+    }
+    fga.write_tuples(&store, &triples(std::slice::from_ref(&grant)))
+        .await;
+
+    let client = Arc::new(
+        OpenFgaClient::connect(&config(&url, StoreRef::Id(store.clone())))
+            .await
+            .unwrap(),
+    );
+    let cache = Arc::new(DecisionCache::new(
+        client.clone(),
+        &CacheConfig {
+            enabled: true,
+            allowed_ttl: Duration::from_secs(300),
+            denied_ttl: Duration::from_secs(300),
+            max_entries: 1000,
+        },
+    ));
+    let shutdown = CancellationToken::new();
+    let watcher = tokio::spawn(watch_changes(
+        client.clone(),
+        cache.clone(),
+        Duration::from_millis(100),
+        shutdown.clone(),
+    ));
+    // The watcher has read to the end of the changelog once it has polled.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while client.last_change_poll().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the changelog watcher never polled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let other = t("user:bob", "executor", "tool:search");
+    assert_eq!(
+        cache.check(&[q(&grant), q(&other)]).await,
+        Ok(vec![true, false])
+    );
+    let sent = client.stats().requests;
+    for _ in 0..20 {
+        assert_eq!(
+            cache.check(&[q(&grant), q(&other)]).await,
+            Ok(vec![true, false])
+        );
+    }
+    assert_eq!(client.stats().requests, sent, "answered from the cache");
+    assert_eq!(cache.stats().hits, 40);
+
+    // Unrelated changes leave the entries alone.
+    fga.write_tuples(&store, &[("user:zed", "owner", "tool:other")])
+        .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(cache.stats().size, 2);
+
+    fga.delete_tuples(&store, &triples(std::slice::from_ref(&grant)))
+        .await;
+    let revoked = Instant::now();
+    loop {
+        if cache.check(&[q(&grant)]).await == Ok(vec![false]) {
+            break;
+        }
+        assert!(
+            revoked.elapsed() < Duration::from_secs(2),
+            "the revoked allow was still cached after 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("revocation seen after {:?}", revoked.elapsed());
+    // Every answer about tool:search went (bob's denial too); alice's is cached again.
+    assert!(cache.stats().invalidations >= 2);
+    assert_eq!(cache.stats().size, 1);
+
+    // A new model (none pinned): the watcher follows it and clears the cache.
+    let newer = fga.write_model(&store, &app_model()).await;
+    let written = Instant::now();
+    while client.model_id() != newer {
+        assert!(
+            written.elapsed() < Duration::from_secs(3),
+            "the new model was not followed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while cache.stats().size > 0 {
+        assert!(
+            written.elapsed() < Duration::from_secs(3),
+            "the cache was not cleared"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(2), watcher)
+        .await
+        .expect("the watcher stops on shutdown")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_outage_opens_the_breaker_and_a_restart_closes_it() {
+    // SQLite, so the restarted server still has the store.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut fga = OpenFga::start_sqlite(dir.path()).await;
+    let url = fga.http_url();
+    let (store, _) = fga.app_store("outage").await;
+    let grant = t("user:alice", "owner", "tool:search");
+    fga.write_tuples(&store, &triples(std::slice::from_ref(&grant)))
+        .await;
+    let mut cfg = config(&url, StoreRef::Id(store));
+    cfg.breaker_failures = 3;
+    cfg.breaker_open_for = Duration::from_millis(500);
+    let client = Arc::new(OpenFgaClient::connect(&cfg).await.unwrap());
+    assert_eq!(client.check(&[q(&grant)]).await, Ok(vec![true]));
+
+    // A watcher whose changelog polls fail clears the cache: revocations may go unseen.
+    let cache = Arc::new(DecisionCache::new(
+        client.clone(),
+        &CacheConfig {
+            enabled: true,
+            allowed_ttl: Duration::from_secs(300),
+            denied_ttl: Duration::from_secs(300),
+            max_entries: 1000,
+        },
+    ));
+    let shutdown = CancellationToken::new();
+    let _watcher = tokio::spawn(watch_changes(
+        client.clone(),
+        cache.clone(),
+        Duration::from_millis(50),
+        shutdown.clone(),
+    ));
+    let _stop = shutdown.drop_guard();
+    while client.last_change_poll().is_none() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(cache.check(&[q(&grant)]).await, Ok(vec![true]));
+    assert_eq!(cache.stats().size, 1);
+
+    fga.stop();
+    let down = Instant::now();
+    while cache.stats().size > 0 {
+        assert!(
+            down.elapsed() < Duration::from_secs(2),
+            "the cache was not cleared"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let last_poll = client.last_change_poll();
+    for _ in 0..3 {
+        match client.check(&[q(&grant)]).await {
+            Err(BackendError::Unavailable(m)) => {
+                assert_eq!(m, format!("OpenFGA at {}: connection refused", url));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(client.stats().breaker, BreakerState::Open);
+    assert!(!client.ready());
+    let sent = client.stats().requests;
+    let fast = Instant::now();
+    match client.check(&[q(&grant)]).await {
+        Err(BackendError::CircuitOpen { last, retry_in_ms }) => {
+            assert!(last.ends_with("connection refused"), "{last}");
+            assert!(retry_in_ms <= 500, "{retry_in_ms}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        fast.elapsed() < Duration::from_millis(20),
+        "{:?}",
+        fast.elapsed()
+    );
+    assert_eq!(client.stats().requests, sent, "no request while open");
+    assert_eq!(client.stats().short_circuited, 1);
+
+    // Still down when the open period ends: the probe fails and the breaker re-opens.
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    assert_eq!(client.stats().breaker, BreakerState::HalfOpen);
+    assert!(
+        client.ready(),
+        "half-open is ready: the next request probes"
+    );
+    assert!(matches!(
+        client.check(&[q(&grant)]).await,
+        Err(BackendError::Unavailable(_))
+    ));
+    assert_eq!(client.stats().breaker, BreakerState::Open);
+
+    fga.start_again().await;
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    assert_eq!(client.check(&[q(&grant)]).await, Ok(vec![true]));
+    assert_eq!(client.stats().breaker, BreakerState::Closed);
+    assert!(client.ready());
+    // The watcher reads the changelog again.
+    let up = Instant::now();
+    while client.last_change_poll() == last_poll {
+        assert!(
+            up.elapsed() < Duration::from_secs(2),
+            "the watcher did not recover"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

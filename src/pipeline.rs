@@ -26,18 +26,18 @@ impl State {
     /// Ready when every configured backend can answer: signing keys loaded, OpenFGA resolved.
     pub fn readiness(&self) -> Vec<String> {
         let mut missing = Vec::new();
-        if let Some(jwt) = &self.authn.jwt {
-            if !jwt.key_source().ready() {
-                missing.push(format!(
-                    "signing keys not loaded from {}",
-                    jwt.key_source().describe()
-                ));
-            }
+        if let Some(jwt) = &self.authn.jwt
+            && !jwt.key_source().ready()
+        {
+            missing.push(format!(
+                "signing keys not loaded from {}",
+                jwt.key_source().describe()
+            ));
         }
-        if let Some(c) = &self.checker {
-            if !c.ready() {
-                missing.push(c.describe());
-            }
+        if let Some(c) = &self.checker
+            && !c.ready()
+        {
+            missing.push(c.describe());
         }
         missing
     }

@@ -139,7 +139,7 @@ pub fn from_proto(req: auth::CheckRequest) -> Result<CheckInput, RequestError> {
         .map(|a| {
             use crate::proto::pb::envoy::config::core::v3::address::Address;
             match a {
-                Address::SocketAddress(s) => format!("{}", s.address),
+                Address::SocketAddress(s) => s.address.to_string(),
                 Address::Pipe(p) => p.path.clone(),
                 #[allow(unreachable_patterns)]
                 _ => String::new(),

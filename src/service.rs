@@ -94,8 +94,10 @@ impl Authorization for CheckService {
             Err(e) => {
                 let request_id = request::new_request_id();
                 let decision = Decision::Deny(deny_for(&Failure::Request(e), &self.state.realm));
-                let mut input = request::CheckInput::default();
-                input.request_id = request_id.clone();
+                let input = request::CheckInput {
+                    request_id: request_id.clone(),
+                    ..Default::default()
+                };
                 log_decision(&input, &decision, start.elapsed().as_micros());
                 self.metrics.record(&decision, start.elapsed(), "none");
                 return Ok(Response::new(response::to_proto(&decision, &request_id)));

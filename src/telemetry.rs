@@ -59,13 +59,10 @@ impl Metrics {
             "Check decisions by outcome, error code and credential method",
             decisions.clone(),
         );
-        let check_seconds = Histogram::new(
-            [
-                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
-                0.1, 0.25, 0.5, 1.0,
-            ]
-            .into_iter(),
-        );
+        let check_seconds = Histogram::new([
+            0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+            0.25, 0.5, 1.0,
+        ]);
         registry.register(
             "check_duration_seconds",
             "Time to decide one check",

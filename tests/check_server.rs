@@ -284,7 +284,8 @@ async fn bad_inputs_are_denied_with_their_own_reason() {
     )
     .unwrap();
     let huge = "a".repeat(64 * 1024);
-    let table: Vec<(&str, Vec<(&str, String)>, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, String)>, &'a str);
+    let table: Vec<Case> = vec![
         (
             "not three segments",
             vec![("authorization", "Bearer abc.def".into())],

@@ -38,7 +38,8 @@ fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
 fn bad_configs_exit_2_with_one_line_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(local_dir().join("dev-jwks.json"), dir.path().join("k.json")).unwrap();
-    let cases: Vec<(&str, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "jwt: { jwks_file: k.json, algorithms: [HS256] }",
             vec![],
@@ -195,11 +196,9 @@ fn sigterm_drains_and_exits_0() {
     let url = format!("http://127.0.0.1:{ops_port}/readyz");
     let mut ready = false;
     for _ in 0..100 {
-        if let Ok(r) = reqwest::blocking_get(&url) {
-            if r == 200 {
-                ready = true;
-                break;
-            }
+        if let Ok(200) = reqwest::blocking_get(&url) {
+            ready = true;
+            break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }

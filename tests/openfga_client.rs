@@ -260,7 +260,7 @@ async fn startup_errors_say_what_to_fix() {
 #[tokio::test]
 async fn the_api_token_is_sent_as_a_bearer() {
     let fga = KeyedFga::start("s3cret-key").await;
-    let url = url.clone();
+    let url = fga.url.clone();
     let store = fga.post("/stores", json!({"name": "keyed"})).await["id"]
         .as_str()
         .expect("store id")

@@ -399,7 +399,8 @@ async fn startup_errors_are_one_line_and_exit_2() {
     )
     .unwrap();
     let url = fga.http_url();
-    let cases: Vec<(&std::path::Path, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (&'a std::path::Path, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (&cfg, vec![("OPENFGA_API_URL", &url)], "OPENFGA_STORE_ID"),
         (
             &cfg,

@@ -202,10 +202,10 @@ impl FileApiKeyStore {
     pub fn reload(&self) -> Result<bool, String> {
         let (modified, len, text) = self.read_stamp()?;
         let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
-        if let Some((_, _, d)) = self.index.load().stamp {
-            if d == digest {
-                return Ok(false);
-            }
+        if let Some((_, _, d)) = self.index.load().stamp
+            && d == digest
+        {
+            return Ok(false);
         }
         let mut index = parse_index(&text)?;
         index.stamp = Some((modified, len, digest));
@@ -277,12 +277,11 @@ impl ApiKeyStore for FileApiKeyStore {
         }
         let index = self.index.load_full();
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-        if let Some(e) = index.by_sha.get(&digest) {
-            if let Hash::Sha256(stored) = &e.hash {
-                if bool::from(stored.ct_eq(&digest)) {
-                    return self.admit(e, key);
-                }
-            }
+        if let Some(e) = index.by_sha.get(&digest)
+            && let Hash::Sha256(stored) = &e.hash
+            && bool::from(stored.ct_eq(&digest))
+        {
+            return self.admit(e, key);
         }
         if index.bcrypt.is_empty() {
             return Err(AuthnError::ApiKeyUnknown);

@@ -122,10 +122,10 @@ impl JwtVerifier {
         }
         let now = (self.clock)();
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(hit) = self.cache.get(&digest) {
-            if now <= hit.exp + self.leeway {
-                return Ok((*hit.principal).clone());
-            }
+        if let Some(hit) = self.cache.get(&digest)
+            && now <= hit.exp + self.leeway
+        {
+            return Ok((*hit.principal).clone());
         }
         let (principal, exp) = self.verify(token, now).await?;
         self.remember(digest, principal.clone(), exp, now);
@@ -208,14 +208,14 @@ impl JwtVerifier {
             },
             KeyError::Empty { origin, cause } => AuthnError::NoKeys { origin, cause },
         })?;
-        if let Some(key_alg) = key.alg {
-            if key_alg != alg {
-                return Err(AuthnError::KeyAlgorithmMismatch {
-                    kid,
-                    key_alg: alg_name(key_alg),
-                    alg: alg_name(alg),
-                });
-            }
+        if let Some(key_alg) = key.alg
+            && key_alg != alg
+        {
+            return Err(AuthnError::KeyAlgorithmMismatch {
+                kid,
+                key_alg: alg_name(key_alg),
+                alg: alg_name(alg),
+            });
         }
         jsonwebtoken::decode::<Value>(token, &key.key, &validation(alg)).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
@@ -258,10 +258,10 @@ impl JwtVerifier {
         if now > exp + self.leeway {
             return Err(AuthnError::Expired { ago: now - exp });
         }
-        if let Some(nbf) = num("nbf")? {
-            if nbf > now + self.leeway {
-                return Err(AuthnError::NotYetValid { in_secs: nbf - now });
-            }
+        if let Some(nbf) = num("nbf")?
+            && nbf > now + self.leeway
+        {
+            return Err(AuthnError::NotYetValid { in_secs: nbf - now });
         }
         if let Some(want) = self.expected_issuer() {
             match claims.get("iss").and_then(Value::as_str) {

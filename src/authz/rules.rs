@@ -463,7 +463,7 @@ impl RuleSet {
             if !rule.host_matches(&input.host) {
                 continue;
             }
-            if !rule.methods.is_empty() && !rule.methods.iter().any(|m| *m == input.method) {
+            if !rule.methods.is_empty() && !rule.methods.contains(&input.method) {
                 continue;
             }
             let Some(params) = rule.path.matches(&input.path) else {
@@ -646,13 +646,13 @@ fn check_params<'s>(
     path: &PathPattern,
 ) -> Result<(), ConfigError> {
     for s in sources {
-        if let Source::Param(n) = s {
-            if !path.params().any(|p| p == n) {
-                return Err(ConfigError::invalid(
-                    key,
-                    format!("{{{n}}} is not a parameter of path {}", path.raw),
-                ));
-            }
+        if let Source::Param(n) = s
+            && !path.params().any(|p| p == n)
+        {
+            return Err(ConfigError::invalid(
+                key,
+                format!("{{{n}}} is not a parameter of path {}", path.raw),
+            ));
         }
     }
     Ok(())

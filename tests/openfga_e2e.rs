@@ -621,3 +621,99 @@ async fn mcp_tools_call_through_envoy() {
     assert_eq!(upstream.hits(), 1);
     s.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn doctor_names_the_problem() {
+    let fga = OpenFga::shared().await;
+    let (store, _) = fga.app_store("doctor").await;
+    fga.write_tuples(&store, &[("user:alice", "executor", "tool:agent_chat")])
+        .await;
+    let cfg = local_dir().join("sidecar-openfga.yaml");
+    let token = mint(local_claims("bob", &[]));
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let run = |env: Vec<(&'static str, String)>, args: Vec<String>| {
+        let cfg = cfg.clone();
+        async move {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_authz-sidecar"));
+            cmd.arg("doctor").arg("--config").arg(&cfg).args(&args);
+            for v in [
+                "OPENFGA_API_URL",
+                "OPENFGA_STORE_ID",
+                "AUTH_PUBLIC_KEY_URL",
+                "KEYCLOAK_URL",
+            ] {
+                cmd.env_remove(v);
+            }
+            cmd.envs(env);
+            let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+                .await
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).to_string()
+                    + &String::from_utf8_lossy(&out.stderr),
+            )
+        }
+    };
+    // A missing tuple, named as the relationship that does not hold.
+    let (code, out) = run(
+        vec![
+            ("OPENFGA_API_URL", fga.http_url()),
+            ("OPENFGA_STORE_ID", store.clone()),
+        ],
+        vec![
+            "--token".into(),
+            token.clone(),
+            "--method".into(),
+            "POST".into(),
+            "--path".into(),
+            "/tools/agent_chat/execute".into(),
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("ok    openfga"), "{out}");
+    assert!(
+        out.contains("denied 403: user:bob is not executor of tool:agent_chat"),
+        "{out}"
+    );
+    assert!(!out.contains(&token), "doctor never prints the token");
+    // Keycloak (the JWKS URL) not reachable.
+    let (code, out) = run(
+        vec![
+            ("OPENFGA_API_URL", fga.http_url()),
+            ("OPENFGA_STORE_ID", store.clone()),
+            (
+                "AUTH_PUBLIC_KEY_URL",
+                format!(
+                    "http://127.0.0.1:{dead_port}/realms/mcp-server/protocol/openid-connect/certs"
+                ),
+            ),
+        ],
+        vec![],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("FAIL  signing keys") && out.contains("connection refused"),
+        "{out}"
+    );
+    // OpenFGA store that does not exist: named, with the stores the server has.
+    let (code, out) = run(
+        vec![
+            ("OPENFGA_API_URL", fga.http_url()),
+            ("OPENFGA_STORE_ID", "01HZZZZZZZZZZZZZZZZZZZZZZZ".into()),
+        ],
+        vec![],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("FAIL  openfga") && out.contains("store not found; the server has"),
+        "{out}"
+    );
+}

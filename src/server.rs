@@ -126,7 +126,6 @@ pub async fn build(
         None => (None, DEFAULT_API_KEY_HEADER.to_string()),
         Some(cfg) => {
             let store = Arc::new(FileApiKeyStore::open(&cfg.file, clock.clone())?);
-            tracing::info!(file = %cfg.file.display(), keys = store.len(), header = %cfg.header, "API keys loaded");
             tokio::spawn(store.clone().watch(cfg.reload_interval, shutdown.clone()));
             (Some(store as Arc<dyn ApiKeyStore>), cfg.header.clone())
         }
@@ -207,6 +206,14 @@ pub async fn run(
     serve(config, built, metrics, listeners, shutdown).await
 }
 
+/// Both names Envoy and Kubernetes probe: the server ("") and the Check service.
+async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter
+        .set_service_status(AUTHORIZATION_SERVICE, status)
+        .await;
+}
+
 pub async fn serve(
     config: Config,
     built: Built,
@@ -220,12 +227,7 @@ pub async fn serve(
         openfga_stats,
     } = built;
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    reporter
-        .set_service_status(AUTHORIZATION_SERVICE, ServingStatus::NotServing)
-        .await;
+    set_health(&reporter, ServingStatus::NotServing).await;
 
     // Readiness: follow the backends, flip health, and log each transition once.
     let draining = CancellationToken::new();
@@ -246,10 +248,7 @@ pub async fn serve(
                     } else {
                         ServingStatus::NotServing
                     };
-                    reporter.set_service_status("", status).await;
-                    reporter
-                        .set_service_status(AUTHORIZATION_SERVICE, status)
-                        .await;
+                    set_health(&reporter, status).await;
                     if ready {
                         tracing::info!("ready: serving checks");
                     } else if draining.is_cancelled() {
@@ -325,12 +324,7 @@ pub async fn serve(
     // Health goes NOT_SERVING first so Envoy and Kubernetes stop sending, then in-flight
     // checks finish (bounded by the drain timeout).
     draining.cancel();
-    reporter
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    reporter
-        .set_service_status(AUTHORIZATION_SERVICE, ServingStatus::NotServing)
-        .await;
+    set_health(&reporter, ServingStatus::NotServing).await;
     shutdown.cancel();
     grpc_shutdown.cancel();
     match tokio::time::timeout(config.drain_timeout, grpc_task).await {

@@ -10,9 +10,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::sidecar::*;
 use serde_json::json;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 #[tokio::test]
 async fn valid_token_is_allowed_with_identity_headers() {
@@ -420,21 +418,8 @@ async fn bad_inputs_are_denied_with_their_own_reason() {
 async fn health_readiness_and_metrics() {
     let s = Sidecar::local().await;
     s.wait_ready(Duration::from_secs(5)).await;
-    let channel = tonic::transport::Endpoint::new(format!("http://{}", s.grpc_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = HealthClient::new(channel);
     for service in ["", "envoy.service.auth.v3.Authorization"] {
-        let st = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status;
+        let st = serving_status(s.grpc_addr, service).await;
         assert_eq!(st, ServingStatus::Serving as i32, "{service:?}");
     }
     assert_eq!(s.ops_get("/healthz").await.0, 200);

@@ -215,20 +215,7 @@ async fn health_over_grpc_and_envoy_config_validates() {
     let s = Sidecar::local().await;
     s.wait_ready(Duration::from_secs(5)).await;
     // grpc.health.v1 as Envoy's and Kubernetes' probes call it.
-    let channel = tonic::transport::Endpoint::new(format!("http://{}", s.grpc_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    let st = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "envoy.service.auth.v3.Authorization".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
+    let st = serving_status(s.grpc_addr, "envoy.service.auth.v3.Authorization").await;
     assert_eq!(
         st,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32

@@ -52,7 +52,11 @@ impl Sidecar {
     }
 
     pub async fn start_config(config: Config) -> Self {
-        authz_sidecar::telemetry::init_logging(&config.log);
+        // Captured per test (shown for failing tests only).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log.filter))
+            .with_test_writer()
+            .try_init();
         let listeners = Listeners::bind(&config).await.expect("bind");
         let grpc_addr = match &listeners.grpc {
             authz_sidecar::server::GrpcListener::Tcp(l) => l.local_addr().unwrap(),
@@ -273,4 +277,21 @@ pub fn local_claims(user: &str, roles: &[&str]) -> serde_json::Value {
         "aud": "mcp-server", "exp": now() + 600, "iat": now(),
         "realm_access": {"roles": roles}, "scope": "openid read:agents"
     })
+}
+
+/// `grpc.health.v1.Health/Check` for `service`, as Envoy and Kubernetes probes ask it.
+pub async fn serving_status(addr: SocketAddr, service: &str) -> i32 {
+    let channel = tonic::transport::Endpoint::new(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
 }

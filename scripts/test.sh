@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export AUTHZ_TOOLS_DIR="${AUTHZ_TOOLS_DIR:-$PWD/target/tools}"
 
-scripts/install-tools.sh test
+scripts/install-tools.sh test grpcurl
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked --all-targets "$@"

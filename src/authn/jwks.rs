@@ -165,6 +165,13 @@ impl JwksKeySource {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
     }
 
+    fn last_fetch_failed(&self) -> bool {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     fn last_error(&self) -> String {
         self.last_error
             .lock()
@@ -254,7 +261,9 @@ impl KeySource for JwksKeySource {
             if let Some(k) = self.set.load().keys.get(kid) {
                 return Ok(k.clone());
             }
-        } else if self.set.load().keys.is_empty() {
+        } else if self.set.load().keys.is_empty() || self.last_fetch_failed() {
+            // Inside the cooldown after a failed fetch we do not know whether the kid exists:
+            // report the fetch failure, not "not found".
             return Err(KeyError::Unavailable {
                 kid: kid.into(),
                 origin: self.source_name(),
@@ -363,5 +372,51 @@ impl KeySource for StaticKeys {
     }
     fn key_ids(&self) -> Vec<String> {
         self.keys.keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_source(path: &std::path::Path) -> JwksKeySource {
+        let yaml = format!(
+            "jwt: {{ jwks_file: {}, refresh_cooldown: 60s }}",
+            path.display()
+        );
+        let cfg = crate::config::Config::from_yaml(
+            &yaml,
+            std::path::Path::new("/"),
+            &std::collections::BTreeMap::new(),
+        )
+        .unwrap();
+        JwksKeySource::new(&cfg.jwt).unwrap()
+    }
+
+    /// After a failed refetch, an unknown kid inside the cooldown reports the fetch failure
+    /// (a Keycloak outage), not "not found in JWKS".
+    #[tokio::test]
+    async fn unknown_kid_inside_cooldown_after_failed_fetch_is_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        std::fs::copy(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keys/jwks.json"),
+            &path,
+        )
+        .unwrap();
+        let source = file_source(&path);
+        assert!(source.refresh().await.unwrap() > 0);
+        std::fs::remove_file(&path).unwrap();
+        // Cooldown elapsed (as if): the first unknown kid refetches, which fails.
+        *source.last_fetch.lock().unwrap() = None;
+        for kid in ["first", "second"] {
+            let err = source.key(kid).await.err().expect("unknown kid");
+            assert!(
+                matches!(&err, KeyError::Unavailable { kid: k, .. } if k == kid),
+                "{kid}: {err}"
+            );
+        }
+        // Known kids still come from the last good set.
+        assert!(source.key("rsa-a").await.is_ok());
     }
 }

@@ -117,6 +117,13 @@ pub async fn build(
                     tracing::warn!(error = %e, "signing keys not loaded yet; not ready until they are");
                 }
             }
+            if config.jwt.issuer.is_none()
+                && !matches!(config.jwt.source, KeySourceConfig::Discovery { .. })
+            {
+                tracing::warn!(
+                    "JWT_ISSUER (jwt.issuer) not set: token issuers are not checked; any realm signing with a key in this JWKS is accepted"
+                );
+            }
             spawn_key_refresh(source.clone(), config, shutdown.clone());
             Some(JwtVerifier::new(&config.jwt, source, clock.clone()))
         }

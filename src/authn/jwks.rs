@@ -121,26 +121,33 @@ impl JwksKeySource {
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, String> {
-        let resp =
-            self.http.get(url).send().await.map_err(|e| {
-                format!("{url}: {}", crate::http_client::describe(&e, self.timeout))
-            })?;
+        let resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| crate::http_client::describe(&e, self.timeout))?;
         let status = resp.status();
         if !status.is_success() {
-            return Err(format!("{url}: HTTP {status}"));
+            return Err(format!("HTTP {status}"));
         }
         resp.json::<T>()
             .await
-            .map_err(|e| format!("{url}: not a valid document: {e}"))
+            .map_err(|e| format!("{url} is not a valid document: {e}"))
     }
 
     async fn fetch(&self) -> Result<KeySet, String> {
         let (doc, issuer, jwks_url): (serde_json::Value, _, _) = match &self.origin {
             Origin::Url(u) => (self.get_json(u).await?, None, Some(u.clone())),
             Origin::Discovery(d) => {
-                let disc: Discovery = self.get_json(d).await?;
+                let disc: Discovery = self
+                    .get_json(d)
+                    .await
+                    .map_err(|e| format!("OIDC discovery {d}: {e}"))?;
                 (
-                    self.get_json(&disc.jwks_uri).await?,
+                    self.get_json(&disc.jwks_uri)
+                        .await
+                        .map_err(|e| format!("JWKS {}: {e}", disc.jwks_uri))?,
                     Some(disc.issuer),
                     Some(disc.jwks_uri),
                 )

@@ -1,0 +1,480 @@
+#!/usr/bin/env bash
+# Load benchmark of envoy.service.auth.v3.Authorization/Check, the RPC Envoy calls for every
+# request. It MEASURES and prints; it never compares a time against a threshold. The only
+# failures are setup failures (a tool missing, a process not starting, or a scenario that did
+# not get the decisions it was built for: then its numbers would describe something else).
+#
+#   scripts/bench.sh                      # everything, ~3-5 minutes on 2 cores
+#   BENCH_OPENFGA=0 scripts/bench.sh      # only the local (JWT / API key / deny) scenarios
+#   BENCH_N=5000 BENCH_RATE_N=3000 scripts/bench.sh   # a quicker pass
+#
+# What runs (everything on 127.0.0.1, free ports, started and stopped by this script by PID):
+#   1. cargo build --release; the binary is copied into the output directory so that a rebuild
+#      by someone else in the same tree cannot change it mid-run.
+#   2. sidecar with deploy/local/sidecar.yaml (JWT from the local JWKS, API keys file, rules):
+#        jwt-allow      GET /api/agents, Bearer token minted once (`token mint`): token cache hit
+#        apikey-allow   GET /api/agents, x-api-key: mcpkey_test_local_alice
+#        deny-nocreds   GET /api/agents, no credentials: 401
+#   3. the same config with LOG_LEVEL=warn (no decision log line), jwt-allow only: the cost of
+#      the per-check log line.
+#   4. `openfga run --datastore-engine memory`, a store with deploy/openfga/model.json, tuples,
+#      and the sidecar with deploy/local/sidecar-openfga.yaml:
+#        fga-cached     POST /tools/agent_chat/execute (tuple user:alice executor tool:agent_chat):
+#                       every check answered by the decision cache
+#        fga-miss-allow POST /tools/<unique>/execute, a tuple written for each: every check is a
+#                       cache miss and one OpenFGA /check that allows
+#        fga-miss-deny  POST /tools/<unique>/execute, no tuple: a miss and an OpenFGA /check that
+#                       denies (403)
+#
+# Each scenario gets a warm-up (not reported), then three load shapes with ghz:
+#   serial  -c 1 --connections 1 -n BENCH_SERIAL_N        round-trip latency, no queueing
+#   rate    -r BENCH_RATE -c BENCH_C --connections ... -n BENCH_RATE_N   latency at a fixed rate
+#   max     -c BENCH_C --connections BENCH_CONNECTIONS -n BENCH_N        throughput, closed loop
+# every run bounded by -x BENCH_MAX_DURATION.
+#
+# For every run: ghz p50/p90/p99/max/rps; the sidecar's CPU time (utime+stime from /proc) per
+# check, and OpenFGA's; ghz's own CPU time; the load average; the sidecar's decision counters
+# and decision-cache counters from /metrics (the check that the scenario did what it says);
+# the sidecar's own check-duration histogram (time inside the sidecar, without gRPC and client);
+# the sidecar's RSS (VmRSS, VmHWM) after the run.
+#
+# ghz runs on the same machine as the sidecar: on a small machine the client is usually the
+# bottleneck, so read rps together with "sidecar CPU per check".
+#
+# Output: a table on stdout, and in BENCH_OUT (default target/bench/<UTC time>/): summary.md,
+# results.jsonl, every ghz JSON report, the process logs.
+#
+# Needs: cargo, python3, curl; ghz and openfga in ${AUTHZ_TOOLS_DIR:-target/tools}/bin
+# (installed with scripts/install-tools.sh if missing).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+TOOLS="${AUTHZ_TOOLS_DIR:-$REPO/target/tools}"
+GHZ="$TOOLS/bin/ghz"
+OPENFGA_BIN="$TOOLS/bin/openfga"
+
+N="${BENCH_N:-20000}"
+C="${BENCH_C:-50}"
+CONNS="${BENCH_CONNECTIONS:-4}"
+RATE="${BENCH_RATE:-1000}"
+RATE_N="${BENCH_RATE_N:-10000}"
+SERIAL_N="${BENCH_SERIAL_N:-2000}"
+WARMUP="${BENCH_WARMUP:-2000}"
+MAX_DURATION="${BENCH_MAX_DURATION:-60s}"
+WITH_OPENFGA="${BENCH_OPENFGA:-1}"
+WITH_NOLOG="${BENCH_NOLOG:-1}"
+OUT="${BENCH_OUT:-$REPO/target/bench/$(date -u +%Y%m%dT%H%M%SZ)}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+RESULTS="$OUT/results.jsonl"
+: > "$RESULTS"
+
+say() { printf '[bench] %s\n' "$*" >&2; }
+die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
+
+# ---- processes: every one this script starts is recorded here and stopped on exit ------------
+PIDS=()
+stop_pid() {
+    local pid=$1 i
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        stop_pid "$pid"
+    done
+    PIDS=()
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Stops one recorded process now and forgets it.
+stop_recorded() {
+    local pid=$1 rest=() p
+    stop_pid "$pid"
+    for p in "${PIDS[@]}"; do
+        [ "$p" = "$pid" ] || rest+=("$p")
+    done
+    PIDS=("${rest[@]}")
+}
+
+command -v python3 >/dev/null || die "python3 is required"
+command -v curl >/dev/null || die "curl is required"
+command -v cargo >/dev/null || die "cargo is required"
+
+# ---- the python helper: ports, /proc, /metrics, OpenFGA API, ghz JSON --------------------------
+HELPER="$OUT/bench_helper.py"
+cat > "$HELPER" <<'PY'
+import json, os, socket, sys, time, urllib.request
+
+def freeport():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); print(p)
+
+def wait_http(url, timeout="30"):
+    deadline = time.time() + float(timeout)
+    last = ""
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception as e:  # not up yet, or 503 while not ready
+            last = str(e)
+        time.sleep(0.1)
+    sys.exit(f"{url} not ready after {timeout}s: {last}")
+
+def proc_sample(pid):
+    """CPU seconds (utime+stime) and RSS/HWM in KiB of one process; null when gone."""
+    tck = os.sysconf("SC_CLK_TCK")
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / tck
+        mem = {}
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("VmRSS", "VmHWM", "Threads"):
+                    mem[k] = int(v.split()[0])
+        return {"cpu_s": cpu, "rss_kib": mem.get("VmRSS"), "hwm_kib": mem.get("VmHWM"),
+                "threads": mem.get("Threads")}
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+def metrics(ops):
+    """The sidecar's decision counters, backend gauges and check histogram."""
+    with urllib.request.urlopen(f"http://{ops}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {"decisions": {}, "backend": {}, "hist": {}}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, _, value = line.rpartition(" ")
+        labels = {}
+        if "{" in name:
+            base, _, rest = name.partition("{")
+            for part in rest.rstrip("}").split(","):
+                if "=" in part:
+                    k, _, v = part.partition("=")
+                    labels[k] = v.strip('"')
+        else:
+            base = name
+        v = float(value)
+        if base == "authz_sidecar_decisions_total":
+            out["decisions"][f'{labels["decision"]}/{labels["code"]}/{labels["method"]}'] = v
+        elif base == "authz_sidecar_backend":
+            out["backend"][labels["name"]] = v
+        elif base == "authz_sidecar_check_duration_seconds_bucket":
+            out["hist"][labels["le"]] = v
+    return out
+
+def snapshot(path, ops, *pids):
+    snap = {"t": time.time(), "load": open("/proc/loadavg").read().split()[:3],
+            "metrics": metrics(ops), "procs": {p: proc_sample(p) for p in pids}}
+    json.dump(snap, open(path, "w"))
+
+def api(base, method, path, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method,
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read() or b"null")
+
+def fga_setup(base, model_file, tuples_file):
+    """Creates a store with the model and writes the tuples (one `user relation object` a
+    line) in batches of 100 (OpenFGA's default limit per write). Prints the store id."""
+    store = api(base, "POST", "/stores", {"name": "authz-sidecar-bench"})["id"]
+    model = api(base, "POST", f"/stores/{store}/authorization-models",
+                json.load(open(model_file)))["authorization_model_id"]
+    tuples = [l.split() for l in open(tuples_file) if l.strip()]
+    for i in range(0, len(tuples), 100):
+        keys = [{"user": u, "relation": r, "object": o} for u, r, o in tuples[i:i + 100]]
+        api(base, "POST", f"/stores/{store}/write",
+            {"writes": {"tuple_keys": keys}, "authorization_model_id": model})
+    print(store)
+
+def hist_quantile(before, after, q):
+    """Upper bound of the histogram bucket holding quantile q of the checks in between."""
+    def le(k):
+        return float("inf") if k == "+Inf" else float(k)
+    keys = sorted(after, key=le)
+    total = after["+Inf"] - before.get("+Inf", 0)
+    if total <= 0:
+        return None
+    for k in keys:
+        if after[k] - before.get(k, 0) >= q * total:
+            return k
+    return "+Inf"
+
+def record(scenario, shape, cmd, ghz_json, before_f, after_f, ghz_time_f, expect,
+           sidecar_pid, fga_pid, results):
+    g = json.load(open(ghz_json))
+    b, a = json.load(open(before_f)), json.load(open(after_f))
+    ms = lambda ns: ns / 1e6
+    dist = {int(d["percentage"]): ms(d["latency"]) for d in g.get("latencyDistribution") or []}
+    count = g["count"]
+    dd = {k: v - b["metrics"]["decisions"].get(k, 0) for k, v in a["metrics"]["decisions"].items()}
+    dd = {k: int(v) for k, v in dd.items() if v}
+    bk = {k: int(v - b["metrics"]["backend"].get(k, 0)) for k, v in a["metrics"]["backend"].items()}
+    def cpu_delta(pid):
+        if not pid:
+            return None
+        pb, pa = b["procs"].get(pid), a["procs"].get(pid)
+        if not pb or not pa:
+            return None
+        return pa["cpu_s"] - pb["cpu_s"]
+    sc, fc = cpu_delta(sidecar_pid), cpu_delta(fga_pid)
+    ghz_cpu = None
+    if ghz_time_f and os.path.exists(ghz_time_f):
+        try:
+            u, s, _ = open(ghz_time_f).read().split()[-3:]
+            ghz_cpu = float(u) + float(s)
+        except ValueError:
+            pass
+    ok = (g.get("statusCodeDistribution") or {}).get("OK", 0)
+    side = a["procs"].get(sidecar_pid) or {}
+    row = {
+        "scenario": scenario, "shape": shape, "command": cmd,
+        "count": count, "ok": ok, "errors": g.get("errorDistribution") or {},
+        "rps": g["rps"], "avg_ms": ms(g["average"]), "p50_ms": dist.get(50),
+        "p90_ms": dist.get(90), "p99_ms": dist.get(99), "max_ms": ms(g["slowest"]),
+        "wall_s": g["total"] / 1e9,
+        "sidecar_cpu_s": sc, "sidecar_cpu_us_per_check": sc * 1e6 / count if sc is not None and count else None,
+        "openfga_cpu_s": fc, "openfga_cpu_us_per_check": fc * 1e6 / count if fc is not None and count else None,
+        "ghz_cpu_s": ghz_cpu,
+        "inside_p50_le_s": hist_quantile(b["metrics"]["hist"], a["metrics"]["hist"], 0.5),
+        "inside_p99_le_s": hist_quantile(b["metrics"]["hist"], a["metrics"]["hist"], 0.99),
+        "decisions": dd,
+        "cache": {k: v for k, v in bk.items() if k.startswith(("cache_", "openfga_")) and k != "cache_size"},
+        "cache_size": a["metrics"]["backend"].get("cache_size"),
+        "rss_kib": side.get("rss_kib"), "hwm_kib": side.get("hwm_kib"), "threads": side.get("threads"),
+        "load_before": b["load"], "load_after": a["load"],
+    }
+    problems = []
+    if ok != count:
+        problems.append(f"{count - ok} of {count} RPCs failed: {row['errors']}")
+    if dd.get(expect, 0) != count:
+        problems.append(f"expected {count} decisions {expect}, got {dd}")
+    row["problems"] = problems
+    with open(results, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"
+    print(f"  {scenario:15} {shape:6} n={count:<6} rps={g['rps']:8.0f}  p50={f(row['p50_ms'])} "
+          f"p90={f(row['p90_ms'])} p99={f(row['p99_ms'])} max={f(row['max_ms'])} ms  "
+          f"sidecar {f(row['sidecar_cpu_us_per_check'], 1)} us/check"
+          + (f"  openfga {f(row['openfga_cpu_us_per_check'], 1)} us/check" if fc is not None else "")
+          + f"  load {' '.join(a['load'])}", file=sys.stderr)
+    if problems:
+        sys.exit(f"scenario {scenario}/{shape} did not do what it is built for: {'; '.join(problems)}")
+
+def check_decisions(before_f, after_f, expect, count):
+    b, a = json.load(open(before_f)), json.load(open(after_f))
+    dd = {k: int(v - b["metrics"]["decisions"].get(k, 0)) for k, v in a["metrics"]["decisions"].items()}
+    dd = {k: v for k, v in dd.items() if v}
+    if dd.get(expect, 0) != count:
+        sys.exit(f"warm-up: expected {count} decisions {expect}, got {dd}")
+
+def report(results, out_md, header_file):
+    rows = [json.loads(l) for l in open(results) if l.strip()]
+    f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"
+    us = lambda s: "-" if s is None else ("> 1 s" if s == "+Inf" else f"≤ {float(s) * 1e6:g} µs")
+    lines = [open(header_file).read().rstrip(), "",
+             "| scenario | shape | n | rps | p50 ms | p90 ms | p99 ms | max ms | sidecar CPU µs/check | OpenFGA CPU µs/check | ghz CPU s | inside sidecar p50 / p99 | load avg after |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['scenario']} | {r['shape']} | {r['count']} | {r['rps']:.0f} | {f(r['p50_ms'])} | {f(r['p90_ms'])} | "
+            f"{f(r['p99_ms'])} | {f(r['max_ms'])} | {f(r['sidecar_cpu_us_per_check'], 1)} | "
+            f"{f(r['openfga_cpu_us_per_check'], 1)} | {f(r['ghz_cpu_s'])} | "
+            f"{us(r['inside_p50_le_s'])} / {us(r['inside_p99_le_s'])} | {' '.join(r['load_after'])} |")
+    lines += ["", "Decisions and cache counters per run (deltas from the sidecar's /metrics):", ""]
+    for r in rows:
+        cache = ", ".join(f"{k}={v}" for k, v in sorted(r["cache"].items()) if v) or "-"
+        lines.append(f"- {r['scenario']}/{r['shape']}: decisions {r['decisions']}; {cache}; "
+                     f"sidecar RSS {r['rss_kib']} KiB (peak {r['hwm_kib']} KiB, {r['threads']} threads)")
+    lines += ["", "Commands:", ""]
+    for r in rows:
+        lines.append(f"- {r['scenario']}/{r['shape']}: `{r['command']}`")
+    text = "\n".join(lines) + "\n"
+    open(out_md, "w").write(text)
+    print(text)
+
+if __name__ == "__main__":
+    fn = globals()[sys.argv[1].replace("-", "_")]
+    fn(*sys.argv[2:])
+PY
+helper() { python3 "$HELPER" "$@"; }
+
+# ---- tools and binary ---------------------------------------------------------------------------
+if [ ! -x "$GHZ" ]; then
+    say "ghz missing: scripts/install-tools.sh ghz"
+    scripts/install-tools.sh ghz >&2
+fi
+if [ "$WITH_OPENFGA" = 1 ] && [ ! -x "$OPENFGA_BIN" ]; then
+    say "openfga missing: scripts/install-tools.sh openfga"
+    scripts/install-tools.sh openfga >&2
+fi
+
+say "cargo build --release --locked --bin authz-sidecar"
+cargo build --release --locked --bin authz-sidecar >&2
+BIN="$OUT/authz-sidecar"
+cp target/release/authz-sidecar "$BIN"
+
+TIME_BIN=""
+if [ -x /usr/bin/time ]; then TIME_BIN=/usr/bin/time; fi
+
+# ---- machine and build facts ----------------------------------------------------------------------
+COMMIT="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+DIRTY=""
+if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then DIRTY=" (working tree has uncommitted changes)"; fi
+{
+    echo "## Run $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo
+    echo "- commit: $COMMIT$DIRTY"
+    echo "- machine: $(nproc) CPUs, $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1), $(awk '/MemTotal/ {printf "%.1f GiB RAM", $2/1048576}' /proc/meminfo), kernel $(uname -r)"
+    echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "- rustc: $(rustc --version 2>/dev/null); release profile from Cargo.toml"
+    echo "- ghz: $("$GHZ" --version 2>&1 | head -1)$( [ "$WITH_OPENFGA" = 1 ] && echo "; openfga: $("$OPENFGA_BIN" version 2>&1 | grep -o 'v[0-9][0-9.]*' | head -1)")"
+    echo "- load shapes: serial = -c 1 --connections 1 -n $SERIAL_N; rate = -r $RATE -c $C --connections $CONNS -n $RATE_N; max = -c $C --connections $CONNS -n $N; each -x $MAX_DURATION, after a $WARMUP-request warm-up"
+} > "$OUT/header.md"
+cat "$OUT/header.md" >&2
+
+TOKEN="$("$BIN" token mint --sub alice --roles admin --ttl 2h)"
+API_KEY=mcpkey_test_local_alice
+
+GHZ_BASE=(--insecure --import-paths proto --proto envoy/service/auth/v3/external_auth.proto
+          --call envoy.service.auth.v3.Authorization/Check)
+
+# A CheckRequest as Envoy sends it (JSON form). $1 method, $2 path, $3 header JSON object body.
+check_json() {
+    printf '{"attributes":{"source":{"address":{"socketAddress":{"address":"127.0.0.1","portValue":40000}}},"request":{"http":{"id":"{{.RequestNumber}}","method":"%s","path":"%s","host":"app.local","scheme":"http","protocol":"HTTP/1.1","headers":{%s}}}}}\n' "$1" "$2" "$3"
+}
+H_JWT="\"authorization\":\"Bearer $TOKEN\",\"x-request-id\":\"{{.RequestNumber}}\""
+H_KEY="\"x-api-key\":\"$API_KEY\",\"x-request-id\":\"{{.RequestNumber}}\""
+H_NONE="\"x-request-id\":\"{{.RequestNumber}}\""
+
+# Starts the sidecar; sets SIDECAR_PID, GRPC, OPS. $1 label, $2 config, rest: env assignments.
+start_sidecar() {
+    local label=$1 config=$2
+    shift 2
+    local gport oport
+    gport=$(helper freeport)
+    oport=$(helper freeport)
+    GRPC="127.0.0.1:$gport"
+    OPS="127.0.0.1:$oport"
+    env "$@" "$BIN" serve --config "$config" --grpc-addr "$GRPC" --ops-addr "$OPS" \
+        > "$OUT/sidecar-$label.log" 2>&1 &
+    SIDECAR_PID=$!
+    PIDS+=("$SIDECAR_PID")
+    helper wait-http "http://$OPS/readyz" 30 || { tail -n 20 "$OUT/sidecar-$label.log" >&2; die "sidecar ($label) not ready"; }
+    say "sidecar ($label) pid $SIDECAR_PID grpc $GRPC ops $OPS"
+}
+
+# $1 scenario, $2 expected decision label (decision/code/method), $3 data file with @SHAPE@ where
+# per-shape values go (objects that must differ between runs), $4 sidecar pid, $5 openfga pid.
+run_scenario() {
+    local name=$1 expect=$2 template=$3 spid=$4 fpid=${5:-}
+    local shape data args cmd json timef
+    local pids=("$spid")
+    [ -n "$fpid" ] && pids+=("$fpid")
+    for shape in warmup serial rate max; do
+        data="$OUT/$name-$shape.json"
+        sed "s/@SHAPE@/$shape/g" "$template" > "$data"
+        case $shape in
+            warmup) args=(-c "$C" --connections "$CONNS" -n "$WARMUP") ;;
+            serial) args=(-c 1 --connections 1 -n "$SERIAL_N") ;;
+            rate)   args=(-r "$RATE" -c "$C" --connections "$CONNS" -n "$RATE_N") ;;
+            max)    args=(-c "$C" --connections "$CONNS" -n "$N") ;;
+        esac
+        json="$OUT/$name-$shape.ghz.json"
+        timef="$OUT/$name-$shape.time"
+        cmd="ghz ${GHZ_BASE[*]} -D $(basename "$data") ${args[*]} -x $MAX_DURATION --format json $GRPC"
+        helper snapshot "$OUT/before.json" "$OPS" "${pids[@]}"
+        if [ -n "$TIME_BIN" ]; then
+            "$TIME_BIN" -f '%U %S %M' -o "$timef" "$GHZ" "${GHZ_BASE[@]}" -D "$data" "${args[@]}" \
+                -x "$MAX_DURATION" --format json -O "$json" "$GRPC"
+        else
+            "$GHZ" "${GHZ_BASE[@]}" -D "$data" "${args[@]}" -x "$MAX_DURATION" --format json -O "$json" "$GRPC"
+            timef=""
+        fi
+        helper snapshot "$OUT/after.json" "$OPS" "${pids[@]}"
+        if [ "$shape" = warmup ]; then
+            helper check-decisions "$OUT/before.json" "$OUT/after.json" "$expect" "$WARMUP"
+        else
+            helper record "$name" "$shape" "$cmd" "$json" "$OUT/before.json" "$OUT/after.json" \
+                "$timef" "$expect" "$spid" "$fpid" "$RESULTS"
+        fi
+    done
+}
+
+# ---- 1. local config: JWT, API key, deny ------------------------------------------------------------
+start_sidecar local deploy/local/sidecar.yaml
+check_json GET /api/agents "$H_JWT" > "$OUT/jwt-allow.tmpl"
+check_json GET /api/agents "$H_KEY" > "$OUT/apikey-allow.tmpl"
+check_json GET /api/agents "$H_NONE" > "$OUT/deny-nocreds.tmpl"
+run_scenario jwt-allow allow/ok/jwt "$OUT/jwt-allow.tmpl" "$SIDECAR_PID"
+run_scenario apikey-allow allow/ok/api_key "$OUT/apikey-allow.tmpl" "$SIDECAR_PID"
+run_scenario deny-nocreds deny/unauthenticated/none "$OUT/deny-nocreds.tmpl" "$SIDECAR_PID"
+stop_recorded "$SIDECAR_PID"
+
+# ---- 2. the same without the per-check decision log line ------------------------------------------------
+if [ "$WITH_NOLOG" = 1 ]; then
+    start_sidecar local-nolog deploy/local/sidecar.yaml LOG_LEVEL=warn
+    run_scenario jwt-allow-nolog allow/ok/jwt "$OUT/jwt-allow.tmpl" "$SIDECAR_PID"
+    stop_recorded "$SIDECAR_PID"
+fi
+
+# ---- 3. OpenFGA ----------------------------------------------------------------------------------------------
+if [ "$WITH_OPENFGA" = 1 ]; then
+    fhttp=$(helper freeport)
+    fgrpc=$(helper freeport)
+    FGA="http://127.0.0.1:$fhttp"
+    "$OPENFGA_BIN" run --datastore-engine memory \
+        --http-addr "127.0.0.1:$fhttp" --grpc-addr "127.0.0.1:$fgrpc" \
+        --metrics-enabled=false --playground-enabled=false --profiler-enabled=false \
+        --log-format=text --log-level=warn > "$OUT/openfga.log" 2>&1 &
+    FGA_PID=$!
+    PIDS+=("$FGA_PID")
+    helper wait-http "$FGA/healthz" 30 || { tail -n 20 "$OUT/openfga.log" >&2; die "openfga not ready"; }
+    say "openfga pid $FGA_PID http $FGA"
+
+    # One tuple for the cached route; one per request of the allow-miss scenario (its objects are
+    # a<shape><request number>), written before the sidecar starts so that the changelog
+    # watcher has nothing to invalidate during the runs.
+    {
+        echo "user:alice executor tool:agent_chat"
+        for shape in warmup serial rate max; do
+            case $shape in
+                warmup) n=$WARMUP ;; serial) n=$SERIAL_N ;; rate) n=$RATE_N ;; max) n=$N ;;
+            esac
+            seq 0 $((n - 1)) | sed "s/^/user:alice executor tool:a$shape/"
+        done
+    } > "$OUT/tuples.txt"
+    say "openfga: store, model, $(wc -l < "$OUT/tuples.txt") tuples"
+    STORE=$(helper fga-setup "$FGA" deploy/openfga/model.json "$OUT/tuples.txt")
+
+    start_sidecar openfga deploy/local/sidecar-openfga.yaml \
+        OPENFGA_API_URL="$FGA" OPENFGA_STORE_ID="$STORE"
+    check_json POST /tools/agent_chat/execute "$H_JWT" > "$OUT/fga-cached.tmpl"
+    check_json POST '/tools/a@SHAPE@{{.RequestNumber}}/execute' "$H_JWT" > "$OUT/fga-miss-allow.tmpl"
+    check_json POST '/tools/d@SHAPE@{{.RequestNumber}}/execute' "$H_JWT" > "$OUT/fga-miss-deny.tmpl"
+    run_scenario fga-cached allow/ok/jwt "$OUT/fga-cached.tmpl" "$SIDECAR_PID" "$FGA_PID"
+    run_scenario fga-miss-allow allow/ok/jwt "$OUT/fga-miss-allow.tmpl" "$SIDECAR_PID" "$FGA_PID"
+    run_scenario fga-miss-deny deny/forbidden/jwt "$OUT/fga-miss-deny.tmpl" "$SIDECAR_PID" "$FGA_PID"
+    stop_recorded "$SIDECAR_PID"
+    stop_recorded "$FGA_PID"
+fi
+
+helper report "$RESULTS" "$OUT/summary.md" "$OUT/header.md"
+say "results in $OUT"

@@ -464,6 +464,21 @@ fn spawn_openfga(
                 client: client.clone(),
                 cache: None,
             }));
+            if !client.model_pinned() {
+                // Without the cache there is no changelog task to follow the latest model.
+                let (client, shutdown) = (client.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(cfg.changelog_interval * 10) => {}
+                        }
+                        if let Err(e) = client.refresh_model().await {
+                            tracing::warn!(error = %e, "OpenFGA model refresh failed");
+                        }
+                    }
+                });
+            }
             client
         };
         late.set(checker);

@@ -4,9 +4,12 @@
 # failures are setup failures (a tool missing, a process not starting, or a scenario that did
 # not get the decisions it was built for: then its numbers would describe something else).
 #
-#   scripts/bench.sh                      # everything, ~3-5 minutes on 2 cores
+#   scripts/bench.sh                      # everything, ~6-8 minutes on 2 cores
 #   BENCH_OPENFGA=0 scripts/bench.sh      # only the local (JWT / API key / deny) scenarios
 #   BENCH_N=5000 BENCH_RATE_N=3000 scripts/bench.sh   # a quicker pass
+#   BENCH_BIN=target/release/authz-sidecar scripts/bench.sh   # no cargo build
+# Knobs (environment): BENCH_N BENCH_C BENCH_CONNECTIONS BENCH_RATE BENCH_RATE_N BENCH_SERIAL_N
+# BENCH_WARMUP BENCH_TIMEOUT BENCH_RUN_LIMIT BENCH_OPENFGA BENCH_NOLOG BENCH_OUT BENCH_BIN.
 #
 # What runs (everything on 127.0.0.1, free ports, started and stopped by this script by PID):
 #   1. cargo build --release; the binary is copied into the output directory so that a rebuild
@@ -30,7 +33,9 @@
 #   serial  -c 1 --connections 1 -n BENCH_SERIAL_N        round-trip latency, no queueing
 #   rate    -r BENCH_RATE -c BENCH_C --connections ... -n BENCH_RATE_N   latency at a fixed rate
 #   max     -c BENCH_C --connections BENCH_CONNECTIONS -n BENCH_N        throughput, closed loop
-# every run bounded by -x BENCH_MAX_DURATION.
+# Fixed request counts; each request times out after BENCH_TIMEOUT (ghz -t) and each ghz run is
+# killed after BENCH_RUN_LIMIT seconds (then the script stops with an error). Not ghz -x: in
+# ghz v0.121.0 -x makes it ignore -n and run for the whole duration.
 #
 # For every run: ghz p50/p90/p99/max/rps; the sidecar's CPU time (utime+stime from /proc) per
 # check, and OpenFGA's; ghz's own CPU time; the load average; the sidecar's decision counters
@@ -59,9 +64,10 @@ C="${BENCH_C:-50}"
 CONNS="${BENCH_CONNECTIONS:-4}"
 RATE="${BENCH_RATE:-1000}"
 RATE_N="${BENCH_RATE_N:-10000}"
-SERIAL_N="${BENCH_SERIAL_N:-2000}"
+SERIAL_N="${BENCH_SERIAL_N:-1000}"
 WARMUP="${BENCH_WARMUP:-2000}"
-MAX_DURATION="${BENCH_MAX_DURATION:-60s}"
+TIMEOUT="${BENCH_TIMEOUT:-5s}"          # ghz per-request timeout (-t)
+RUN_LIMIT="${BENCH_RUN_LIMIT:-300}"    # seconds: hard bound on one ghz run (a setup failure)
 WITH_OPENFGA="${BENCH_OPENFGA:-1}"
 WITH_NOLOG="${BENCH_NOLOG:-1}"
 OUT="${BENCH_OUT:-$REPO/target/bench/$(date -u +%Y%m%dT%H%M%SZ)}"
@@ -279,6 +285,7 @@ def record(scenario, shape, cmd, ghz_json, before_f, after_f, ghz_time_f, expect
         sys.exit(f"scenario {scenario}/{shape} did not do what it is built for: {'; '.join(problems)}")
 
 def check_decisions(before_f, after_f, expect, count):
+    count = int(count)
     b, a = json.load(open(before_f)), json.load(open(after_f))
     dd = {k: int(v - b["metrics"]["decisions"].get(k, 0)) for k, v in a["metrics"]["decisions"].items()}
     dd = {k: v for k, v in dd.items() if v}
@@ -326,10 +333,16 @@ if [ "$WITH_OPENFGA" = 1 ] && [ ! -x "$OPENFGA_BIN" ]; then
     scripts/install-tools.sh openfga >&2
 fi
 
-say "cargo build --release --locked --bin authz-sidecar"
-cargo build --release --locked --bin authz-sidecar >&2
 BIN="$OUT/authz-sidecar"
-cp target/release/authz-sidecar "$BIN"
+COMMIT_BEFORE="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+if [ -n "${BENCH_BIN:-}" ]; then
+    say "using BENCH_BIN=$BENCH_BIN (no build)"
+    cp "$BENCH_BIN" "$BIN"
+else
+    say "cargo build --release --locked --bin authz-sidecar"
+    cargo build --release --locked --bin authz-sidecar >&2
+    cp target/release/authz-sidecar "$BIN"
+fi
 
 TIME_BIN=""
 if [ -x /usr/bin/time ]; then TIME_BIN=/usr/bin/time; fi
@@ -342,11 +355,13 @@ if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then DIR
     echo "## Run $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo
     echo "- commit: $COMMIT$DIRTY"
+    if [ "$COMMIT" != "$COMMIT_BEFORE" ]; then echo "- note: HEAD moved from $COMMIT_BEFORE during the build"; fi
     echo "- machine: $(nproc) CPUs, $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1), $(awk '/MemTotal/ {printf "%.1f GiB RAM", $2/1048576}' /proc/meminfo), kernel $(uname -r)"
+    if [ -n "${BENCH_BIN:-}" ]; then echo "- binary: BENCH_BIN=$BENCH_BIN, not built by this run (the commit above may not be its source)"; fi
     echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "- rustc: $(rustc --version 2>/dev/null); release profile from Cargo.toml"
-    echo "- ghz: $("$GHZ" --version 2>&1 | head -1)$( [ "$WITH_OPENFGA" = 1 ] && echo "; openfga: $("$OPENFGA_BIN" version 2>&1 | grep -o 'v[0-9][0-9.]*' | head -1)")"
-    echo "- load shapes: serial = -c 1 --connections 1 -n $SERIAL_N; rate = -r $RATE -c $C --connections $CONNS -n $RATE_N; max = -c $C --connections $CONNS -n $N; each -x $MAX_DURATION, after a $WARMUP-request warm-up"
+    echo "- tools (${TOOLS#"$REPO"/}/versions.stamp): $(grep -E '^(ghz|openfga)=' "$TOOLS/versions.stamp" 2>/dev/null | tr '\n' ' ')"
+    echo "- load shapes: serial = -c 1 --connections 1 -n $SERIAL_N; rate = -r $RATE -c $C --connections $CONNS -n $RATE_N; max = -c $C --connections $CONNS -n $N; each -t $TIMEOUT, after a $WARMUP-request warm-up"
 } > "$OUT/header.md"
 cat "$OUT/header.md" >&2
 
@@ -399,15 +414,20 @@ run_scenario() {
         esac
         json="$OUT/$name-$shape.ghz.json"
         timef="$OUT/$name-$shape.time"
-        cmd="ghz ${GHZ_BASE[*]} -D $(basename "$data") ${args[*]} -x $MAX_DURATION --format json $GRPC"
+        args+=(-t "$TIMEOUT")
+        cmd="ghz ${GHZ_BASE[*]} -D $(basename "$data") ${args[*]} --format json $GRPC"
         helper snapshot "$OUT/before.json" "$OPS" "${pids[@]}"
         if [ -n "$TIME_BIN" ]; then
-            "$TIME_BIN" -f '%U %S %M' -o "$timef" "$GHZ" "${GHZ_BASE[@]}" -D "$data" "${args[@]}" \
-                -x "$MAX_DURATION" --format json -O "$json" "$GRPC"
+            "$TIME_BIN" -f '%U %S %M' -o "$timef" timeout "$RUN_LIMIT" "$GHZ" "${GHZ_BASE[@]}" \
+                -D "$data" "${args[@]}" --format json -o "$json" "$GRPC" \
+                || die "ghz $name/$shape failed or ran longer than ${RUN_LIMIT}s"
         else
-            "$GHZ" "${GHZ_BASE[@]}" -D "$data" "${args[@]}" -x "$MAX_DURATION" --format json -O "$json" "$GRPC"
+            timeout "$RUN_LIMIT" "$GHZ" "${GHZ_BASE[@]}" -D "$data" "${args[@]}" --format json -o "$json" "$GRPC" \
+                || die "ghz $name/$shape failed or ran longer than ${RUN_LIMIT}s"
             timef=""
         fi
+        # The sidecar copies its cache/OpenFGA counters into /metrics every 200 ms.
+        sleep 0.5
         helper snapshot "$OUT/after.json" "$OPS" "${pids[@]}"
         if [ "$shape" = warmup ]; then
             helper check-decisions "$OUT/before.json" "$OUT/after.json" "$expect" "$WARMUP"

@@ -23,11 +23,13 @@
 #   4. `openfga run --datastore-engine memory`, a store with deploy/openfga/model.json, tuples,
 #      and the sidecar with deploy/local/sidecar-openfga.yaml:
 #        fga-cached     POST /tools/agent_chat/execute (tuple user:alice executor tool:agent_chat):
-#                       every check answered by the decision cache
-#        fga-miss-allow POST /tools/<unique>/execute, a tuple written for each: every check is a
-#                       cache miss and one OpenFGA /check that allows
-#        fga-miss-deny  POST /tools/<unique>/execute, no tuple: a miss and an OpenFGA /check that
-#                       denies (403)
+#                       every check answered by the decision cache              (store: 1 tuple)
+#        fga-miss-deny  POST /tools/<unique>/execute, no tuple: every check is a cache miss and
+#                       one OpenFGA /check that denies (403)                    (store: 1 tuple)
+#        fga-miss-allow POST /tools/<unique>/execute, a tuple written for each: a miss and an
+#                       OpenFGA /check that allows                  (store: one tuple a request)
+#        fga-miss-deny-big  fga-miss-deny against that big store (the memory engine scans the
+#                       whole store on every read: this shows what the store size costs)
 #
 # Each scenario gets a warm-up (not reported), then three load shapes with ghz:
 #   serial  -c 1 --connections 1 -n BENCH_SERIAL_N        round-trip latency, no queueing
@@ -37,11 +39,15 @@
 # killed after BENCH_RUN_LIMIT seconds (then the script stops with an error). Not ghz -x: in
 # ghz v0.121.0 -x makes it ignore -n and run for the whole duration.
 #
-# For every run: ghz p50/p90/p99/max/rps; the sidecar's CPU time (utime+stime from /proc) per
-# check, and OpenFGA's; ghz's own CPU time; the load average; the sidecar's decision counters
-# and decision-cache counters from /metrics (the check that the scenario did what it says);
-# the sidecar's own check-duration histogram (time inside the sidecar, without gRPC and client);
-# the sidecar's RSS (VmRSS, VmHWM) after the run.
+# For every run: ghz p50/p90/p99/max/rps; the sidecar's CPU time (utime+stime from /proc,
+# 10 ms ticks) per check, and OpenFGA's; ghz's own CPU time (/usr/bin/time); "other CPU": busy
+# CPU seconds of the whole machine (/proc/stat) minus those three, i.e. what other people's
+# builds and tests took meanwhile (the script's own python helper adds ~0.1 s); the load
+# average (it counts threads, including ours); the sidecar's decision and decision-cache
+# counters from /metrics (the check that the scenario did what it says); the time inside the
+# sidecar per check (latency_us of the decision log lines; without the log, the bucket bounds
+# of the /metrics histogram); the sidecar's RSS (VmRSS, VmHWM) after the run, and each
+# process's RSS and total CPU before it is stopped.
 #
 # ghz runs on the same machine as the sidecar: on a small machine the client is usually the
 # bottleneck, so read rps together with "sidecar CPU per check".
@@ -75,6 +81,7 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 RESULTS="$OUT/results.jsonl"
 : > "$RESULTS"
+: > "$OUT/processes.md"
 
 say() { printf '[bench] %s\n' "$*" >&2; }
 die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
@@ -82,10 +89,10 @@ die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
 # ---- processes: every one this script starts is recorded here and stopped on exit ------------
 PIDS=()
 stop_pid() {
-    local pid=$1 i
+    local pid=$1 _
     kill -0 "$pid" 2>/dev/null || return 0
     kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 50); do
+    for _ in $(seq 1 50); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
@@ -122,7 +129,7 @@ command -v cargo >/dev/null || die "cargo is required"
 # ---- the python helper: ports, /proc, /metrics, OpenFGA API, ghz JSON --------------------------
 HELPER="$OUT/bench_helper.py"
 cat > "$HELPER" <<'PY'
-import json, os, socket, sys, time, urllib.request
+import json, os, re, socket, sys, time, urllib.error, urllib.request
 
 def freeport():
     s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); print(p)
@@ -185,8 +192,14 @@ def metrics(ops):
             out["hist"][labels["le"]] = v
     return out
 
-def snapshot(path, ops, *pids):
+def cpu_busy():
+    """Machine-wide busy CPU seconds so far (every state but idle and iowait), /proc/stat."""
+    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
+
+def snapshot(path, ops, log, *pids):
     snap = {"t": time.time(), "load": open("/proc/loadavg").read().split()[:3],
+            "log": log, "log_size": os.path.getsize(log), "cpu_busy_s": cpu_busy(),
             "metrics": metrics(ops), "procs": {p: proc_sample(p) for p in pids}}
     json.dump(snap, open(path, "w"))
 
@@ -194,13 +207,16 @@ def api(base, method, path, body=None):
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(base + path, data=data, method=method,
                                  headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read() or b"null")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        sys.exit(f"{method} {base}{path}: HTTP {e.code}: {e.read().decode(errors='replace')[:300]}")
 
-def fga_setup(base, model_file, tuples_file):
+def fga_setup(base, name, model_file, tuples_file):
     """Creates a store with the model and writes the tuples (one `user relation object` a
     line) in batches of 100 (OpenFGA's default limit per write). Prints the store id."""
-    store = api(base, "POST", "/stores", {"name": "authz-sidecar-bench"})["id"]
+    store = api(base, "POST", "/stores", {"name": name})["id"]
     model = api(base, "POST", f"/stores/{store}/authorization-models",
                 json.load(open(model_file)))["authorization_model_id"]
     tuples = [l.split() for l in open(tuples_file) if l.strip()]
@@ -222,6 +238,18 @@ def hist_quantile(before, after, q):
         if after[k] - before.get(k, 0) >= q * total:
             return k
     return "+Inf"
+
+def log_latency(log, start, end):
+    """p50/p99/max of latency_us in the decision log lines written between two offsets: the
+    time from the Check handler's start to its decision, per check (no gRPC, no client)."""
+    with open(log, "rb") as f:
+        f.seek(start)
+        chunk = f.read(end - start).decode(errors="replace")
+    vals = sorted(int(m) for m in re.findall(r"latency_us=(\d+)", chunk))
+    if not vals:
+        return None
+    q = lambda p: vals[min(len(vals) - 1, int(p * len(vals)))]
+    return {"n": len(vals), "p50": q(0.5), "p99": q(0.99), "max": vals[-1]}
 
 def record(scenario, shape, cmd, ghz_json, before_f, after_f, ghz_time_f, expect,
            sidecar_pid, fga_pid, results):
@@ -248,6 +276,8 @@ def record(scenario, shape, cmd, ghz_json, before_f, after_f, ghz_time_f, expect
             ghz_cpu = float(u) + float(s)
         except ValueError:
             pass
+    busy = a["cpu_busy_s"] - b["cpu_busy_s"]
+    ours = sum(v for v in (sc, fc, ghz_cpu) if v is not None)
     ok = (g.get("statusCodeDistribution") or {}).get("OK", 0)
     side = a["procs"].get(sidecar_pid) or {}
     row = {
@@ -259,6 +289,10 @@ def record(scenario, shape, cmd, ghz_json, before_f, after_f, ghz_time_f, expect
         "sidecar_cpu_s": sc, "sidecar_cpu_us_per_check": sc * 1e6 / count if sc is not None and count else None,
         "openfga_cpu_s": fc, "openfga_cpu_us_per_check": fc * 1e6 / count if fc is not None and count else None,
         "ghz_cpu_s": ghz_cpu,
+        # CPU the rest of the machine used meanwhile (other people's builds and tests): busy
+        # time from /proc/stat minus sidecar, OpenFGA and ghz; available was wall x nproc.
+        "other_cpu_s": max(0.0, busy - ours), "machine_cpu_s": (a["t"] - b["t"]) * os.cpu_count(),
+        "log_latency_us": log_latency(a["log"], b["log_size"], a["log_size"]),
         "inside_p50_le_s": hist_quantile(b["metrics"]["hist"], a["metrics"]["hist"], 0.5),
         "inside_p99_le_s": hist_quantile(b["metrics"]["hist"], a["metrics"]["hist"], 0.99),
         "decisions": dd,
@@ -276,11 +310,11 @@ def record(scenario, shape, cmd, ghz_json, before_f, after_f, ghz_time_f, expect
     with open(results, "a") as f:
         f.write(json.dumps(row) + "\n")
     f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"
-    print(f"  {scenario:15} {shape:6} n={count:<6} rps={g['rps']:8.0f}  p50={f(row['p50_ms'])} "
+    print(f"  {scenario:17} {shape:6} n={count:<6} rps={g['rps']:8.0f}  p50={f(row['p50_ms'])} "
           f"p90={f(row['p90_ms'])} p99={f(row['p99_ms'])} max={f(row['max_ms'])} ms  "
           f"sidecar {f(row['sidecar_cpu_us_per_check'], 1)} us/check"
           + (f"  openfga {f(row['openfga_cpu_us_per_check'], 1)} us/check" if fc is not None else "")
-          + f"  load {' '.join(a['load'])}", file=sys.stderr)
+          + f"  other {row['other_cpu_s']:.1f}/{row['machine_cpu_s']:.0f} cpu-s  load {' '.join(a['load'])}", file=sys.stderr)
     if problems:
         sys.exit(f"scenario {scenario}/{shape} did not do what it is built for: {'; '.join(problems)}")
 
@@ -292,25 +326,43 @@ def check_decisions(before_f, after_f, expect, count):
     if dd.get(expect, 0) != count:
         sys.exit(f"warm-up: expected {count} decisions {expect}, got {dd}")
 
-def report(results, out_md, header_file):
+def proc_line(label, pid, out):
+    """One line about a process before it is stopped: RSS, peak RSS, total CPU time."""
+    p = proc_sample(pid)
+    if p:
+        with open(out, "a") as f:
+            f.write(f"- {label} (pid {pid}) before stop: RSS {p['rss_kib']} KiB, peak {p['hwm_kib']} KiB, "
+                    f"CPU {p['cpu_s']:.2f} s, {p['threads']} threads\n")
+
+def report(results, out_md, header_file, procs_file):
     rows = [json.loads(l) for l in open(results) if l.strip()]
     f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"
-    us = lambda s: "-" if s is None else ("> 1 s" if s == "+Inf" else f"≤ {float(s) * 1e6:g} µs")
+    us = lambda s: "-" if s is None else ("> 1 s" if s == "+Inf" else f"≤ {float(s) * 1e6:g}")
+    def inside(r):
+        l = r.get("log_latency_us")
+        if l:
+            return f"{l['p50']} / {l['p99']} / {l['max']}"
+        # No decision log (LOG_LEVEL=warn): the /metrics histogram's bucket bounds.
+        return f"{us(r['inside_p50_le_s'])} / {us(r['inside_p99_le_s'])} / - (histogram)"
     lines = [open(header_file).read().rstrip(), "",
-             "| scenario | shape | n | rps | p50 ms | p90 ms | p99 ms | max ms | sidecar CPU µs/check | OpenFGA CPU µs/check | ghz CPU s | inside sidecar p50 / p99 | load avg after |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "| scenario | shape | n | rps | p50 ms | p90 ms | p99 ms | max ms | sidecar CPU µs/check | OpenFGA CPU µs/check | ghz CPU s | other CPU s | in sidecar µs p50 / p99 / max | load avg after |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['scenario']} | {r['shape']} | {r['count']} | {r['rps']:.0f} | {f(r['p50_ms'])} | {f(r['p90_ms'])} | "
             f"{f(r['p99_ms'])} | {f(r['max_ms'])} | {f(r['sidecar_cpu_us_per_check'], 1)} | "
             f"{f(r['openfga_cpu_us_per_check'], 1)} | {f(r['ghz_cpu_s'])} | "
-            f"{us(r['inside_p50_le_s'])} / {us(r['inside_p99_le_s'])} | {' '.join(r['load_after'])} |")
+            f"{r['other_cpu_s']:.1f} of {r['machine_cpu_s']:.0f} | "
+            f"{inside(r)} | {' '.join(r['load_after'])} |")
     lines += ["", "Decisions and cache counters per run (deltas from the sidecar's /metrics):", ""]
     for r in rows:
         cache = ", ".join(f"{k}={v}" for k, v in sorted(r["cache"].items()) if v) or "-"
         lines.append(f"- {r['scenario']}/{r['shape']}: decisions {r['decisions']}; {cache}; "
                      f"sidecar RSS {r['rss_kib']} KiB (peak {r['hwm_kib']} KiB, {r['threads']} threads)")
-    lines += ["", "Commands:", ""]
+    if os.path.exists(procs_file):
+        lines += ["", "Processes (`/proc/PID/status` VmRSS/VmHWM, utime+stime):", "",
+                  open(procs_file).read().rstrip()]
+    lines += ["", "Commands (run from the output directory; the port is the one of that run):", ""]
     for r in rows:
         lines.append(f"- {r['scenario']}/{r['shape']}: `{r['command']}`")
     text = "\n".join(lines) + "\n"
@@ -349,8 +401,8 @@ if [ -x /usr/bin/time ]; then TIME_BIN=/usr/bin/time; fi
 
 # ---- machine and build facts ----------------------------------------------------------------------
 COMMIT="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
-DIRTY=""
-if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then DIRTY=" (working tree has uncommitted changes)"; fi
+DIRTY="$(git status --porcelain --untracked-files=no 2>/dev/null | awk '{print $2}' | tr '\n' ' ' | sed 's/ $//')"
+if [ -n "$DIRTY" ]; then DIRTY=" (uncommitted changes in: $DIRTY)"; fi
 {
     echo "## Run $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo
@@ -391,6 +443,8 @@ start_sidecar() {
     env "$@" "$BIN" serve --config "$config" --grpc-addr "$GRPC" --ops-addr "$OPS" \
         > "$OUT/sidecar-$label.log" 2>&1 &
     SIDECAR_PID=$!
+    SIDECAR_LABEL=$label
+    SIDECAR_LOG="$OUT/sidecar-$label.log"
     PIDS+=("$SIDECAR_PID")
     helper wait-http "http://$OPS/readyz" 30 || { tail -n 20 "$OUT/sidecar-$label.log" >&2; die "sidecar ($label) not ready"; }
     say "sidecar ($label) pid $SIDECAR_PID grpc $GRPC ops $OPS"
@@ -416,7 +470,7 @@ run_scenario() {
         timef="$OUT/$name-$shape.time"
         args+=(-t "$TIMEOUT")
         cmd="ghz ${GHZ_BASE[*]} -D $(basename "$data") ${args[*]} --format json $GRPC"
-        helper snapshot "$OUT/before.json" "$OPS" "${pids[@]}"
+        helper snapshot "$OUT/before.json" "$OPS" "$SIDECAR_LOG" "${pids[@]}"
         if [ -n "$TIME_BIN" ]; then
             "$TIME_BIN" -f '%U %S %M' -o "$timef" timeout "$RUN_LIMIT" "$GHZ" "${GHZ_BASE[@]}" \
                 -D "$data" "${args[@]}" --format json -o "$json" "$GRPC" \
@@ -428,7 +482,7 @@ run_scenario() {
         fi
         # The sidecar copies its cache/OpenFGA counters into /metrics every 200 ms.
         sleep 0.5
-        helper snapshot "$OUT/after.json" "$OPS" "${pids[@]}"
+        helper snapshot "$OUT/after.json" "$OPS" "$SIDECAR_LOG" "${pids[@]}"
         if [ "$shape" = warmup ]; then
             helper check-decisions "$OUT/before.json" "$OUT/after.json" "$expect" "$WARMUP"
         else
@@ -446,12 +500,14 @@ check_json GET /api/agents "$H_NONE" > "$OUT/deny-nocreds.tmpl"
 run_scenario jwt-allow allow/ok/jwt "$OUT/jwt-allow.tmpl" "$SIDECAR_PID"
 run_scenario apikey-allow allow/ok/api_key "$OUT/apikey-allow.tmpl" "$SIDECAR_PID"
 run_scenario deny-nocreds deny/unauthenticated/none "$OUT/deny-nocreds.tmpl" "$SIDECAR_PID"
+helper proc-line "sidecar $SIDECAR_LABEL" "$SIDECAR_PID" "$OUT/processes.md"
 stop_recorded "$SIDECAR_PID"
 
 # ---- 2. the same without the per-check decision log line ------------------------------------------------
 if [ "$WITH_NOLOG" = 1 ]; then
     start_sidecar local-nolog deploy/local/sidecar.yaml LOG_LEVEL=warn
     run_scenario jwt-allow-nolog allow/ok/jwt "$OUT/jwt-allow.tmpl" "$SIDECAR_PID"
+    helper proc-line "sidecar $SIDECAR_LABEL" "$SIDECAR_PID" "$OUT/processes.md"
     stop_recorded "$SIDECAR_PID"
 fi
 
@@ -469,9 +525,17 @@ if [ "$WITH_OPENFGA" = 1 ]; then
     helper wait-http "$FGA/healthz" 30 || { tail -n 20 "$OUT/openfga.log" >&2; die "openfga not ready"; }
     say "openfga pid $FGA_PID http $FGA"
 
-    # One tuple for the cached route; one per request of the allow-miss scenario (its objects are
-    # a<shape><request number>), written before the sidecar starts so that the changelog
-    # watcher has nothing to invalidate during the runs.
+    # Two stores, because the memory engine scans every tuple of a store on each read
+    # (pkg/storage/memory/memory.go in OpenFGA v1.18.1), so a check's cost grows with the
+    # store's size:
+    #   small: the one tuple of the cached route (fga-cached, fga-miss-deny);
+    #   big:   that tuple plus one per request of the allow-miss scenario (objects
+    #          a<shape><request number>) (fga-miss-allow, and fga-miss-deny-big for the same
+    #          deny as above on the big store).
+    # Both are written before their sidecar starts. At startup the sidecar's changelog watcher
+    # pages through the store's whole changelog to find its end (about 1 s for the big store)
+    # and then clears the decision cache: that falls in the warm-up, which is not reported.
+    echo "user:alice executor tool:agent_chat" > "$OUT/tuples-small.txt"
     {
         echo "user:alice executor tool:agent_chat"
         for shape in warmup serial rate max; do
@@ -480,21 +544,32 @@ if [ "$WITH_OPENFGA" = 1 ]; then
             esac
             seq 0 $((n - 1)) | sed "s/^/user:alice executor tool:a$shape/"
         done
-    } > "$OUT/tuples.txt"
-    say "openfga: store, model, $(wc -l < "$OUT/tuples.txt") tuples"
-    STORE=$(helper fga-setup "$FGA" deploy/openfga/model.json "$OUT/tuples.txt")
+    } > "$OUT/tuples-big.txt"
+    STORE_SMALL=$(helper fga-setup "$FGA" bench-small deploy/openfga/model.json "$OUT/tuples-small.txt")
+    say "openfga: store bench-small $STORE_SMALL, 1 tuple"
+    STORE_BIG=$(helper fga-setup "$FGA" bench-big deploy/openfga/model.json "$OUT/tuples-big.txt")
+    say "openfga: store bench-big $STORE_BIG, $(wc -l < "$OUT/tuples-big.txt") tuples"
 
-    start_sidecar openfga deploy/local/sidecar-openfga.yaml \
-        OPENFGA_API_URL="$FGA" OPENFGA_STORE_ID="$STORE"
     check_json POST /tools/agent_chat/execute "$H_JWT" > "$OUT/fga-cached.tmpl"
     check_json POST '/tools/a@SHAPE@{{.RequestNumber}}/execute' "$H_JWT" > "$OUT/fga-miss-allow.tmpl"
     check_json POST '/tools/d@SHAPE@{{.RequestNumber}}/execute' "$H_JWT" > "$OUT/fga-miss-deny.tmpl"
+
+    start_sidecar openfga-small deploy/local/sidecar-openfga.yaml \
+        OPENFGA_API_URL="$FGA" OPENFGA_STORE_ID="$STORE_SMALL"
     run_scenario fga-cached allow/ok/jwt "$OUT/fga-cached.tmpl" "$SIDECAR_PID" "$FGA_PID"
-    run_scenario fga-miss-allow allow/ok/jwt "$OUT/fga-miss-allow.tmpl" "$SIDECAR_PID" "$FGA_PID"
     run_scenario fga-miss-deny deny/forbidden/jwt "$OUT/fga-miss-deny.tmpl" "$SIDECAR_PID" "$FGA_PID"
+    helper proc-line "sidecar $SIDECAR_LABEL" "$SIDECAR_PID" "$OUT/processes.md"
     stop_recorded "$SIDECAR_PID"
+
+    start_sidecar openfga-big deploy/local/sidecar-openfga.yaml \
+        OPENFGA_API_URL="$FGA" OPENFGA_STORE_ID="$STORE_BIG"
+    run_scenario fga-miss-allow allow/ok/jwt "$OUT/fga-miss-allow.tmpl" "$SIDECAR_PID" "$FGA_PID"
+    run_scenario fga-miss-deny-big deny/forbidden/jwt "$OUT/fga-miss-deny.tmpl" "$SIDECAR_PID" "$FGA_PID"
+    helper proc-line "sidecar $SIDECAR_LABEL" "$SIDECAR_PID" "$OUT/processes.md"
+    stop_recorded "$SIDECAR_PID"
+    helper proc-line "openfga" "$FGA_PID" "$OUT/processes.md"
     stop_recorded "$FGA_PID"
 fi
 
-helper report "$RESULTS" "$OUT/summary.md" "$OUT/header.md"
+helper report "$RESULTS" "$OUT/summary.md" "$OUT/header.md" "$OUT/processes.md"
 say "results in $OUT"

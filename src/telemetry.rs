@@ -40,8 +40,9 @@ pub struct NameLabel {
     pub name: &'static str,
 }
 
-/// The sidecar's metrics. Counters from backends (cache, OpenFGA client) are copied in at
-/// scrape time by [`Metrics::observe`] so those modules stay free of the registry.
+/// The sidecar's metrics. Counters from backends (cache, OpenFGA client) are copied in every
+/// 200 ms by the readiness loop in `server` ([`Metrics::set_backend`]), so those modules stay
+/// free of the registry.
 pub struct Metrics {
     pub registry: std::sync::Mutex<Registry>,
     pub decisions: Family<DecisionLabels, Counter>,

@@ -139,16 +139,7 @@ async fn import_rsa_key(kc: &Keycloak, realm: &str, name: &str, active: bool, pr
             "privateKey": [pem]
         }
     });
-    let (_, location) = kc
-        .admin(
-            reqwest::Method::POST,
-            &format!("/{realm}/components"),
-            Some(&body),
-        )
-        .await;
-    location
-        .and_then(|l| l.rsplit('/').next().map(String::from))
-        .expect("Location of the new component")
+    kc.create_component(realm, &body).await
 }
 
 #[tokio::test]

@@ -124,28 +124,17 @@ async fn templates_batches_and_contextual_tuples() {
         (status(&r), reason(&r).as_str()),
         (403, "user:bob is not executor of tool:agent_chat")
     );
-    // Owner implies viewer and editor.
-    assert_eq!(
-        status(&check("GET", "/conversations/c1", alice.clone(), vec![], None).await),
-        200
-    );
-    assert_eq!(
-        status(&check("PUT", "/conversations/c1", alice.clone(), vec![], None).await),
-        200
-    );
-    assert_eq!(
-        status(&check("PUT", "/conversations/c2", bob.clone(), vec![], None).await),
-        403
-    );
-    // Query and header templates.
-    assert_eq!(
-        status(&check("GET", "/search?thread=c2", bob.clone(), vec![], None).await),
-        200
-    );
-    assert_eq!(
-        status(&check("GET", "/search?thread=c1", bob.clone(), vec![], None).await),
-        403
-    );
+    // Owner implies viewer and editor; query templates.
+    for (method, path, who, want) in [
+        ("GET", "/conversations/c1", &alice, 200),
+        ("PUT", "/conversations/c1", &alice, 200),
+        ("PUT", "/conversations/c2", &bob, 403),
+        ("GET", "/search?thread=c2", &bob, 200),
+        ("GET", "/search?thread=c1", &bob, 403),
+    ] {
+        let r = check(method, path, who.clone(), vec![], None).await;
+        assert_eq!(status(&r), want, "{method} {path}: {r:?}");
+    }
     let r = check("GET", "/search", bob.clone(), vec![], None).await;
     assert_eq!(
         (status(&r), reason(&r).as_str()),

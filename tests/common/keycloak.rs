@@ -633,11 +633,16 @@ impl Keycloak {
                 "algorithm": ["RS256"]
             }
         });
+        self.create_component(REALM, &body).await
+    }
+
+    /// Create a realm component (key provider, ...) and return its id.
+    pub async fn create_component(&self, realm: &str, body: &Value) -> String {
         let (_, location) = self
             .admin(
                 reqwest::Method::POST,
-                &format!("/{REALM}/components"),
-                Some(&body),
+                &format!("/{realm}/components"),
+                Some(body),
             )
             .await;
         location

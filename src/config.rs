@@ -1109,16 +1109,24 @@ mod tests {
 
     #[test]
     fn path_policy_defaults_to_strict_and_names_its_key() {
-        assert_eq!(load(MIN, &[]).unwrap().request.path_policy, PathPolicy::Strict);
+        assert_eq!(
+            load(MIN, &[]).unwrap().request.path_policy,
+            PathPolicy::Strict
+        );
         let c = load(
             &format!("{MIN}request: {{ path_policy: opaque_encoded_slashes }}\n"),
             &[],
         )
         .unwrap();
         assert_eq!(c.request.path_policy, PathPolicy::OpaqueEncodedSlashes);
-        let e = load(&format!("{MIN}request: {{ path_policy: normalize }}\n"), &[]).unwrap_err();
+        let e = load(
+            &format!("{MIN}request: {{ path_policy: normalize }}\n"),
+            &[],
+        )
+        .unwrap_err();
         assert!(
-            e.to_string().starts_with("request.path_policy: \"normalize\""),
+            e.to_string()
+                .starts_with("request.path_policy: \"normalize\""),
             "{e}"
         );
         let e = load(&format!("{MIN}request: {{ paths: strict }}\n"), &[]).unwrap_err();

@@ -25,7 +25,9 @@ pub enum RequestError {
     BadHost(String, HostProblem),
     #[error("the path attribute {0:?} and the :path header {1:?} differ: the app may read either")]
     PathsDisagree(String, String),
-    #[error("the host {0:?} and the {1} header {2:?} name different hosts: the app may read either")]
+    #[error(
+        "the host {0:?} and the {1} header {2:?} name different hosts: the app may read either"
+    )]
     HostsDisagree(String, &'static str, String),
     #[error("header {0} is not valid UTF-8")]
     HeaderNotUtf8(String),
@@ -49,21 +51,31 @@ pub enum PathProblem {
     NotUtf8,
     #[error("control character or space, raw or encoded (%00, %0A, ...)")]
     Control,
-    #[error("dot segment (. or .., raw or encoded): apps and proxies resolve it differently; send the resolved path")]
+    #[error(
+        "dot segment (. or .., raw or encoded): apps and proxies resolve it differently; send the resolved path"
+    )]
     DotSegment,
     #[error("empty segment (//): some apps merge slashes, others do not")]
     EmptySegment,
     #[error("backslash: some servers read \\ as /")]
     Backslash,
-    #[error("encoded slash (%2F): some apps decode it into a separator (request.path_policy opaque_encoded_slashes keeps it as data)")]
+    #[error(
+        "encoded slash (%2F): some apps decode it into a separator (request.path_policy opaque_encoded_slashes keeps it as data)"
+    )]
     EncodedSlash,
-    #[error("encoded backslash (%5C): some apps decode it into a separator (request.path_policy opaque_encoded_slashes keeps it as data)")]
+    #[error(
+        "encoded backslash (%5C): some apps decode it into a separator (request.path_policy opaque_encoded_slashes keeps it as data)"
+    )]
     EncodedBackslash,
-    #[error("; path parameter (raw or %3B): servlet containers cut `;...` off a segment, so /admin;x/y is /admin/y and /a/..;/b is /b there")]
+    #[error(
+        "; path parameter (raw or %3B): servlet containers cut `;...` off a segment, so /admin;x/y is /admin/y and /a/..;/b is /b there"
+    )]
     PathParameter,
     #[error("encoded ? or # (%3F, %23): an app that decodes before splitting reads another path")]
     EncodedDelimiter,
-    #[error("double percent-encoding (%25 followed by two hex digits): an app that decodes twice reads another path")]
+    #[error(
+        "double percent-encoding (%25 followed by two hex digits): an app that decodes twice reads another path"
+    )]
     DoubleEncoding,
 }
 
@@ -82,7 +94,9 @@ pub enum HostProblem {
     BadBrackets,
     #[error("empty label (.., a leading dot or more than one trailing dot)")]
     EmptyLabel,
-    #[error("character outside letters, digits, - _ . (an internationalised name goes as punycode xn--)")]
+    #[error(
+        "character outside letters, digits, - _ . (an internationalised name goes as punycode xn--)"
+    )]
     BadChar,
 }
 
@@ -324,7 +338,11 @@ fn canonical_host(attr: &str, headers: &Headers) -> Result<String, RequestError>
         if let Some(copy) = copy
             && read_host(copy).as_ref() != Ok(&host)
         {
-            return Err(RequestError::HostsDisagree(excerpt(raw), name, excerpt(copy)));
+            return Err(RequestError::HostsDisagree(
+                excerpt(raw),
+                name,
+                excerpt(copy),
+            ));
         }
     }
     Ok(host)
@@ -557,7 +575,10 @@ mod tests {
             ("/api/agents", "/api/agents"),
             // A trailing slash is the app's business (a route of its own), not an ambiguity.
             ("/api/agents/", "/api/agents/"),
-            ("/.well-known/openid-configuration", "/.well-known/openid-configuration"),
+            (
+                "/.well-known/openid-configuration",
+                "/.well-known/openid-configuration",
+            ),
             ("/files/report.v2.pdf", "/files/report.v2.pdf"),
             ("/files/...", "/files/..."),
             ("/a+b/x:y/@z/~u", "/a+b/x:y/@z/~u"),

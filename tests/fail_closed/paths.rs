@@ -152,11 +152,16 @@ async fn hosts_are_read_in_their_canonical_form_over_grpc() {
         "admin.example.com:443",
         "admin.example.com.:8443",
     ] {
-        let r = s.check(on_host(http("GET", "/public/x", &[], None), host)).await;
+        let r = s
+            .check(on_host(http("GET", "/public/x", &[], None), host))
+            .await;
         assert_eq!(status(&r), 401, "{host}: {r:?}");
     }
     let r = s
-        .check(on_host(http("GET", "/public/x", &[], None), "app.example.com:8080"))
+        .check(on_host(
+            http("GET", "/public/x", &[], None),
+            "app.example.com:8080",
+        ))
         .await;
     assert_eq!(status(&r), 200);
     // Hosts without one canonical form are refused, not matched against nothing.
@@ -169,7 +174,9 @@ async fn hosts_are_read_in_their_canonical_form_over_grpc() {
         ("admin.example.com..", "empty label"),
         ("admin.example.com/x", "character outside"),
     ] {
-        let r = s.check(on_host(http("GET", "/public/x", &[], None), host)).await;
+        let r = s
+            .check(on_host(http("GET", "/public/x", &[], None), host))
+            .await;
         assert_eq!(status(&r), 400, "{host}: {r:?}");
         assert_eq!(error(&r), "invalid_request", "{host}");
         assert!(reason(&r).contains(why), "{host}: {}", reason(&r));
@@ -182,7 +189,11 @@ async fn hosts_are_read_in_their_canonical_form_over_grpc() {
         ))
         .await;
     assert_eq!(status(&r), 400, "{r:?}");
-    assert!(reason(&r).contains("name different hosts"), "{}", reason(&r));
+    assert!(
+        reason(&r).contains("name different hosts"),
+        "{}",
+        reason(&r)
+    );
     s.stop().await.unwrap();
 }
 
@@ -193,7 +204,12 @@ async fn opaque_encoded_slashes_keeps_them_as_data_and_refuses_the_rest() {
     assert_eq!(status(&r), 200, "{r:?}");
     // `a%2Fb` is one segment under /public; `/admin%2Fx` is not /admin/x to such an app.
     let r = s
-        .check(http("GET", "/admin%2fx", &[("authorization", &bob())], None))
+        .check(http(
+            "GET",
+            "/admin%2fx",
+            &[("authorization", &bob())],
+            None,
+        ))
         .await;
     assert_eq!(status(&r), 200, "{r:?}");
     for (path, why) in [
@@ -219,7 +235,6 @@ struct Reply {
     body: String,
 }
 
-
 impl Reply {
     fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or(Value::Null)
@@ -227,7 +242,12 @@ impl Reply {
 }
 
 /// One raw HTTP/1.1 request: the request target goes on the wire byte for byte.
-async fn raw_request(addr: SocketAddr, target: &str, host: &str, headers: &[(&str, &str)]) -> Reply {
+async fn raw_request(
+    addr: SocketAddr,
+    target: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
     let mut req = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
@@ -252,7 +272,11 @@ async fn raw_request(addr: SocketAddr, target: &str, host: &str, headers: &[(&st
         .contains("transfer-encoding: chunked");
     Reply {
         status,
-        body: if chunked { dechunk(body) } else { body.to_string() },
+        body: if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
     }
 }
 
@@ -355,7 +379,9 @@ fn canonical(path: &str) -> bool {
     let lower = path.to_ascii_lowercase();
     path.starts_with('/')
         && !path[1..].split('/').rev().skip(1).any(str::is_empty)
-        && !lower.split('/').any(|s| matches!(s, "." | ".." | "%2e" | "%2e%2e" | ".%2e" | "%2e."))
+        && !lower
+            .split('/')
+            .any(|s| matches!(s, "." | ".." | "%2e" | "%2e%2e" | ".%2e" | "%2e."))
         && !["%2f", "%5c", "\\", ";", "%3b", "%25", "%00", "#", "%3f"]
             .iter()
             .any(|bad| lower.contains(bad))
@@ -397,20 +423,44 @@ async fn findings_through_real_envoy_deploy_settings_and_defaults() {
                 "/public/%2e%2e;/admin/x",
                 [Refused("; path parameter"), Refused("; path parameter")],
             ),
-            ("/admin;x/y", [Refused("; path parameter"), Refused("; path parameter")]),
+            (
+                "/admin;x/y",
+                [Refused("; path parameter"), Refused("; path parameter")],
+            ),
             // Escaped slashes: rejected by the deploy config, refused by the sidecar otherwise.
-            ("/public/..%2fadmin/x", [EnvoyRefuses, Refused("encoded slash")]),
-            ("/public/..%5Cadmin/x", [EnvoyRefuses, Refused("encoded backslash")]),
+            (
+                "/public/..%2fadmin/x",
+                [EnvoyRefuses, Refused("encoded slash")],
+            ),
+            (
+                "/public/..%5Cadmin/x",
+                [EnvoyRefuses, Refused("encoded backslash")],
+            ),
             // Dot segments: resolved by normalize_path (and the app then receives the
             // resolved path), refused by the sidecar when nothing resolved them.
-            ("/admin/../public/x", [Decided(200, "/public/x"), Refused("dot segment")]),
-            ("/public/../admin/x", [Decided(403, ""), Refused("dot segment")]),
-            ("/public/%2E%2E/admin/x", [Decided(403, ""), Refused("dot segment")]),
+            (
+                "/admin/../public/x",
+                [Decided(200, "/public/x"), Refused("dot segment")],
+            ),
+            (
+                "/public/../admin/x",
+                [Decided(403, ""), Refused("dot segment")],
+            ),
+            (
+                "/public/%2E%2E/admin/x",
+                [Decided(403, ""), Refused("dot segment")],
+            ),
             ("/admin/x/%2e", [Decided(403, ""), Refused("dot segment")]),
-            ("/public/..\\admin/x", [Decided(403, ""), Refused("backslash")]),
+            (
+                "/public/..\\admin/x",
+                [Decided(403, ""), Refused("backslash")],
+            ),
             ("/public/x#/../../admin/x", [EnvoyRefuses, EnvoyRefuses]),
             // RFC 3986 resolves this to /admin/public/x (the old normaliser said /public/x).
-            ("/admin//../public/x", [Decided(403, ""), Refused("empty segment")]),
+            (
+                "/admin//../public/x",
+                [Decided(403, ""), Refused("empty segment")],
+            ),
             ("//admin/x", [Decided(403, ""), Refused("empty segment")]),
             (
                 "/%c0%ae%c0%ae/admin/x",
@@ -418,13 +468,22 @@ async fn findings_through_real_envoy_deploy_settings_and_defaults() {
             ),
             (
                 "/public/%252e%252e/admin/x",
-                [Refused("double percent-encoding"), Refused("double percent-encoding")],
+                [
+                    Refused("double percent-encoding"),
+                    Refused("double percent-encoding"),
+                ],
             ),
-            ("/admin%3Fx/y", [Refused("encoded ? or #"), Refused("encoded ? or #")]),
+            (
+                "/admin%3Fx/y",
+                [Refused("encoded ? or #"), Refused("encoded ? or #")],
+            ),
             // normalize_path refuses an encoded NUL itself.
             ("/public/x%00y", [EnvoyRefuses, Refused("control")]),
             // Ordinary paths pass through both, exactly as sent.
-            ("/public/index.html", [Decided(200, "/public/index.html"); 2]),
+            (
+                "/public/index.html",
+                [Decided(200, "/public/index.html"); 2],
+            ),
             ("/public/a%20b", [Decided(200, "/public/a%20b"); 2]),
             ("/public/dir/", [Decided(200, "/public/dir/"); 2]),
             ("/public/x?next=/a/../b", [Decided(200, "/public/x"); 2]),
@@ -453,10 +512,7 @@ async fn findings_through_real_envoy_deploy_settings_and_defaults() {
         &envoys,
         "app.example.com",
         &[],
-        &[(
-            "http://admin.example.com/public/x",
-            [Decided(401, ""); 2],
-        )],
+        &[("http://admin.example.com/public/x", [Decided(401, ""); 2])],
     )
     .await;
 

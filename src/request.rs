@@ -82,7 +82,7 @@ pub enum PathProblem {
 /// A `Host` / `:authority` that has no single canonical form.
 #[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
 pub enum HostProblem {
-    #[error("no host (:authority): the app would pick a default host the sidecar cannot know")]
+    #[error("empty host name")]
     Empty,
     #[error("userinfo (user@) before the host: parsers disagree on which side of @ is the host")]
     Userinfo,
@@ -328,10 +328,12 @@ fn excerpt(raw: &str) -> String {
 fn canonical_host(attr: &str, headers: &Headers) -> Result<String, RequestError> {
     let authority = headers.single(":authority")?;
     let host_header = headers.single("host")?;
-    let raw = if attr.is_empty() {
-        authority.or(host_header).unwrap_or_default()
-    } else {
-        attr
+    let present = [Some(attr), authority, host_header];
+    let Some(raw) = present.into_iter().flatten().find(|h| !h.is_empty()) else {
+        // No host at all. Envoy never sends that (HTTP/1.1 without Host gets Envoy's own 400,
+        // HTTP/2 needs :authority), so this is a direct gRPC call, as in the README's
+        // walkthrough; only rules without `hosts:` can match it.
+        return Ok(String::new());
     };
     let host = read_host(raw).map_err(|p| RequestError::BadHost(excerpt(raw), p))?;
     for (name, copy) in [(":authority", authority), ("host", host_header)] {
@@ -830,6 +832,13 @@ mod tests {
             )
             .is_ok()
         );
+        // No host anywhere: only rules without hosts: match (Envoy always sends one).
+        assert_eq!(read("/x", "", &[], PathPolicy::Strict).unwrap().host, "");
+        // An empty copy next to a host is a second reading.
+        assert!(matches!(
+            read("/x", "a.example", &[("host", "")], PathPolicy::Strict).unwrap_err(),
+            RequestError::HostsDisagree(_, "host", _)
+        ));
         // The host attribute empty: :authority is the host.
         let input = read("/x", "", &[(":authority", "A.example")], PathPolicy::Strict).unwrap();
         assert_eq!(input.host, "a.example");

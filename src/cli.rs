@@ -142,9 +142,10 @@ pub async fn main(cli: Cli) -> ExitCode {
                         .map_or("off".into(), |a| a.file.display().to_string())
                 );
                 println!(
-                    "  rules: {}  unmatched: {:?}",
+                    "  rules: {}  unmatched: {:?}  path policy: {}",
                     c.routes.rules.len(),
-                    c.routes.unmatched
+                    c.routes.unmatched,
+                    c.request.path_policy.as_str()
                 );
                 println!(
                     "  openfga: {}",

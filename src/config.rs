@@ -94,6 +94,8 @@ pub struct RawConfig {
     pub openfga: Option<RawOpenFga>,
     #[serde(default)]
     pub cache: RawCache,
+    #[serde(default)]
+    pub request: RawRequest,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -326,6 +328,12 @@ pub struct RawCache {
     pub max_entries: Option<usize>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRequest {
+    pub path_policy: Option<String>,
+}
+
 // ---------------------------------------------------------------------------------------------
 // The resolved configuration the server runs on.
 // ---------------------------------------------------------------------------------------------
@@ -343,6 +351,7 @@ pub struct Config {
     pub routes: RoutesConfig,
     pub openfga: Option<OpenFgaConfig>,
     pub cache: CacheConfig,
+    pub request: RequestConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -456,6 +465,45 @@ pub struct CacheConfig {
     pub allowed_ttl: Duration,
     pub denied_ttl: Duration,
     pub max_entries: usize,
+}
+
+/// How the request is read (`request:`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestConfig {
+    pub path_policy: PathPolicy,
+}
+
+/// Which paths are decided on and which are refused (`request.path_policy`). Either way the
+/// sidecar decides on the path the app receives (see `crate::request::read_path`); the policies
+/// differ only in what an encoded slash is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PathPolicy {
+    /// Refuse every path an app could read differently, `%2F` and `%5C` included.
+    #[default]
+    Strict,
+    /// As strict, but `%2F` and `%5C` are data inside one segment: kept encoded in the decided
+    /// path, never decoded. Only for apps that route on the raw path and never decode them
+    /// (not uvicorn/Starlette, which decode `%2F` into `/`).
+    OpaqueEncodedSlashes,
+}
+
+impl PathPolicy {
+    pub const NAMES: &'static str = "strict or opaque_encoded_slashes";
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "strict" => Some(Self::Strict),
+            "opaque_encoded_slashes" => Some(Self::OpaqueEncodedSlashes),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Strict => "strict",
+            Self::OpaqueEncodedSlashes => "opaque_encoded_slashes",
+        }
+    }
 }
 
 fn default_true() -> bool {
@@ -726,6 +774,17 @@ impl Config {
             ));
         }
 
+        let path_policy = match raw.request.path_policy.as_deref() {
+            None => PathPolicy::default(),
+            Some(name) => PathPolicy::parse(name).ok_or_else(|| {
+                ConfigError::invalid(
+                    "request.path_policy",
+                    format!("{name:?}: want {}", PathPolicy::NAMES),
+                )
+            })?,
+        };
+        let request = RequestConfig { path_policy };
+
         if matches!(jwt.source, KeySourceConfig::None) && api_keys.is_none() {
             let every_rule_public = routes.rules.iter().all(|r| r.public);
             if !every_rule_public || routes.unmatched == Unmatched::Authenticated {
@@ -748,6 +807,7 @@ impl Config {
             routes,
             openfga,
             cache,
+            request,
         };
         // Compile the rules once here so a bad rule stops startup with its key.
         crate::authz::rules::RuleSet::compile(&config.routes, config.openfga.as_ref())?;
@@ -1045,6 +1105,32 @@ mod tests {
         );
         let e = load(MIN, &[("CORS_ORIGINS", "https://a.example/")]).unwrap_err();
         assert!(e.to_string().contains("trailing slash"), "{e}");
+    }
+
+    #[test]
+    fn path_policy_defaults_to_strict_and_names_its_key() {
+        assert_eq!(
+            load(MIN, &[]).unwrap().request.path_policy,
+            PathPolicy::Strict
+        );
+        let c = load(
+            &format!("{MIN}request: {{ path_policy: opaque_encoded_slashes }}\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.request.path_policy, PathPolicy::OpaqueEncodedSlashes);
+        let e = load(
+            &format!("{MIN}request: {{ path_policy: normalize }}\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("request.path_policy: \"normalize\""),
+            "{e}"
+        );
+        let e = load(&format!("{MIN}request: {{ paths: strict }}\n"), &[]).unwrap_err();
+        assert!(e.to_string().contains("paths"), "{e}");
     }
 
     #[test]

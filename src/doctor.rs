@@ -178,7 +178,7 @@ pub async fn run(args: DoctorArgs) -> ExitCode {
 
     // A credential on its own.
     let mut input = match &args.path {
-        Some(p) => match CheckInput::http(&args.method, p) {
+        Some(p) => match CheckInput::http_with(&args.method, p, state.path_policy) {
             Ok(i) => Some(i),
             Err(e) => {
                 r.bad("request", e);

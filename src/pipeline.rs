@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use crate::authn::{Authenticator, Principal};
 use crate::authz::rules::{EvalContext, RuleSet};
 use crate::authz::{self, BackendError, CheckQuery, RelationshipChecker, TupleKey};
-use crate::config::{ClaimSet, ContextualTupleConfig, Unmatched};
+use crate::config::{ClaimSet, ContextualTupleConfig, PathPolicy, Unmatched};
 use crate::cors::{Cors, Preflight};
 use crate::decision::{Allow, Decision, Deny, Failure, deny_for};
 use crate::request::CheckInput;
@@ -20,6 +20,8 @@ pub struct State {
     pub checker: Option<Arc<LateChecker>>,
     pub contextual: Vec<ContextualTupleConfig>,
     pub realm: String,
+    /// How request paths are read (`request.path_policy`), by the gRPC adapter.
+    pub path_policy: PathPolicy,
 }
 
 impl State {

@@ -1,13 +1,17 @@
 //! The edge in: turns Envoy's `CheckRequest` into a [`CheckInput`], the plain request the
-//! pipeline works on (method, normalised path, query, host, lower-case headers, body).
+//! pipeline works on (method, path, query, canonical host, lower-case headers, body).
 //!
-//! Normalising here, once, is what keeps rules honest: `/public/../admin`, `//admin` and
-//! `/%61dmin` all reach the rules as `/admin`.
+//! Invariant: the pipeline decides on the path and the host the app receives, or the request
+//! is refused here with a 400 naming the problem. Nothing is resolved into a form the app never
+//! sees: `/public/../admin` is refused, not turned into `/admin`, because the app behind may
+//! resolve it differently (or not at all). [`read_path`] lists what is refused and the one
+//! decoding allowed; [`read_host`] the host's canonical form.
 
 use std::collections::HashMap;
 
 use bytes::Bytes;
 
+pub use crate::config::PathPolicy;
 use crate::proto::pb::envoy::service::auth::v3 as auth;
 
 /// Why a request could not be read. Each is answered with a 400 deny, never a panic.
@@ -15,12 +19,85 @@ use crate::proto::pb::envoy::service::auth::v3 as auth;
 pub enum RequestError {
     #[error("check request has no HTTP attributes (is this an HTTP ext_authz filter?)")]
     NoHttpAttributes,
-    #[error("malformed path {0:?}: {1}")]
-    BadPath(String, &'static str),
+    #[error("path {0:?} refused: {1}")]
+    BadPath(String, PathProblem),
+    #[error("host {0:?} refused: {1}")]
+    BadHost(String, HostProblem),
+    #[error("the path attribute {0:?} and the :path header {1:?} differ: the app may read either")]
+    PathsDisagree(String, String),
+    #[error(
+        "the host {0:?} and the {1} header {2:?} name different hosts: the app may read either"
+    )]
+    HostsDisagree(String, &'static str, String),
     #[error("header {0} is not valid UTF-8")]
     HeaderNotUtf8(String),
     #[error("header {0} appears more than once")]
     DuplicateHeader(String),
+}
+
+/// A path an app could read differently from the sidecar. Strict policy refuses all of them;
+/// `opaque_encoded_slashes` accepts `%2F` and `%5C` as data.
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
+pub enum PathProblem {
+    #[error("empty path")]
+    Empty,
+    #[error("not an origin-form path starting with / (`*` and absolute URLs are not routed)")]
+    NotOriginForm,
+    #[error("fragment (#) in the request target: never sent by a client, read differently by apps")]
+    Fragment,
+    #[error("bad percent-encoding (want % and two hex digits; %uXXXX is not HTTP)")]
+    BadEscape,
+    #[error("not UTF-8 after percent-decoding (invalid or overlong bytes such as %c0%ae)")]
+    NotUtf8,
+    #[error("control character or space, raw or encoded (%00, %0A, ...)")]
+    Control,
+    #[error(
+        "dot segment (. or .., raw or encoded): apps and proxies resolve it differently; send the resolved path"
+    )]
+    DotSegment,
+    #[error("empty segment (//): some apps merge slashes, others do not")]
+    EmptySegment,
+    #[error("backslash: some servers read \\ as /")]
+    Backslash,
+    #[error(
+        "encoded slash (%2F): some apps decode it into a separator (request.path_policy opaque_encoded_slashes keeps it as data)"
+    )]
+    EncodedSlash,
+    #[error(
+        "encoded backslash (%5C): some apps decode it into a separator (request.path_policy opaque_encoded_slashes keeps it as data)"
+    )]
+    EncodedBackslash,
+    #[error(
+        "; path parameter (raw or %3B): servlet containers cut `;...` off a segment, so /admin;x/y is /admin/y and /a/..;/b is /b there"
+    )]
+    PathParameter,
+    #[error("encoded ? or # (%3F, %23): an app that decodes before splitting reads another path")]
+    EncodedDelimiter,
+    #[error(
+        "double percent-encoding (%25 followed by two hex digits): an app that decodes twice reads another path"
+    )]
+    DoubleEncoding,
+}
+
+/// A `Host` / `:authority` that has no single canonical form.
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
+pub enum HostProblem {
+    #[error("empty host name")]
+    Empty,
+    #[error("userinfo (user@) before the host: parsers disagree on which side of @ is the host")]
+    Userinfo,
+    #[error("malformed port (want 1 to 5 digits, at most 65535)")]
+    BadPort,
+    #[error("more than one : outside brackets (an IPv6 address goes in [ ])")]
+    TwoColons,
+    #[error("malformed [IPv6] literal")]
+    BadBrackets,
+    #[error("empty label (.., a leading dot or more than one trailing dot)")]
+    EmptyLabel,
+    #[error(
+        "character outside letters, digits, - _ . (an internationalised name goes as punycode xn--)"
+    )]
+    BadChar,
 }
 
 /// One header value as received: Envoy's `raw_value` may hold any bytes.
@@ -80,11 +157,12 @@ pub struct CheckInput {
     pub request_id: String,
     /// Upper-case method.
     pub method: String,
-    /// Normalised path without query or fragment.
+    /// The path the app receives, without query, percent-decoded inside its segments (see
+    /// [`read_path`]; under `opaque_encoded_slashes` a `%2F` / `%5C` stays encoded).
     pub path: String,
     /// Decoded query parameters in order.
     pub query: Vec<(String, String)>,
-    /// Lower-case host without port.
+    /// Canonical host (see [`read_host`]): lower case, no port, no trailing dot.
     pub host: String,
     pub scheme: String,
     pub headers: Headers,
@@ -102,9 +180,19 @@ impl CheckInput {
             .map(|(_, v)| v.as_str())
     }
 
-    /// A request with just a method and a path (for tests, doctor and benchmarks).
+    /// A request with just a method and a path, read under the strict path policy (for tests,
+    /// doctor and benchmarks).
     pub fn http(method: &str, path_and_query: &str) -> Result<Self, RequestError> {
-        let (path, query) = split_path(path_and_query)?;
+        Self::http_with(method, path_and_query, PathPolicy::Strict)
+    }
+
+    /// As [`CheckInput::http`], under `policy`.
+    pub fn http_with(
+        method: &str,
+        path_and_query: &str,
+        policy: PathPolicy,
+    ) -> Result<Self, RequestError> {
+        let (path, query) = split_path(path_and_query, policy)?;
         Ok(Self {
             method: method.to_ascii_uppercase(),
             path,
@@ -127,9 +215,9 @@ impl CheckInput {
     }
 }
 
-/// Converts Envoy's check request. A request id is taken from Envoy (`x-request-id`) so the
-/// decision line joins Envoy's access log.
-pub fn from_proto(req: auth::CheckRequest) -> Result<CheckInput, RequestError> {
+/// Converts Envoy's check request, reading the path under `policy`. A request id is taken
+/// from Envoy (`x-request-id`) so the decision line joins Envoy's access log.
+pub fn from_proto(req: auth::CheckRequest, policy: PathPolicy) -> Result<CheckInput, RequestError> {
     let attrs = req.attributes.unwrap_or_default();
     let peer = attrs
         .source
@@ -171,15 +259,21 @@ pub fn from_proto(req: auth::CheckRequest) -> Result<CheckInput, RequestError> {
         }
     }
 
-    let (path, mut query) = split_path(&http.path)?;
+    // Envoy fills the path attribute from `:path`; should both be present they must agree,
+    // or the sidecar would decide on one and the app receive the other.
+    let pseudo_path = headers.single(":path")?;
+    let raw_path = match (http.path.as_str(), pseudo_path) {
+        ("", Some(p)) => p.to_string(),
+        (attr, Some(p)) if attr != p => {
+            return Err(RequestError::PathsDisagree(excerpt(attr), excerpt(p)));
+        }
+        (attr, _) => attr.to_string(),
+    };
+    let (path, mut query) = split_path(&raw_path, policy)?;
     if query.is_empty() && !http.query.is_empty() {
         query = parse_query(&http.query);
     }
-    let host = if http.host.is_empty() {
-        headers.first(":authority").unwrap_or_default().to_string()
-    } else {
-        http.host
-    };
+    let host = canonical_host(&http.host, &headers)?;
     let request_id = if http.id.is_empty() {
         headers
             .first("x-request-id")
@@ -209,7 +303,7 @@ pub fn from_proto(req: auth::CheckRequest) -> Result<CheckInput, RequestError> {
         method,
         path,
         query,
-        host: strip_port(&host).to_ascii_lowercase(),
+        host,
         scheme: http.scheme,
         headers,
         body,
@@ -223,64 +317,195 @@ pub fn new_request_id() -> String {
     hex::encode(bytes)
 }
 
-fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        // [::1]:8080
-        return host
-            .split_once(']')
-            .map_or(host, |(h, _)| &host[..h.len() + 1]);
-    }
-    host.rsplit_once(':')
-        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
-        .map_or(host, |(h, _)| h)
+/// At most 200 characters of client input, for a reason text.
+fn excerpt(raw: &str) -> String {
+    raw.chars().take(200).collect()
 }
 
-/// Splits `path?query#fragment`, normalises the path and decodes the query.
-pub fn split_path(raw: &str) -> Result<(String, Vec<(String, String)>), RequestError> {
-    let raw_no_fragment = raw.split('#').next().unwrap_or_default();
-    let (path, query) = raw_no_fragment
-        .split_once('?')
-        .unwrap_or((raw_no_fragment, ""));
-    Ok((normalize_path(path)?, parse_query(query)))
-}
-
-/// Percent-decodes (keeping `%2F` encoded so it cannot create segments), removes dot
-/// segments and merges slashes, as RFC 3986 §5.2.4 does.
-pub fn normalize_path(raw: &str) -> Result<String, RequestError> {
-    let bad = |why| RequestError::BadPath(raw.chars().take(200).collect(), why);
-    if raw.is_empty() {
-        return Ok("/".into());
-    }
-    if !raw.starts_with('/') {
-        return Err(bad("must start with /"));
-    }
-    if raw.bytes().any(|b| b.is_ascii_control() || b == b' ') {
-        return Err(bad("contains control characters or spaces"));
-    }
-    let decoded = percent_decode(raw, true).ok_or_else(|| bad("bad percent-encoding"))?;
-    let decoded = String::from_utf8(decoded).map_err(|_| bad("not UTF-8 after decoding"))?;
-    if decoded.contains('\\') {
-        return Err(bad("contains a backslash"));
-    }
-    let mut out: Vec<&str> = Vec::new();
-    for seg in decoded.split('/') {
-        match seg {
-            "" | "." => {}
-            ".." => {
-                out.pop();
-            }
-            s => out.push(s),
+/// The host the rules see. Envoy's host attribute is `:authority` (HTTP/1 `Host`); a `host`
+/// header next to `:authority` (HTTP/2 allows both) reaches an HTTP/1 app as its `Host`, so
+/// every copy present must name the same canonical host, or the request is refused.
+fn canonical_host(attr: &str, headers: &Headers) -> Result<String, RequestError> {
+    let authority = headers.single(":authority")?;
+    let host_header = headers.single("host")?;
+    let present = [Some(attr), authority, host_header];
+    let Some(raw) = present.into_iter().flatten().find(|h| !h.is_empty()) else {
+        // No host at all. Envoy never sends that (HTTP/1.1 without Host gets Envoy's own 400,
+        // HTTP/2 needs :authority), so this is a direct gRPC call, as in the README's
+        // walkthrough; only rules without `hosts:` can match it.
+        return Ok(String::new());
+    };
+    let host = read_host(raw).map_err(|p| RequestError::BadHost(excerpt(raw), p))?;
+    for (name, copy) in [(":authority", authority), ("host", host_header)] {
+        if let Some(copy) = copy
+            && read_host(copy).as_ref() != Ok(&host)
+        {
+            return Err(RequestError::HostsDisagree(
+                excerpt(raw),
+                name,
+                excerpt(copy),
+            ));
         }
     }
-    let mut path = String::with_capacity(decoded.len());
-    for seg in &out {
-        path.push('/');
-        path.push_str(seg);
+    Ok(host)
+}
+
+/// The canonical form of a `Host` / `:authority` value: lower case, the port split off once,
+/// one trailing dot removed (`Admin.Example.com.:443` is `admin.example.com`). Refused:
+/// userinfo (`x@host`), a malformed port (empty, not digits, over 65535, a second `:` outside
+/// brackets), empty labels and characters no host name has. What remains is a host every HTTP
+/// stack and DNS resolver reads the same way, so a `hosts:` rule cannot be stepped around.
+pub fn read_host(raw: &str) -> Result<String, HostProblem> {
+    if raw.is_empty() {
+        return Err(HostProblem::Empty);
     }
-    if path.is_empty() || (decoded.ends_with('/') && !out.is_empty()) {
+    if raw.contains('@') {
+        return Err(HostProblem::Userinfo);
+    }
+    let (name, port) = if let Some(rest) = raw.strip_prefix('[') {
+        let (inside, after) = rest.split_once(']').ok_or(HostProblem::BadBrackets)?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':').ok_or(HostProblem::BadPort)?),
+        };
+        if inside.is_empty()
+            || !inside.contains(':')
+            || !inside
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return Err(HostProblem::BadBrackets);
+        }
+        return check_port(port).map(|()| format!("[{}]", inside.to_ascii_lowercase()));
+    } else {
+        match raw.split_once(':') {
+            None => (raw, None),
+            Some((_, p)) if p.contains(':') => return Err(HostProblem::TwoColons),
+            Some((n, p)) => (n, Some(p)),
+        }
+    };
+    check_port(port)?;
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() {
+        return Err(HostProblem::Empty);
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err(HostProblem::EmptyLabel);
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(HostProblem::BadChar);
+        }
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+fn check_port(port: Option<&str>) -> Result<(), HostProblem> {
+    match port {
+        None => Ok(()),
+        Some(p)
+            if (1..=5).contains(&p.len())
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && p.parse::<u32>().is_ok_and(|n| n <= 65535) =>
+        {
+            Ok(())
+        }
+        Some(_) => Err(HostProblem::BadPort),
+    }
+}
+
+/// Splits `path?query`, reads the path ([`read_path`]) and decodes the query. A fragment is
+/// refused: clients never send one, and apps disagree on whether it ends the path.
+pub fn split_path(
+    raw: &str,
+    policy: PathPolicy,
+) -> Result<(String, Vec<(String, String)>), RequestError> {
+    let bad = |p| RequestError::BadPath(excerpt(raw), p);
+    if raw.contains('#') {
+        return Err(bad(PathProblem::Fragment));
+    }
+    let (path, query) = raw.split_once('?').unwrap_or((raw, ""));
+    Ok((read_path(path, policy).map_err(bad)?, parse_query(query)))
+}
+
+/// The path the rules see: exactly the received path, or a refusal.
+///
+/// Refused, raw or percent-encoded in any case, because some app reads them differently from
+/// another: dot segments (`.`, `..`, `%2e%2e`), `;` path parameters (`/admin;x/y`, `..;`),
+/// empty segments (`//`; a trailing `/` is fine), backslashes, `%2F` / `%5C` (strict policy),
+/// control characters and spaces (`%00`, `%0A`, `\t`), `%3F` / `%23`, double encoding (`%25`
+/// followed by two hex digits), bytes that are not UTF-8 once decoded (`%c0%ae`), malformed
+/// escapes (`%zz`, `%u002e`), and anything not starting with `/` (`*`, `http://host/path`).
+///
+/// The one change allowed: each segment is percent-decoded (`/a%20b` is `/a b`, `/%61dmin` is
+/// `/admin`). After the refusals above no decoded character is a separator, a delimiter, a
+/// control, the start of another escape or part of a dot segment, so the decoded path has
+/// exactly the segments of the received one in every app, decoding or not: an app that
+/// decodes routes on the same string, one that does not routes on a spelling the rules treat
+/// as this one. Under `opaque_encoded_slashes`, `%2F` and `%5C` stay encoded (upper case)
+/// inside their segment and are never decoded; dot segments between them are still refused.
+pub fn read_path(raw: &str, policy: PathPolicy) -> Result<String, PathProblem> {
+    if raw.is_empty() {
+        return Err(PathProblem::Empty);
+    }
+    let Some(rest) = raw.strip_prefix('/') else {
+        return Err(PathProblem::NotOriginForm);
+    };
+    let segments: Vec<&str> = rest.split('/').collect();
+    let last = segments.len() - 1;
+    let mut path = String::with_capacity(raw.len());
+    for (i, seg) in segments.iter().enumerate() {
         path.push('/');
+        path.push_str(&read_segment(seg, i == last, policy)?);
     }
     Ok(path)
+}
+
+/// One segment of [`read_path`], decoded.
+fn read_segment(raw: &str, last: bool, policy: PathPolicy) -> Result<String, PathProblem> {
+    for b in raw.bytes() {
+        match b {
+            b'\\' => return Err(PathProblem::Backslash),
+            b';' => return Err(PathProblem::PathParameter),
+            b' ' => return Err(PathProblem::Control),
+            b if b.is_ascii_control() => return Err(PathProblem::Control),
+            _ => {}
+        }
+    }
+    let decoded = percent_decode(raw, false).ok_or(PathProblem::BadEscape)?;
+    let text = String::from_utf8(decoded).map_err(|_| PathProblem::NotUtf8)?;
+    let opaque = policy == PathPolicy::OpaqueEncodedSlashes;
+    let bytes = text.as_bytes();
+    for (i, c) in text.char_indices() {
+        match c {
+            '/' if !opaque => return Err(PathProblem::EncodedSlash),
+            '\\' if !opaque => return Err(PathProblem::EncodedBackslash),
+            ';' => return Err(PathProblem::PathParameter),
+            '?' | '#' => return Err(PathProblem::EncodedDelimiter),
+            '%' if bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit) =>
+            {
+                return Err(PathProblem::DoubleEncoding);
+            }
+            c if c.is_control() => return Err(PathProblem::Control),
+            _ => {}
+        }
+    }
+    // Split on the encoded separators too: `..%2F` is a dot segment to any app that decodes.
+    if text.split(['/', '\\']).any(|p| p == "." || p == "..") {
+        return Err(PathProblem::DotSegment);
+    }
+    if text.is_empty() && !last {
+        return Err(PathProblem::EmptySegment);
+    }
+    Ok(if opaque {
+        text.replace('/', "%2F").replace('\\', "%5C")
+    } else {
+        text
+    })
 }
 
 fn hex_val(b: u8) -> Option<u8> {
@@ -335,40 +560,131 @@ fn parse_query(q: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use PathProblem as P;
+
+    fn strict(raw: &str) -> Result<String, PathProblem> {
+        read_path(raw, PathPolicy::Strict)
+    }
+
+    fn opaque(raw: &str) -> Result<String, PathProblem> {
+        read_path(raw, PathPolicy::OpaqueEncodedSlashes)
+    }
 
     #[test]
-    fn paths_normalise() {
+    fn ordinary_paths_are_decided_on_as_received() {
         for (raw, want) in [
             ("/", "/"),
-            ("", "/"),
-            ("/a/b", "/a/b"),
-            ("/a/b/", "/a/b/"),
-            ("//admin", "/admin"),
-            ("/public/../admin", "/admin"),
-            ("/public/%2e%2e/admin", "/admin"),
-            ("/%61dmin", "/admin"),
-            ("/a/./b", "/a/b"),
-            ("/../../etc", "/etc"),
-            ("/a%2Fb", "/a%2Fb"),
+            ("/api/agents", "/api/agents"),
+            // A trailing slash is the app's business (a route of its own), not an ambiguity.
+            ("/api/agents/", "/api/agents/"),
+            (
+                "/.well-known/openid-configuration",
+                "/.well-known/openid-configuration",
+            ),
+            ("/files/report.v2.pdf", "/files/report.v2.pdf"),
+            ("/files/...", "/files/..."),
+            ("/a+b/x:y/@z/~u", "/a+b/x:y/@z/~u"),
+            // Percent-decoding inside a segment cannot change which segments exist.
+            ("/a%20b", "/a b"),
+            ("/%61dmin/x", "/admin/x"),
+            ("/tools/caf%C3%A9/execute", "/tools/café/execute"),
+            ("/files/%2Ejs", "/files/.js"),
+            ("/search/100%25", "/search/100%"),
         ] {
-            assert_eq!(normalize_path(raw).unwrap(), want, "{raw}");
+            assert_eq!(strict(raw), Ok(want.to_string()), "{raw}");
+            assert_eq!(opaque(raw), Ok(want.to_string()), "{raw}");
         }
-        for bad in [
-            "admin",
-            "/a%zz",
-            "/a%",
-            "/a b",
-            "/a%00b\\",
-            "/%ff%fe",
-            "/a\\..\\b",
+    }
+
+    #[test]
+    fn paths_an_app_could_read_differently_are_refused() {
+        for (raw, why) in [
+            // Dot segments, raw and encoded in any case: these used to be resolved
+            // (`/public/../admin` was decided on as `/admin`), while the app may resolve
+            // them differently or not at all.
+            ("/public/../admin", P::DotSegment),
+            ("/admin/../public/x", P::DotSegment),
+            ("/public/%2e%2e/admin", P::DotSegment),
+            ("/public/%2E%2e/admin", P::DotSegment),
+            ("/public/.%2E/admin", P::DotSegment),
+            ("/a/./b", P::DotSegment),
+            ("/admin/.", P::DotSegment),
+            ("/admin/..", P::DotSegment),
+            ("/../../etc", P::DotSegment),
+            // Servlet path parameters: /admin;x/y is /admin/y to Tomcat and Jetty.
+            ("/public/%2e%2e;/admin/x", P::PathParameter),
+            ("/public/..;/admin/x", P::PathParameter),
+            ("/public/..%3b/admin/x", P::PathParameter),
+            ("/admin;jsessionid=0123/y", P::PathParameter),
+            ("/admin;x/y", P::PathParameter),
+            // Encoded separators.
+            ("/public/..%2fadmin/x", P::EncodedSlash),
+            ("/public/..%2Fadmin/x", P::EncodedSlash),
+            ("/a%2Fb", P::EncodedSlash),
+            ("/public/..%5cadmin/x", P::EncodedBackslash),
+            ("/public/..\\admin/x", P::Backslash),
+            ("/a\\b", P::Backslash),
+            // Empty segments: merged by some apps, kept by others. RFC 3986 resolves
+            // /admin//../public/x to /admin/public/x; the old normaliser made it /public/x.
+            ("//admin/x", P::EmptySegment),
+            ("/admin//x", P::EmptySegment),
+            ("/admin//../public/x", P::EmptySegment),
+            // Odd and overlong encodings.
+            ("/%c0%ae%c0%ae/admin", P::NotUtf8),
+            ("/%ff%fe", P::NotUtf8),
+            ("/%u002e%u002e/admin", P::BadEscape),
+            ("/a%zz", P::BadEscape),
+            ("/a%", P::BadEscape),
+            ("/a%2", P::BadEscape),
+            ("/public/%252e%252e/admin", P::DoubleEncoding),
+            ("/a%25%32%65", P::DoubleEncoding),
+            ("/admin%3Fx=1", P::EncodedDelimiter),
+            ("/a%23b", P::EncodedDelimiter),
+            // Controls, NUL and spaces, raw or encoded.
+            ("/a%00b", P::Control),
+            ("/a\0b", P::Control),
+            ("/a%0d%0aX-Injected:%201", P::Control),
+            ("/a\tb", P::Control),
+            ("/a b", P::Control),
+            ("/a%7f", P::Control),
+            ("/a%c2%85", P::Control),
+            // Not a path.
+            ("", P::Empty),
+            ("*", P::NotOriginForm),
+            ("admin", P::NotOriginForm),
+            ("http://admin.example.com/admin", P::NotOriginForm),
         ] {
-            assert!(normalize_path(bad).is_err(), "{bad}");
+            assert_eq!(strict(raw), Err(why), "{raw}");
+        }
+    }
+
+    #[test]
+    fn opaque_encoded_slashes_keeps_them_as_data_and_nothing_else() {
+        for (raw, want) in [
+            ("/files/a%2Fb", "/files/a%2Fb"),
+            ("/files/a%2fb", "/files/a%2Fb"),
+            ("/files/a%5Cb", "/files/a%5Cb"),
+            ("/files/%2F%2F", "/files/%2F%2F"),
+        ] {
+            assert_eq!(opaque(raw), Ok(want.to_string()), "{raw}");
+        }
+        for (raw, why) in [
+            ("/public/..%2fadmin/x", P::DotSegment),
+            ("/public/x%2F..", P::DotSegment),
+            ("/public/%2e%2e%5Cadmin", P::DotSegment),
+            ("/files/a%252Fb", P::DoubleEncoding),
+            ("/a\\b", P::Backslash),
+            ("/a/../b", P::DotSegment),
+            ("/admin;x/y", P::PathParameter),
+            ("//admin", P::EmptySegment),
+        ] {
+            assert_eq!(opaque(raw), Err(why), "{raw}");
         }
     }
 
     #[test]
     fn query_and_fragment() {
-        let (p, q) = split_path("/search?q=a%20b&x=1&flag#frag").unwrap();
+        let (p, q) = split_path("/search?q=a%20b&x=1&flag", PathPolicy::Strict).unwrap();
         assert_eq!(p, "/search");
         assert_eq!(
             q,
@@ -378,6 +694,167 @@ mod tests {
                 ("flag".into(), String::new())
             ]
         );
+        // Only the path is read strictly: `..` and `//` in the query are data.
+        let (p, _) = split_path("/search?next=/a/../b//c", PathPolicy::Strict).unwrap();
+        assert_eq!(p, "/search");
+        // A fragment used to be cut off; the app may not cut it where the sidecar did.
+        assert_eq!(
+            split_path("/public/x#/../../admin", PathPolicy::Strict).unwrap_err(),
+            RequestError::BadPath("/public/x#/../../admin".into(), P::Fragment)
+        );
+    }
+
+    #[test]
+    fn a_refused_path_names_itself_and_the_problem() {
+        let e = CheckInput::http("GET", "/public/%2e%2e;/admin/x").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "path \"/public/%2e%2e;/admin/x\" refused: ; path parameter (raw or %3B): servlet \
+             containers cut `;...` off a segment, so /admin;x/y is /admin/y and /a/..;/b is /b there"
+        );
+        let e = CheckInput::http("GET", "/api/%zz").unwrap_err();
+        assert!(e.to_string().contains("bad percent-encoding"), "{e}");
+    }
+
+    #[test]
+    fn hosts_have_one_canonical_form() {
+        for (raw, want) in [
+            ("admin.example.com", "admin.example.com"),
+            ("ADMIN.Example.COM", "admin.example.com"),
+            ("admin.example.com.", "admin.example.com"),
+            ("admin.example.com:8443", "admin.example.com"),
+            ("Admin.Example.com.:443", "admin.example.com"),
+            ("localhost", "localhost"),
+            ("my_host.internal", "my_host.internal"),
+            ("127.0.0.1:80", "127.0.0.1"),
+            ("[::1]:8080", "[::1]"),
+            ("[FE80::1]", "[fe80::1]"),
+        ] {
+            assert_eq!(read_host(raw), Ok(want.to_string()), "{raw}");
+        }
+        use HostProblem as H;
+        for (raw, why) in [
+            ("", H::Empty),
+            (".", H::Empty),
+            (":80", H::Empty),
+            ("x@admin.example.com", H::Userinfo),
+            ("admin.example.com@evil.example", H::Userinfo),
+            ("admin.example.com:", H::BadPort),
+            ("admin.example.com:abc", H::BadPort),
+            ("admin.example.com:+80", H::BadPort),
+            ("admin.example.com:99999", H::BadPort),
+            ("admin.example.com:000080", H::BadPort),
+            ("admin.example.com:80:80", H::TwoColons),
+            ("::1", H::TwoColons),
+            ("[::1", H::BadBrackets),
+            ("[::1]x", H::BadPort),
+            ("[admin.example.com]", H::BadBrackets),
+            ("admin.example.com..", H::EmptyLabel),
+            (".admin.example.com", H::EmptyLabel),
+            ("admin..example.com", H::EmptyLabel),
+            ("admin example.com", H::BadChar),
+            ("admin.example.com/x", H::BadChar),
+            ("admin%2eexample.com", H::BadChar),
+            ("ädmin.example.com", H::BadChar),
+            ("*.example.com", H::BadChar),
+        ] {
+            assert_eq!(read_host(raw), Err(why), "{raw}");
+        }
+    }
+
+    fn check_request(path: &str, host: &str, headers: &[(&str, &str)]) -> auth::CheckRequest {
+        use crate::proto::pb::envoy::service::auth::v3::{AttributeContext, attribute_context};
+        auth::CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(attribute_context::Request {
+                    http: Some(attribute_context::HttpRequest {
+                        method: "GET".into(),
+                        path: path.into(),
+                        host: host.into(),
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn from_proto_reads_path_and_host_under_the_policy() {
+        fn read(
+            path: &str,
+            host: &str,
+            headers: &[(&str, &str)],
+            policy: PathPolicy,
+        ) -> Result<CheckInput, RequestError> {
+            from_proto(check_request(path, host, headers), policy)
+        }
+        let input = read(
+            "/files/a%2fb?x=1",
+            "Admin.Example.com.:443",
+            &[(":authority", "Admin.Example.com.:443")],
+            PathPolicy::OpaqueEncodedSlashes,
+        )
+        .unwrap();
+        assert_eq!(input.path, "/files/a%2Fb");
+        assert_eq!(input.host, "admin.example.com");
+        assert_eq!(input.query_param("x"), Some("1"));
+        assert_eq!(
+            read("/files/a%2fb", "h", &[], PathPolicy::Strict).unwrap_err(),
+            RequestError::BadPath("/files/a%2fb".into(), P::EncodedSlash)
+        );
+        assert_eq!(
+            read("/x", "x@admin.example.com", &[], PathPolicy::Strict).unwrap_err(),
+            RequestError::BadHost("x@admin.example.com".into(), HostProblem::Userinfo)
+        );
+        // Every copy of the host must name the same host.
+        assert!(matches!(
+            read(
+                "/x",
+                "public.example.com",
+                &[("host", "admin.example.com")],
+                PathPolicy::Strict
+            )
+            .unwrap_err(),
+            RequestError::HostsDisagree(_, "host", _)
+        ));
+        assert!(
+            read(
+                "/x",
+                "admin.example.com",
+                &[("host", "ADMIN.example.com.:80")],
+                PathPolicy::Strict
+            )
+            .is_ok()
+        );
+        // No host anywhere: only rules without hosts: match (Envoy always sends one).
+        assert_eq!(read("/x", "", &[], PathPolicy::Strict).unwrap().host, "");
+        // An empty copy next to a host is a second reading.
+        assert!(matches!(
+            read("/x", "a.example", &[("host", "")], PathPolicy::Strict).unwrap_err(),
+            RequestError::HostsDisagree(_, "host", _)
+        ));
+        // The host attribute empty: :authority is the host.
+        let input = read("/x", "", &[(":authority", "A.example")], PathPolicy::Strict).unwrap();
+        assert_eq!(input.host, "a.example");
+        // The path attribute and :path must agree.
+        assert!(matches!(
+            read(
+                "/public/x",
+                "h",
+                &[(":path", "/admin/x")],
+                PathPolicy::Strict
+            )
+            .unwrap_err(),
+            RequestError::PathsDisagree(..)
+        ));
+        let input = read("", "h", &[(":path", "/public/x")], PathPolicy::Strict).unwrap();
+        assert_eq!(input.path, "/public/x");
     }
 
     #[test]
@@ -395,12 +872,5 @@ mod tests {
             h.single("x-api-key"),
             Err(RequestError::HeaderNotUtf8("x-api-key".into()))
         );
-    }
-
-    #[test]
-    fn host_port_stripped() {
-        assert_eq!(strip_port("api.example.com:8443"), "api.example.com");
-        assert_eq!(strip_port("[::1]:80"), "[::1]");
-        assert_eq!(strip_port("plain"), "plain");
     }
 }

@@ -175,6 +175,7 @@ pub async fn build(
             .map(|f| f.contextual_tuples.clone())
             .unwrap_or_default(),
         realm: config.jwt.realm.clone(),
+        path_policy: config.request.path_policy,
     });
     Ok(Built {
         state,

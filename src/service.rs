@@ -84,7 +84,7 @@ impl Authorization for CheckService {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let start = Instant::now();
-        let input = match request::from_proto(request.into_inner()) {
+        let input = match request::from_proto(request.into_inner(), self.state.path_policy) {
             Ok(input) => input,
             Err(RequestError::NoHttpAttributes) => {
                 return Err(Status::invalid_argument(

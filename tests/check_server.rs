@@ -257,9 +257,12 @@ async fn cors_preflight_and_public_routes() {
         removed(&r).contains(&"x-auth-subject".to_string()),
         "spoofed identity removed on public routes"
     );
-    // Dot segments cannot escape a public prefix.
+    // Dot segments cannot escape a public prefix. This used to be resolved to /admin/x (401);
+    // it is refused now, because the app behind may resolve it differently or not at all
+    // (issue 7, finding 2; tests/fail_closed/paths.rs).
     let r = s.check(http("GET", "/public/../admin/x", &[], None)).await;
-    assert_eq!(status(&r), 401);
+    assert_eq!(status(&r), 400);
+    assert!(reason(&r).contains("dot segment"), "{}", reason(&r));
     s.stop().await.unwrap();
 }
 

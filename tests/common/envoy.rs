@@ -40,6 +40,27 @@ pub struct EnvoyOptions {
     pub concurrency: Option<u32>,
     /// `--log-level`.
     pub log_level: &'static str,
+    /// HCM path handling (deploy: `normalize_path` and `merge_slashes` on, escaped slashes
+    /// `REJECT_REQUEST`, `strip_trailing_host_dot` on); [`EnvoyOptions::envoy_defaults`] turns
+    /// them back to what Envoy does when a config does not say.
+    pub normalize_path: bool,
+    pub merge_slashes: bool,
+    pub path_with_escaped_slashes_action: &'static str,
+    pub strip_trailing_host_dot: bool,
+}
+
+impl EnvoyOptions {
+    /// Envoy's own path and host handling (no `normalize_path`, no `merge_slashes`, escaped
+    /// slashes kept, host as sent), as a plain Envoy or a hand-written config has it.
+    pub fn envoy_defaults() -> Self {
+        EnvoyOptions {
+            normalize_path: false,
+            merge_slashes: false,
+            path_with_escaped_slashes_action: "IMPLEMENTATION_SPECIFIC_DEFAULT",
+            strip_trailing_host_dot: false,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for EnvoyOptions {
@@ -55,6 +76,10 @@ impl Default for EnvoyOptions {
             route_timeout: Duration::from_secs(15),
             concurrency: None,
             log_level: "info",
+            normalize_path: true,
+            merge_slashes: true,
+            path_with_escaped_slashes_action: "REJECT_REQUEST",
+            strip_trailing_host_dot: true,
         }
     }
 }
@@ -235,9 +260,10 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: ingress_http
           codec_type: AUTO
-          normalize_path: true
-          merge_slashes: true
-          path_with_escaped_slashes_action: REJECT_REQUEST
+          normalize_path: {normalize_path}
+          merge_slashes: {merge_slashes}
+          path_with_escaped_slashes_action: {escaped_slashes}
+          strip_trailing_host_dot: {strip_trailing_host_dot}
           use_remote_address: true
           common_http_protocol_options:
             headers_with_underscores_action: REJECT_REQUEST
@@ -295,6 +321,10 @@ static_resources:
         route_timeout = secs(opts.route_timeout),
         authz_timeout = secs(opts.authz_timeout),
         failure_mode_allow = opts.failure_mode_allow,
+        normalize_path = opts.normalize_path,
+        merge_slashes = opts.merge_slashes,
+        escaped_slashes = opts.path_with_escaped_slashes_action,
+        strip_trailing_host_dot = opts.strip_trailing_host_dot,
         authz_ip = authz.ip(),
         authz_port = authz.port(),
         up_ip = upstream.ip(),

@@ -474,6 +474,40 @@ proptest! {
     }
 }
 
+// === The request edge ===
+
+fn raw_path() -> impl Strategy<Value = String> {
+    prop::collection::vec(
+        prop::sample::select(vec![
+            "/", "/", "a", "admin", ".", "..", "%", "%2", "%2e", "%2E", "%2f", "%5c", "%25", "%3b",
+            "%3f", "%00", "%0a", "%c0", "%ae", "%41", "\\", ";", "?", "#", " ", "\t", "é", "%c3%a9",
+        ]),
+        0..10,
+    )
+    .prop_map(|parts| parts.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// The rules see exactly the received path, segment for segment (each percent-decoded), or
+    /// nothing at all: no segment is created, removed or resolved on the way in.
+    #[test]
+    fn the_rules_see_the_received_path_or_a_refusal(raw in raw_path()) {
+        use authz_sidecar::request::{PathPolicy, read_path};
+        if let Ok(seen) = read_path(&raw, PathPolicy::Strict) {
+            let received: Vec<&str> = raw.split('/').collect();
+            let decided: Vec<&str> = seen.split('/').collect();
+            prop_assert_eq!(received.len(), decided.len(), "{:?} read as {:?}", raw, seen);
+            for (r, d) in received.iter().zip(&decided) {
+                let decoded = percent_decode(r).map(|b| String::from_utf8_lossy(&b).into_owned());
+                prop_assert_eq!(decoded.as_deref(), Some(*d), "{:?} read as {:?}", raw, seen);
+                prop_assert!(*d != "." && *d != "..", "{:?} kept a dot segment", raw);
+            }
+        }
+    }
+}
+
 // === The oracle itself ===
 
 #[test]

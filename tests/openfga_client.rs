@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use authz_sidecar::authz::breaker::BreakerState;
 use authz_sidecar::authz::cache::DecisionCache;
-use authz_sidecar::authz::openfga::{OpenFgaClient, OpenFgaError, RelationRef, watch_changes};
-use authz_sidecar::authz::{BackendError, CheckQuery, RelationshipChecker, TupleKey};
+use authz_sidecar::authz::openfga::{ChangeWatcher, OpenFgaClient, OpenFgaError};
+use authz_sidecar::authz::{BackendError, CheckQuery, RelationRef, RelationshipChecker, TupleKey};
 use authz_sidecar::config::{CacheConfig, Consistency, OpenFgaConfig, StoreRef};
 use common::openfga::{OpenFga, app_model};
 use common::process::{Proc, free_port};
@@ -460,15 +460,15 @@ async fn the_cache_saves_requests_and_the_changelog_evicts_a_revoked_allow() {
         },
     ));
     let shutdown = CancellationToken::new();
-    let watcher = tokio::spawn(watch_changes(
+    let watcher = ChangeWatcher::new(
         client.clone(),
-        cache.clone(),
+        Some(cache.clone()),
         Duration::from_millis(100),
-        shutdown.clone(),
-    ));
+    );
+    let watching = watcher.spawn(shutdown.clone());
     // The watcher has read to the end of the changelog once it has polled.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while client.last_change_poll().is_none() {
+    while watcher.last_poll().is_none() {
         assert!(
             Instant::now() < deadline,
             "the changelog watcher never polled"
@@ -534,10 +534,50 @@ async fn the_cache_saves_requests_and_the_changelog_evicts_a_revoked_allow() {
     }
 
     shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(2), watcher)
+    tokio::time::timeout(Duration::from_secs(2), watching)
         .await
         .expect("the watcher stops on shutdown")
         .unwrap();
+}
+
+#[tokio::test]
+async fn without_a_cache_the_watcher_still_follows_the_latest_model() {
+    let fga = OpenFga::shared().await;
+    let url = fga.http_url();
+    let (store, model) = fga.app_store("follow-no-cache").await;
+    let followed = Arc::new(
+        OpenFgaClient::connect(&config(&url, StoreRef::Id(store.clone())))
+            .await
+            .unwrap(),
+    );
+    let mut pinned_cfg = config(&url, StoreRef::Id(store.clone()));
+    pinned_cfg.model_id = Some(model.clone());
+    let pinned = Arc::new(OpenFgaClient::connect(&pinned_cfg).await.unwrap());
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+
+    let following = ChangeWatcher::new(followed.clone(), None, Duration::from_millis(20));
+    let watching = following.spawn(shutdown.clone());
+    // A pinned model and no cache to tell: nothing to follow, so the task ends at once.
+    let idle = ChangeWatcher::new(pinned.clone(), None, Duration::from_millis(20));
+    tokio::time::timeout(Duration::from_secs(1), idle.spawn(shutdown.clone()))
+        .await
+        .expect("a watcher with nothing to follow ends")
+        .unwrap();
+
+    let newer = fga.write_model(&store, &app_model()).await;
+    let written = Instant::now();
+    while followed.model_id() != newer {
+        assert!(
+            written.elapsed() < Duration::from_secs(3),
+            "the new model was not followed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(pinned.model_id(), model);
+    // Without a cache nobody needs the changelog: it is not read.
+    assert_eq!(following.last_poll(), None);
+    assert!(!watching.is_finished());
 }
 
 #[tokio::test]
@@ -567,14 +607,14 @@ async fn an_outage_opens_the_breaker_and_a_restart_closes_it() {
         },
     ));
     let shutdown = CancellationToken::new();
-    let _watcher = tokio::spawn(watch_changes(
+    let watcher = ChangeWatcher::new(
         client.clone(),
-        cache.clone(),
+        Some(cache.clone()),
         Duration::from_millis(50),
-        shutdown.clone(),
-    ));
+    );
+    watcher.spawn(shutdown.clone());
     let _stop = shutdown.drop_guard();
-    while client.last_change_poll().is_none() {
+    while watcher.last_poll().is_none() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(cache.check(&[q(&grant)]).await, Ok(vec![true]));
@@ -589,7 +629,7 @@ async fn an_outage_opens_the_breaker_and_a_restart_closes_it() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let last_poll = client.last_change_poll();
+    let last_poll = watcher.last_poll();
     for _ in 0..3 {
         match client.check(&[q(&grant)]).await {
             Err(BackendError::Unavailable(m)) => {
@@ -637,7 +677,7 @@ async fn an_outage_opens_the_breaker_and_a_restart_closes_it() {
     assert!(client.ready());
     // The watcher reads the changelog again.
     let up = Instant::now();
-    while client.last_change_poll() == last_poll {
+    while watcher.last_poll() == last_poll {
         assert!(
             up.elapsed() < Duration::from_secs(2),
             "the watcher did not recover"

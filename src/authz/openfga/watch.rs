@@ -98,12 +98,13 @@ impl ChangeWatcher {
         }
     }
 
-    /// One changelog poll; `true` when it succeeded.
+    /// One changelog poll; `true` when it succeeded. `was_failing`: the previous one did
+    /// not (a streak is logged once, at its start, and its end once).
     async fn poll(
         &self,
         cache: &dyn Invalidate,
         position: &mut Option<String>,
-        failing: bool,
+        was_failing: bool,
     ) -> bool {
         let client = &self.client;
         let outcome = match position.as_deref() {
@@ -116,7 +117,7 @@ impl ChangeWatcher {
         };
         match outcome {
             Ok((next, applied)) => {
-                if failing {
+                if was_failing {
                     tracing::info!(store = %client.store_id(), "OpenFGA changelog readable again");
                 }
                 if applied > 0 {
@@ -130,7 +131,7 @@ impl ChangeWatcher {
                 true
             }
             Err(err) => {
-                if !failing {
+                if !was_failing {
                     tracing::warn!(
                         store = %client.store_id(),
                         error = %err.describe(),

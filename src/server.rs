@@ -402,15 +402,15 @@ impl BackendStats for OpenFgaStats {
 fn spawn_openfga(
     cfg: crate::config::OpenFgaConfig,
     cache_cfg: crate::config::CacheConfig,
-    refs: Vec<crate::authz::openfga::RelationRef>,
+    refs: Vec<crate::authz::RelationRef>,
     late: Arc<LateChecker>,
     stats: Arc<std::sync::OnceLock<Arc<dyn BackendStats>>>,
     fatal: tokio::sync::mpsc::Sender<Fatal>,
     shutdown: CancellationToken,
 ) {
     use crate::authz::RelationshipChecker;
-    use crate::authz::cache::DecisionCache;
-    use crate::authz::openfga::{OpenFgaClient, watch_changes};
+    use crate::authz::cache::{DecisionCache, Invalidate};
+    use crate::authz::openfga::{ChangeWatcher, OpenFgaClient};
     tokio::spawn(async move {
         let mut delay = Duration::from_millis(200);
         let mut last = String::new();
@@ -449,40 +449,23 @@ fn spawn_openfga(
             "OpenFGA connected"
         );
         let client = Arc::new(client);
-        let checker: Arc<dyn RelationshipChecker> = if cache_cfg.enabled {
-            let cache = Arc::new(DecisionCache::new(client.clone(), &cache_cfg));
-            tokio::spawn(watch_changes(
-                client.clone(),
-                cache.clone(),
-                cfg.changelog_interval,
-                shutdown.clone(),
-            ));
-            let _ = stats.set(Arc::new(OpenFgaStats {
-                client: client.clone(),
-                cache: Some(cache.clone()),
-            }));
-            cache
-        } else {
-            let _ = stats.set(Arc::new(OpenFgaStats {
-                client: client.clone(),
-                cache: None,
-            }));
-            if !client.model_pinned() {
-                // Without the cache there is no changelog task to follow the latest model.
-                let (client, shutdown) = (client.clone(), shutdown.clone());
-                tokio::spawn(async move {
-                    loop {
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = tokio::time::sleep(cfg.changelog_interval * 10) => {}
-                        }
-                        if let Err(e) = client.refresh_model().await {
-                            tracing::warn!(error = %e, "OpenFGA model refresh failed");
-                        }
-                    }
-                });
-            }
-            client
+        let cache = cache_cfg
+            .enabled
+            .then(|| Arc::new(DecisionCache::new(client.clone(), &cache_cfg)));
+        // One task follows the changelog (for the cache) and the latest model (unless pinned).
+        ChangeWatcher::new(
+            client.clone(),
+            cache.clone().map(|c| c as Arc<dyn Invalidate>),
+            cfg.changelog_interval,
+        )
+        .spawn(shutdown.clone());
+        let _ = stats.set(Arc::new(OpenFgaStats {
+            client: client.clone(),
+            cache: cache.clone(),
+        }));
+        let checker: Arc<dyn RelationshipChecker> = match cache {
+            Some(cache) => cache,
+            None => client,
         };
         late.set(checker);
     });

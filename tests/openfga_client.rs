@@ -9,76 +9,17 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use authz_sidecar::authz::breaker::BreakerState;
 use authz_sidecar::authz::cache::DecisionCache;
-use authz_sidecar::authz::openfga::{OpenFgaClient, OpenFgaError, RelationRef, watch_changes};
-use authz_sidecar::authz::{BackendError, CheckQuery, RelationshipChecker, TupleKey};
+use authz_sidecar::authz::openfga::{ChangeWatcher, OpenFgaClient, OpenFgaError};
+use authz_sidecar::authz::{BackendError, CheckQuery, RelationRef, RelationshipChecker, TupleKey};
 use authz_sidecar::config::{CacheConfig, Consistency, OpenFgaConfig, StoreRef};
 use common::openfga::{OpenFga, app_model};
-use common::process::{Proc, free_port};
-use serde_json::{Value, json};
+use common::process::free_port;
 use tokio_util::sync::CancellationToken;
-
-/// An OpenFGA that requires a preshared key as bearer token (the shared helper starts
-/// servers without authentication), with the few API calls the token test needs.
-struct KeyedFga {
-    _proc: Proc,
-    url: String,
-    key: String,
-}
-
-impl KeyedFga {
-    async fn start(key: &str) -> Self {
-        let (http, grpc) = (free_port(), free_port());
-        let mut cmd = Command::new(common::tools::tool("openfga"));
-        cmd.args([
-            "run",
-            "--datastore-engine",
-            "memory",
-            "--authn-method=preshared",
-        ])
-        .arg(format!("--authn-preshared-keys={key}"))
-        .arg(format!("--http-addr=127.0.0.1:{http}"))
-        .arg(format!("--grpc-addr=127.0.0.1:{grpc}"))
-        .args([
-            "--metrics-enabled=false",
-            "--playground-enabled=false",
-            "--log-level=warn",
-        ]);
-        let mut proc = Proc::spawn("openfga-keyed", http, &cmd);
-        let url = format!("http://127.0.0.1:{http}");
-        let health = format!("{url}/healthz");
-        proc.wait_until(
-            || common::process::http_ok(&health),
-            Duration::from_secs(30),
-            "openfga (preshared key) /healthz",
-        )
-        .await;
-        Self {
-            _proc: proc,
-            url,
-            key: key.to_string(),
-        }
-    }
-
-    async fn post(&self, path: &str, body: Value) -> Value {
-        let resp = reqwest::Client::new()
-            .post(format!("{}{path}", self.url))
-            .bearer_auth(&self.key)
-            .json(&body)
-            .send()
-            .await
-            .expect("OpenFGA request");
-        let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        assert!(status.is_success(), "{path}: {status} {body}");
-        body
-    }
-}
 
 fn config(url: &str, store: StoreRef) -> OpenFgaConfig {
     OpenFgaConfig {
@@ -96,20 +37,22 @@ fn config(url: &str, store: StoreRef) -> OpenFgaConfig {
     }
 }
 
+/// Long TTLs: an answer that goes away was invalidated, not expired.
+fn cache_config() -> CacheConfig {
+    CacheConfig {
+        enabled: true,
+        allowed_ttl: Duration::from_secs(300),
+        denied_ttl: Duration::from_secs(300),
+        max_entries: 1000,
+    }
+}
+
 fn t(user: &str, relation: &str, object: &str) -> TupleKey {
     TupleKey {
         user: user.into(),
         relation: relation.into(),
         object: object.into(),
     }
-}
-
-/// `TupleKey`s as the `(user, relation, object)` triples the OpenFGA helper writes.
-fn triples(tuples: &[TupleKey]) -> Vec<(&str, &str, &str)> {
-    tuples
-        .iter()
-        .map(|t| (t.user.as_str(), t.relation.as_str(), t.object.as_str()))
-        .collect()
 }
 
 fn q(tuple: &TupleKey) -> CheckQuery {
@@ -259,24 +202,14 @@ async fn startup_errors_say_what_to_fix() {
 
 #[tokio::test]
 async fn the_api_token_is_sent_as_a_bearer() {
-    let fga = KeyedFga::start("s3cret-key").await;
-    let url = fga.url.clone();
-    let store = fga.post("/stores", json!({"name": "keyed"})).await["id"]
-        .as_str()
-        .expect("store id")
-        .to_string();
-    fga.post(
-        &format!("/stores/{store}/authorization-models"),
-        app_model(),
-    )
-    .await;
+    let fga = OpenFga::start_with_key("s3cret-key").await;
+    let url = fga.http_url();
     let grant = t("user:alice", "owner", "tool:search");
-    fga.post(
-        &format!("/stores/{store}/write"),
-        json!({"writes": {"tuple_keys": [
-            {"user": grant.user, "relation": grant.relation, "object": grant.object}]}}),
-    )
-    .await;
+    let (store, _) = fga
+        .store("keyed")
+        .tuples(std::slice::from_ref(&grant))
+        .create()
+        .await;
 
     let mut cfg = config(&url, StoreRef::Id(store));
     let e = connect_err(&cfg).await;
@@ -330,19 +263,18 @@ async fn validate_flags_relations_the_model_lacks() {
 async fn checks_and_batches_answer_from_written_tuples() {
     let fga = OpenFga::shared().await;
     let url = fga.http_url();
-    let (store, _) = fga.app_store("checks").await;
-    fga.write_tuples(
-        &store,
-        &triples(&[
+    let (store, _) = fga
+        .store("checks")
+        .tuples(&[
             t("user:alice", "owner", "tool:search"),
             t("user:bob", "executor", "tool:search"),
             t("service_principal:bot", "executor", "tool:deploy"),
             t("organization:acme", "organization", "tool:billing"),
             t("user:carol", "member", "organization:acme"),
             t("user:alice", "viewer", "conversation:1"),
-        ]),
-    )
-    .await;
+        ])
+        .create()
+        .await;
     let mut cfg = config(&url, StoreRef::Id(store));
     cfg.max_batch_size = 2;
     let client = OpenFgaClient::connect(&cfg).await.unwrap();
@@ -442,33 +374,24 @@ async fn the_cache_saves_requests_and_the_changelog_evicts_a_revoked_allow() {
         fga.write_tuples(&store, &[("user:old", "owner", object.as_str())])
             .await;
     }
-    fga.write_tuples(&store, &triples(std::slice::from_ref(&grant)))
-        .await;
+    fga.write_tuples(&store, std::slice::from_ref(&grant)).await;
 
     let client = Arc::new(
         OpenFgaClient::connect(&config(&url, StoreRef::Id(store.clone())))
             .await
             .unwrap(),
     );
-    let cache = Arc::new(DecisionCache::new(
-        client.clone(),
-        &CacheConfig {
-            enabled: true,
-            allowed_ttl: Duration::from_secs(300),
-            denied_ttl: Duration::from_secs(300),
-            max_entries: 1000,
-        },
-    ));
+    let cache = Arc::new(DecisionCache::new(client.clone(), &cache_config()));
     let shutdown = CancellationToken::new();
-    let watcher = tokio::spawn(watch_changes(
+    let watcher = ChangeWatcher::new(
         client.clone(),
-        cache.clone(),
+        Some(cache.clone()),
         Duration::from_millis(100),
-        shutdown.clone(),
-    ));
+    );
+    let watching = watcher.spawn(shutdown.clone());
     // The watcher has read to the end of the changelog once it has polled.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while client.last_change_poll().is_none() {
+    while watcher.last_poll().is_none() {
         assert!(
             Instant::now() < deadline,
             "the changelog watcher never polled"
@@ -497,7 +420,7 @@ async fn the_cache_saves_requests_and_the_changelog_evicts_a_revoked_allow() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(cache.stats().size, 2);
 
-    fga.delete_tuples(&store, &triples(std::slice::from_ref(&grant)))
+    fga.delete_tuples(&store, std::slice::from_ref(&grant))
         .await;
     let revoked = Instant::now();
     loop {
@@ -534,10 +457,50 @@ async fn the_cache_saves_requests_and_the_changelog_evicts_a_revoked_allow() {
     }
 
     shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(2), watcher)
+    tokio::time::timeout(Duration::from_secs(2), watching)
         .await
         .expect("the watcher stops on shutdown")
         .unwrap();
+}
+
+#[tokio::test]
+async fn without_a_cache_the_watcher_still_follows_the_latest_model() {
+    let fga = OpenFga::shared().await;
+    let url = fga.http_url();
+    let (store, model) = fga.app_store("follow-no-cache").await;
+    let followed = Arc::new(
+        OpenFgaClient::connect(&config(&url, StoreRef::Id(store.clone())))
+            .await
+            .unwrap(),
+    );
+    let mut pinned_cfg = config(&url, StoreRef::Id(store.clone()));
+    pinned_cfg.model_id = Some(model.clone());
+    let pinned = Arc::new(OpenFgaClient::connect(&pinned_cfg).await.unwrap());
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+
+    let following = ChangeWatcher::new(followed.clone(), None, Duration::from_millis(20));
+    let watching = following.spawn(shutdown.clone());
+    // A pinned model and no cache to tell: nothing to follow, so the task ends at once.
+    let idle = ChangeWatcher::new(pinned.clone(), None, Duration::from_millis(20));
+    tokio::time::timeout(Duration::from_secs(1), idle.spawn(shutdown.clone()))
+        .await
+        .expect("a watcher with nothing to follow ends")
+        .unwrap();
+
+    let newer = fga.write_model(&store, &app_model()).await;
+    let written = Instant::now();
+    while followed.model_id() != newer {
+        assert!(
+            written.elapsed() < Duration::from_secs(3),
+            "the new model was not followed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(pinned.model_id(), model);
+    // Without a cache nobody needs the changelog: it is not read.
+    assert_eq!(following.last_poll(), None);
+    assert!(!watching.is_finished());
 }
 
 #[tokio::test]
@@ -546,9 +509,11 @@ async fn an_outage_opens_the_breaker_and_a_restart_closes_it() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut fga = OpenFga::start_sqlite(dir.path()).await;
     let url = fga.http_url();
-    let (store, _) = fga.app_store("outage").await;
     let grant = t("user:alice", "owner", "tool:search");
-    fga.write_tuples(&store, &triples(std::slice::from_ref(&grant)))
+    let (store, _) = fga
+        .store("outage")
+        .tuples(std::slice::from_ref(&grant))
+        .create()
         .await;
     let mut cfg = config(&url, StoreRef::Id(store));
     cfg.breaker_failures = 3;
@@ -557,24 +522,16 @@ async fn an_outage_opens_the_breaker_and_a_restart_closes_it() {
     assert_eq!(client.check(&[q(&grant)]).await, Ok(vec![true]));
 
     // A watcher whose changelog polls fail clears the cache: revocations may go unseen.
-    let cache = Arc::new(DecisionCache::new(
-        client.clone(),
-        &CacheConfig {
-            enabled: true,
-            allowed_ttl: Duration::from_secs(300),
-            denied_ttl: Duration::from_secs(300),
-            max_entries: 1000,
-        },
-    ));
+    let cache = Arc::new(DecisionCache::new(client.clone(), &cache_config()));
     let shutdown = CancellationToken::new();
-    let _watcher = tokio::spawn(watch_changes(
+    let watcher = ChangeWatcher::new(
         client.clone(),
-        cache.clone(),
+        Some(cache.clone()),
         Duration::from_millis(50),
-        shutdown.clone(),
-    ));
+    );
+    watcher.spawn(shutdown.clone());
     let _stop = shutdown.drop_guard();
-    while client.last_change_poll().is_none() {
+    while watcher.last_poll().is_none() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(cache.check(&[q(&grant)]).await, Ok(vec![true]));
@@ -589,7 +546,7 @@ async fn an_outage_opens_the_breaker_and_a_restart_closes_it() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let last_poll = client.last_change_poll();
+    let last_poll = watcher.last_poll();
     for _ in 0..3 {
         match client.check(&[q(&grant)]).await {
             Err(BackendError::Unavailable(m)) => {
@@ -637,7 +594,7 @@ async fn an_outage_opens_the_breaker_and_a_restart_closes_it() {
     assert!(client.ready());
     // The watcher reads the changelog again.
     let up = Instant::now();
-    while client.last_change_poll() == last_poll {
+    while watcher.last_poll() == last_poll {
         assert!(
             up.elapsed() < Duration::from_secs(2),
             "the watcher did not recover"

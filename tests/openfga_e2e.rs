@@ -76,17 +76,16 @@ async fn backend(s: &Sidecar, name: &str) -> u64 {
 #[tokio::test]
 async fn templates_batches_and_contextual_tuples() {
     let fga = OpenFga::shared().await;
-    let (store, _) = fga.app_store("templates").await;
-    fga.write_tuples(
-        &store,
-        &[
+    let (store, _) = fga
+        .store("templates")
+        .tuples(&[
             ("user:alice", "executor", "tool:agent_chat"),
             ("user:alice", "owner", "conversation:c1"),
             ("user:bob", "viewer", "conversation:c2"),
             ("organization:acme", "organization", "tool:search"),
-        ],
-    )
-    .await;
+        ])
+        .create()
+        .await;
     let s = sidecar_for(fga, &store).await;
     let alice = bearer("alice", &["user"], &[]);
     let bob = bearer("bob", &["user"], &[]);
@@ -269,15 +268,14 @@ async fn templates_batches_and_contextual_tuples() {
 #[tokio::test]
 async fn cache_saves_calls_and_coalesces() {
     let fga = OpenFga::shared().await;
-    let (store, _) = fga.app_store("cache").await;
-    fga.write_tuples(
-        &store,
-        &[
+    let (store, _) = fga
+        .store("cache")
+        .tuples(&[
             ("user:alice", "executor", "tool:t1"),
             ("user:alice", "executor", "tool:t2"),
-        ],
-    )
-    .await;
+        ])
+        .create()
+        .await;
     let s = sidecar_for(fga, &store).await;
     let alice = bearer("alice", &[], &[]);
     let req = |tool: &str| {
@@ -325,8 +323,10 @@ async fn cache_saves_calls_and_coalesces() {
 #[tokio::test]
 async fn revocation_is_seen_within_two_seconds() {
     let fga = OpenFga::shared().await;
-    let (store, _) = fga.app_store("revoke").await;
-    fga.write_tuples(&store, &[("user:alice", "executor", "tool:revoked")])
+    let (store, _) = fga
+        .store("revoke")
+        .tuples(&[("user:alice", "executor", "tool:revoked")])
+        .create()
         .await;
     let s = sidecar_for(fga, &store).await;
     let alice = bearer("alice", &[], &[]);
@@ -457,15 +457,14 @@ async fn startup_errors_are_one_line_and_exit_2() {
 async fn outage_fails_closed_then_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let mut fga = OpenFga::start_sqlite(dir.path()).await;
-    let (store, _) = fga.app_store("outage").await;
-    fga.write_tuples(
-        &store,
-        &[
+    let (store, _) = fga
+        .store("outage")
+        .tuples(&[
             ("user:alice", "executor", "tool:a"),
             ("user:alice", "executor", "tool:b"),
-        ],
-    )
-    .await;
+        ])
+        .create()
+        .await;
     let s = sidecar_for(&fga, &store).await;
     let alice = bearer("alice", &[], &[]);
     assert_eq!(
@@ -573,8 +572,10 @@ async fn outage_fails_closed_then_recovers() {
 #[tokio::test]
 async fn mcp_tools_call_through_envoy() {
     let fga = OpenFga::shared().await;
-    let (store, _) = fga.app_store("envoy-mcp").await;
-    fga.write_tuples(&store, &[("user:alice", "executor", "tool:agent_chat")])
+    let (store, _) = fga
+        .store("envoy-mcp")
+        .tuples(&[("user:alice", "executor", "tool:agent_chat")])
+        .create()
         .await;
     let s = sidecar_for(fga, &store).await;
     let (up, upstream) = EchoUpstream::start().await;
@@ -614,8 +615,10 @@ async fn mcp_tools_call_through_envoy() {
 #[tokio::test]
 async fn doctor_names_the_problem() {
     let fga = OpenFga::shared().await;
-    let (store, _) = fga.app_store("doctor").await;
-    fga.write_tuples(&store, &[("user:alice", "executor", "tool:agent_chat")])
+    let (store, _) = fga
+        .store("doctor")
+        .tuples(&[("user:alice", "executor", "tool:agent_chat")])
+        .create()
         .await;
     let cfg = local_dir().join("sidecar-openfga.yaml");
     let token = mint(local_claims("bob", &[]));

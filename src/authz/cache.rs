@@ -62,6 +62,17 @@ struct Entry {
     expires_at: u64,
 }
 
+/// How a source of relationship changes (the OpenFGA changelog watcher) tells the cache which
+/// remembered answers went stale. The cache owns this trait so the source depends on two
+/// methods, not on the cache: the OpenFGA client and its watcher never name
+/// [`DecisionCache`].
+pub trait Invalidate: Send + Sync {
+    /// `tuple` was written or deleted: forget answers about its object and for its user.
+    fn invalidate(&self, tuple: &TupleKey);
+    /// A change whose reach cannot be found by key (or may have been missed): forget all.
+    fn clear(&self);
+}
+
 /// `None` until the leader of a flight publishes its answer.
 type Flight = Option<Result<bool, BackendError>>;
 
@@ -305,6 +316,16 @@ impl DecisionCache {
             self.evictions.fetch_add(removed, Ordering::Relaxed);
         }
         self.evicting.store(false, Ordering::Release);
+    }
+}
+
+impl Invalidate for DecisionCache {
+    fn invalidate(&self, tuple: &TupleKey) {
+        DecisionCache::invalidate(self, tuple);
+    }
+
+    fn clear(&self) {
+        DecisionCache::clear(self);
     }
 }
 

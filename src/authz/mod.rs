@@ -50,6 +50,19 @@ pub enum BackendError {
     Rejected(String),
 }
 
+/// One relationship a route rule may ask about, for validating the rules against the
+/// authorization model before serving. Produced by the rules; `None` types are templated
+/// and cannot be checked before a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelationRef {
+    pub rule: String,
+    /// Config key path, like `routes.rules[2].check.all[0]`.
+    pub key: String,
+    pub relation: String,
+    pub object_type: Option<String>,
+    pub user_type: Option<String>,
+}
+
 /// Answers relationship checks. The decision cache implements it too, wrapping the OpenFGA
 /// client, so the pipeline does not know where an answer came from.
 #[async_trait::async_trait]

@@ -9,8 +9,8 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 
+use super::RelationRef;
 use super::TupleKey;
-use super::openfga::RelationRef;
 use crate::authn::Principal;
 use crate::config::{
     ConfigError, Consistency, Match, OnBackendError, OpenFgaConfig, RelationCheckConfig,

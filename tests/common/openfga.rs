@@ -2,15 +2,21 @@
 //! helpers.
 //!
 //! ```ignore
-//! let fga = OpenFga::start().await;                  // memory engine
-//! let store = fga.create_store("test-store").await;  // names: 3..64 chars
-//! let model = fga.write_model(&store, &app_model()).await;
-//! fga.write_tuples(&store, &[("user:alice", "member", "organization:acme")]).await;
-//! assert!(!fga.check(&store, "user:bob", "executor", "tool:search").await);
+//! let fga = OpenFga::shared().await;                 // one memory-engine server per binary
+//! let (store, model) = fga                           // a store of this test's own
+//!     .store("revoke")                               // names: 3..64 chars
+//!     .tuples(&[("user:alice", "executor", "tool:search")])
+//!     .create()                                      // the app model unless `.model(json)`
+//!     .await;
+//! fga.delete_tuples(&store, &[("user:alice", "executor", "tool:search")]).await;
+//! assert!(!fga.check(&store, "user:alice", "executor", "tool:search").await);
 //! ```
+//!
+//! Tuples are `(user, relation, object)` triples or the sidecar's own `TupleKey`s.
 //!
 //! `OpenFga::start_sqlite(dir)` keeps its data in `dir/openfga.db`, so `stop()` + `start_again()`
 //! (or `restart()`) brings the same stores, models and tuples back; the memory engine loses them.
+//! `OpenFga::start_with_key(key)` requires `key` as a bearer token; the helpers send it.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -18,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use authz_sidecar::authz::TupleKey;
 use serde_json::{Value, json};
 
 use super::process::{Proc, free_port};
@@ -36,6 +43,62 @@ pub struct OpenFga {
     http_port: u16,
     grpc_port: u16,
     engine: Engine,
+    /// The preshared key the server requires (`--authn-method=preshared`), if any.
+    key: Option<String>,
+}
+
+/// A relationship tuple as the helpers write it.
+pub trait AsTuple {
+    /// `(user, relation, object)`.
+    fn triple(&self) -> (&str, &str, &str);
+}
+
+impl AsTuple for (&str, &str, &str) {
+    fn triple(&self) -> (&str, &str, &str) {
+        (self.0, self.1, self.2)
+    }
+}
+
+impl AsTuple for TupleKey {
+    fn triple(&self) -> (&str, &str, &str) {
+        (&self.user, &self.relation, &self.object)
+    }
+}
+
+/// A test's own store, built by [`OpenFga::store`]: a model (the app's unless
+/// [`model`](Self::model)) and tuples, written in that order by [`create`](Self::create).
+pub struct StoreBuilder<'a> {
+    fga: &'a OpenFga,
+    name: String,
+    model: Value,
+    tuples: Vec<Value>,
+}
+
+impl StoreBuilder<'_> {
+    /// Another model than the app's (`deploy/openfga/model.json`).
+    pub fn model(mut self, model: Value) -> Self {
+        self.model = model;
+        self
+    }
+
+    /// Tuples to write once the model is there (may be called more than once).
+    pub fn tuples<T: AsTuple>(mut self, tuples: &[T]) -> Self {
+        self.tuples.extend(tuples.iter().map(tuple_key));
+        self
+    }
+
+    /// Creates the store, writes the model, then the tuples; returns (store id, model id).
+    pub async fn create(self) -> (String, String) {
+        let store = self.fga.create_store(&self.name).await;
+        let model = self.fga.write_model(&store, &self.model).await;
+        self.fga.write_keys(&store, "writes", self.tuples).await;
+        (store, model)
+    }
+}
+
+fn tuple_key<T: AsTuple>(t: &T) -> Value {
+    let (user, relation, object) = t.triple();
+    json!({ "user": user, "relation": relation, "object": object })
 }
 
 /// The app's authorization model (`deploy/openfga/model.json`), as the JSON body of
@@ -67,13 +130,19 @@ impl OpenFga {
 
     /// Memory engine, free HTTP and gRPC ports; returns once `/healthz` says SERVING.
     pub async fn start() -> OpenFga {
-        Self::start_engine(Engine::Memory, false).await
+        Self::start_engine(Engine::Memory, false, None).await
+    }
+
+    /// Memory engine, requiring `key` as a bearer token on every API call (`/healthz` is
+    /// open). The helpers below send it.
+    pub async fn start_with_key(key: &str) -> OpenFga {
+        Self::start_engine(Engine::Memory, false, Some(key.to_string())).await
     }
 
     /// Like [`OpenFga::start`], for a server kept in a static: the process is watched and stops
     /// when the test process exits.
     pub async fn start_watched() -> OpenFga {
-        Self::start_engine(Engine::Memory, true).await
+        Self::start_engine(Engine::Memory, true, None).await
     }
 
     /// SQLite engine with its database in `dir/openfga.db` (created and migrated first):
@@ -92,7 +161,7 @@ impl OpenFga {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        Self::start_engine(engine, false).await
+        Self::start_engine(engine, false, None).await
     }
 
     fn datastore_uri(engine: &Engine) -> Option<String> {
@@ -105,7 +174,7 @@ impl OpenFga {
         }
     }
 
-    async fn start_engine(engine: Engine, watched: bool) -> OpenFga {
+    async fn start_engine(engine: Engine, watched: bool, key: Option<String>) -> OpenFga {
         let http_port = free_port();
         let grpc_port = free_port();
         let mut cmd = Command::new(tools::tool("openfga"));
@@ -118,6 +187,10 @@ impl OpenFga {
                 cmd.args(["--datastore-engine", "sqlite", "--datastore-uri"])
                     .arg(Self::datastore_uri(&engine).unwrap());
             }
+        }
+        if let Some(key) = &key {
+            cmd.arg("--authn-method=preshared")
+                .arg(format!("--authn-preshared-keys={key}"));
         }
         cmd.arg(format!("--http-addr=127.0.0.1:{http_port}"))
             .arg(format!("--grpc-addr=127.0.0.1:{grpc_port}"))
@@ -134,6 +207,7 @@ impl OpenFga {
             http_port,
             grpc_port,
             engine,
+            key,
         };
         fga.wait_ready().await;
         fga
@@ -205,9 +279,11 @@ impl OpenFga {
 
     async fn post(&self, path: &str, body: &Value) -> Value {
         let url = format!("{}{path}", self.http_url());
-        let resp = client()
-            .post(&url)
-            .json(body)
+        let mut req = client().post(&url).json(body);
+        if let Some(key) = &self.key {
+            req = req.bearer_auth(key);
+        }
+        let resp = req
             .send()
             .await
             .unwrap_or_else(|e| panic!("POST {url}: {e}"));
@@ -241,46 +317,44 @@ impl OpenFga {
             .to_string()
     }
 
-    /// A new store with the app model; returns (store id, model id).
+    /// A store of the test's own, with the app model unless told otherwise; see
+    /// [`StoreBuilder`].
+    pub fn store(&self, name: &str) -> StoreBuilder<'_> {
+        StoreBuilder {
+            fga: self,
+            name: name.to_string(),
+            model: app_model(),
+            tuples: Vec::new(),
+        }
+    }
+
+    /// A new store with the app model and no tuples; returns (store id, model id).
     pub async fn app_store(&self, name: &str) -> (String, String) {
-        let store = self.create_store(name).await;
-        let model = self.write_model(&store, &app_model()).await;
-        (store, model)
+        self.store(name).create().await
     }
 
-    fn tuple_keys(tuples: &[(&str, &str, &str)]) -> Value {
-        Value::Array(
-            tuples
-                .iter()
-                .map(|(user, relation, object)| {
-                    json!({ "user": user, "relation": relation, "object": object })
-                })
-                .collect(),
-        )
-    }
-
-    /// Write (user, relation, object) tuples against the store's latest model.
-    pub async fn write_tuples(&self, store: &str, tuples: &[(&str, &str, &str)]) {
-        if tuples.is_empty() {
+    /// `writes` or `deletes` of tuple keys, in one request.
+    async fn write_keys(&self, store: &str, what: &str, keys: Vec<Value>) {
+        if keys.is_empty() {
             return;
         }
         self.post(
             &format!("/stores/{store}/write"),
-            &json!({ "writes": { "tuple_keys": Self::tuple_keys(tuples) } }),
+            &json!({ what: { "tuple_keys": keys } }),
         )
         .await;
     }
 
-    /// Delete (user, relation, object) tuples.
-    pub async fn delete_tuples(&self, store: &str, tuples: &[(&str, &str, &str)]) {
-        if tuples.is_empty() {
-            return;
-        }
-        self.post(
-            &format!("/stores/{store}/write"),
-            &json!({ "deletes": { "tuple_keys": Self::tuple_keys(tuples) } }),
-        )
-        .await;
+    /// Write tuples against the store's latest model.
+    pub async fn write_tuples<T: AsTuple>(&self, store: &str, tuples: &[T]) {
+        self.write_keys(store, "writes", tuples.iter().map(tuple_key).collect())
+            .await;
+    }
+
+    /// Delete tuples.
+    pub async fn delete_tuples<T: AsTuple>(&self, store: &str, tuples: &[T]) {
+        self.write_keys(store, "deletes", tuples.iter().map(tuple_key).collect())
+            .await;
     }
 
     /// Check against the store's latest model, with HIGHER_CONSISTENCY (no cache).

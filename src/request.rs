@@ -84,6 +84,9 @@ pub struct CheckInput {
     pub path: String,
     /// Decoded query parameters in order.
     pub query: Vec<(String, String)>,
+    /// The query as received (after `?`, before `#`), for rules that must read a parameter
+    /// strictly (one occurrence, valid percent-encoding): see `authz::rules`.
+    pub query_raw: String,
     /// Lower-case host without port.
     pub host: String,
     pub scheme: String,
@@ -109,6 +112,7 @@ impl CheckInput {
             method: method.to_ascii_uppercase(),
             path,
             query,
+            query_raw: query_part(path_and_query).to_string(),
             host: "localhost".into(),
             scheme: "http".into(),
             ..Self::default()
@@ -172,8 +176,10 @@ pub fn from_proto(req: auth::CheckRequest) -> Result<CheckInput, RequestError> {
     }
 
     let (path, mut query) = split_path(&http.path)?;
+    let mut query_raw = query_part(&http.path).to_string();
     if query.is_empty() && !http.query.is_empty() {
         query = parse_query(&http.query);
+        query_raw = http.query.clone();
     }
     let host = if http.host.is_empty() {
         headers.first(":authority").unwrap_or_default().to_string()
@@ -209,6 +215,7 @@ pub fn from_proto(req: auth::CheckRequest) -> Result<CheckInput, RequestError> {
         method,
         path,
         query,
+        query_raw,
         host: strip_port(&host).to_ascii_lowercase(),
         scheme: http.scheme,
         headers,
@@ -242,6 +249,12 @@ pub fn split_path(raw: &str) -> Result<(String, Vec<(String, String)>), RequestE
         .split_once('?')
         .unwrap_or((raw_no_fragment, ""));
     Ok((normalize_path(path)?, parse_query(query)))
+}
+
+/// The raw query of `path?query#fragment` (empty without one).
+pub fn query_part(raw: &str) -> &str {
+    let no_fragment = raw.split('#').next().unwrap_or_default();
+    no_fragment.split_once('?').map_or("", |(_, q)| q)
 }
 
 /// Percent-decodes (keeping `%2F` encoded so it cannot create segments), removes dot

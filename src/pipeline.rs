@@ -491,7 +491,7 @@ rules:
             ("NaN", post(r#"{"method":"tools/call","params":{"name":"shell"},"x":NaN}"#), "request body is not strict JSON: expected value"),
             ("1e400", post(r#"{"method":"tools/call","params":{"name":"shell"},"x":1e400}"#), "request body is not strict JSON: number out of range"),
             ("duplicate keys", post(r#"{"method":"ping","method":"tools/call","params":{"name":"shell"}}"#), "request body is not strict JSON: duplicate key \"method\""),
-            ("no body", CheckInput::http("POST", "/message").unwrap().with_header("x-api-key", "key-alice"), "request has no body"),
+            ("no body", CheckInput::http("POST", "/message").unwrap().with_header("x-api-key", "key-alice"), "no request body reached the authorizer"),
             ("a partial body", post(&call).with_header("x-envoy-auth-partial-body", "true"), "request body was cut at Envoy's max_request_bytes"),
         ] {
             let d = check(&state, &input).await;

@@ -191,7 +191,7 @@ pub enum Ambiguity {
         "request body was not sent to the authorizer ({0}): Envoy's ext_authz needs with_request_body"
     )]
     BodyNotSent(String),
-    #[error("request has no body")]
+    #[error("no request body reached the authorizer (none was sent, or Envoy's ext_authz lacks with_request_body)")]
     BodyEmpty,
     #[error("request body is {got} bytes but content-length says {declared}")]
     BodyLength { got: usize, declared: u64 },
@@ -1198,7 +1198,7 @@ rules:
             ("an escaped duplicate key is refused", post(br#"{"method":"ping","m\u0065thod":"tools/call"}"#), Err("request body is not strict JSON: duplicate key \"method\" at line 1 column 30")),
             ("trailing text is refused", post(br#"{"method":"ping"} {"method":"tools/call"}"#), Err("request body is not strict JSON: trailing characters")),
             ("bytes that are not UTF-8 are refused", post(b"{\"method\":\"tools/call\",\"x\":\"\xff\"}"), Err("request body is not UTF-8")),
-            ("no body is refused", CheckInput::http("POST", "/message").unwrap(), Err("request has no body")),
+            ("no body is refused", CheckInput::http("POST", "/message").unwrap(), Err("no request body reached the authorizer")),
             ("a body Envoy did not send is refused", CheckInput::http("POST", "/message").unwrap().with_header("content-length", "120"), Err("request body was not sent to the authorizer (content-length 120): Envoy's ext_authz needs with_request_body")),
             ("a chunked body Envoy did not send is refused", CheckInput::http("POST", "/message").unwrap().with_header("transfer-encoding", "chunked"), Err("request body was not sent to the authorizer (transfer-encoding)")),
             ("a body Envoy cut is refused", post(call).with_header(PARTIAL_BODY_HEADER, "true"), Err("request body was cut at Envoy's max_request_bytes (x-envoy-auth-partial-body: true)")),
@@ -1349,7 +1349,7 @@ rules:
         )
         .unwrap();
         let e = outcome(&rs, &CheckInput::http("POST", "/rpc").unwrap()).unwrap_err();
-        assert_eq!(e, "request has no body (rule rpc reads body field /method)");
+        assert_eq!(e, "no request body reached the authorizer (none was sent, or Envoy's ext_authz lacks with_request_body) (rule rpc reads body field /method)");
         let input = CheckInput::http("POST", "/rpc")
             .unwrap()
             .with_body(br#"{"method":"tools/call"}"#);

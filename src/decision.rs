@@ -87,10 +87,12 @@ pub fn deny_for(failure: &Failure, realm: &str) -> Deny {
             (400, tonic::Code::InvalidArgument, "invalid_request", None)
         }
         // Answered as the element, with the element named in the reason.
-        Failure::InBatch(_, inner) => return Deny {
-            reason,
-            ..deny_for(inner, realm)
-        },
+        Failure::InBatch(_, inner) => {
+            return Deny {
+                reason,
+                ..deny_for(inner, realm)
+            };
+        }
         Failure::CorsOrigin(_) => (403, tonic::Code::PermissionDenied, "cors_origin", None),
         Failure::Authn(e) if e.is_unavailable() => {
             (503, tonic::Code::Unavailable, "unavailable", None)

@@ -1,5 +1,6 @@
-//! One check, start to finish, as a plain async function over [`State`]: CORS preflight,
-//! rule match, authentication, authorization. No protobuf in here: the gRPC adapter converts
+//! One check, start to finish, as a plain async function over [`State`]: CORS preflight
+//! (answered here), routing (one part, or one per JSON-RPC batch element), authentication,
+//! authorization of every part. No protobuf in here: the gRPC adapter converts
 //! at the edges, and tests, `doctor` and benchmarks call [`check`] directly.
 
 use std::sync::{Arc, OnceLock};
@@ -272,7 +273,11 @@ mod tests {
     impl ApiKeyStore for Keys {
         async fn authenticate(&self, key: &str) -> Result<Principal, AuthnError> {
             match key {
-                "key-alice" => Ok(Principal::new(PrincipalKind::User, "alice", AuthMethod::ApiKey)),
+                "key-alice" => Ok(Principal::new(
+                    PrincipalKind::User,
+                    "alice",
+                    AuthMethod::ApiKey,
+                )),
                 _ => Err(AuthnError::ApiKeyUnknown),
             }
         }
@@ -294,7 +299,10 @@ mod tests {
     impl RelationshipChecker for Fga {
         async fn check(&self, queries: &[CheckQuery]) -> Result<Vec<bool>, BackendError> {
             self.calls.lock().unwrap().push(queries.len());
-            Ok(queries.iter().map(|q| self.tuples.contains(&q.tuple)).collect())
+            Ok(queries
+                .iter()
+                .map(|q| self.tuples.contains(&q.tuple))
+                .collect())
         }
         fn ready(&self) -> bool {
             true
@@ -376,7 +384,9 @@ rules:
     }
 
     fn call(tool: &str, id: u32) -> String {
-        format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"{tool}"}}}}"#)
+        format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"{tool}"}}}}"#
+        )
     }
 
     fn post(body: &str) -> CheckInput {
@@ -421,7 +431,10 @@ rules:
             ),
             (
                 "a batch mixing a call and another method is allowed",
-                format!(r#"[{},{{"jsonrpc":"2.0","id":2,"method":"tools/list"}}]"#, call("agent_chat", 1)),
+                format!(
+                    r#"[{},{{"jsonrpc":"2.0","id":2,"method":"tools/list"}}]"#,
+                    call("agent_chat", 1)
+                ),
                 200,
                 "",
                 "mcp-tools-call,mcp-other",
@@ -437,7 +450,10 @@ rules:
             ),
             (
                 "an element without a tool name denies the batch",
-                format!(r#"[{},{{"method":"tools/call","params":{{}}}}]"#, call("agent_chat", 1)),
+                format!(
+                    r#"[{},{{"method":"tools/call","params":{{}}}}]"#,
+                    call("agent_chat", 1)
+                ),
                 403,
                 "JSON-RPC batch element 1: cannot build tool:{body:/params/name}: body field /params/name missing",
                 "mcp-tools-call",
@@ -461,7 +477,10 @@ rules:
             ),
             (
                 "an element whose tool name is a fraction is refused, naming it",
-                format!(r#"[{},{{"method":"tools/call","params":{{"name":1.5}}}}]"#, call("agent_chat", 1)),
+                format!(
+                    r#"[{},{{"method":"tools/call","params":{{"name":1.5}}}}]"#,
+                    call("agent_chat", 1)
+                ),
                 400,
                 "JSON-RPC batch element 1: body field /params/name is a fractional or out-of-range number, which parsers render differently (rule mcp-tools-call reads body field /params/name)",
                 "mcp-tools-call",
@@ -471,9 +490,17 @@ rules:
             fga.calls.lock().unwrap().clear();
             let d = check(&state, &post(&body)).await;
             let (status, _, reason, rule) = answer(&d);
-            assert_eq!((status, reason.as_str()), (want_status, want_reason), "{what}");
+            assert_eq!(
+                (status, reason.as_str()),
+                (want_status, want_reason),
+                "{what}"
+            );
             assert_eq!(rule, want_rule, "{what}");
-            assert_eq!(*fga.calls.lock().unwrap(), want_calls, "{what}: OpenFGA calls");
+            assert_eq!(
+                *fga.calls.lock().unwrap(),
+                want_calls,
+                "{what}: OpenFGA calls"
+            );
         }
         // Authenticated once: a batch without credentials is a 401, not a 400 per element.
         let input = CheckInput::http("POST", "/message")
@@ -487,16 +514,46 @@ rules:
         let (state, _) = state();
         let call = call("shell", 1);
         for (what, input, want) in [
-            ("a BOM", post(&format!("\u{feff}{call}")), "request body starts with a byte order mark"),
-            ("NaN", post(r#"{"method":"tools/call","params":{"name":"shell"},"x":NaN}"#), "request body is not strict JSON: expected value"),
-            ("1e400", post(r#"{"method":"tools/call","params":{"name":"shell"},"x":1e400}"#), "request body is not strict JSON: number out of range"),
-            ("duplicate keys", post(r#"{"method":"ping","method":"tools/call","params":{"name":"shell"}}"#), "request body is not strict JSON: duplicate key \"method\""),
-            ("no body", CheckInput::http("POST", "/message").unwrap().with_header("x-api-key", "key-alice"), "no request body reached the authorizer"),
-            ("a partial body", post(&call).with_header("x-envoy-auth-partial-body", "true"), "request body was cut at Envoy's max_request_bytes"),
+            (
+                "a BOM",
+                post(&format!("\u{feff}{call}")),
+                "request body starts with a byte order mark",
+            ),
+            (
+                "NaN",
+                post(r#"{"method":"tools/call","params":{"name":"shell"},"x":NaN}"#),
+                "request body is not strict JSON: expected value",
+            ),
+            (
+                "1e400",
+                post(r#"{"method":"tools/call","params":{"name":"shell"},"x":1e400}"#),
+                "request body is not strict JSON: number out of range",
+            ),
+            (
+                "duplicate keys",
+                post(r#"{"method":"ping","method":"tools/call","params":{"name":"shell"}}"#),
+                "request body is not strict JSON: duplicate key \"method\"",
+            ),
+            (
+                "no body",
+                CheckInput::http("POST", "/message")
+                    .unwrap()
+                    .with_header("x-api-key", "key-alice"),
+                "no request body reached the authorizer",
+            ),
+            (
+                "a partial body",
+                post(&call).with_header("x-envoy-auth-partial-body", "true"),
+                "request body was cut at Envoy's max_request_bytes",
+            ),
         ] {
             let d = check(&state, &input).await;
             let (status, error, reason, rule) = answer(&d);
-            assert_eq!((status, error), (400, "invalid_request"), "{what}: {reason}");
+            assert_eq!(
+                (status, error),
+                (400, "invalid_request"),
+                "{what}: {reason}"
+            );
             assert!(reason.starts_with(want), "{what}: {reason}");
             assert_eq!(rule, "mcp-tools-call", "{what}");
         }
@@ -527,6 +584,12 @@ rules:
         assert_eq!(answer(&d).0, 403, "a refused origin stays refused");
         // An ordinary request is forwarded as before.
         let d = check(&state, &post(&call("agent_chat", 1))).await;
-        assert!(matches!(d, Decision::Allow(Allow { local_reply: None, .. })));
+        assert!(matches!(
+            d,
+            Decision::Allow(Allow {
+                local_reply: None,
+                ..
+            })
+        ));
     }
 }

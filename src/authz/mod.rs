@@ -157,7 +157,8 @@ pub async fn authorize_all(
     let Some(&(first, _, _)) = asked.first() else {
         return Ok(Granted::default());
     };
-    let checker = checker.ok_or_else(|| (first, AuthzError::NoChecker(parts[first].0.name.clone())))?;
+    let checker =
+        checker.ok_or_else(|| (first, AuthzError::NoChecker(parts[first].0.name.clone())))?;
     let answers = checker.check(&queries).await.and_then(|a| {
         if a.len() == queries.len() {
             Ok(a)

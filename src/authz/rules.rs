@@ -4,6 +4,11 @@
 //!
 //! Rules compile once at startup; every mistake in them (an unknown path parameter in a
 //! template, a bad predicate, an empty check) is a config error naming its key.
+//!
+//! Routing ([`RuleSet::route`]) reads request values strictly: a body, query parameter or
+//! header that the app's parser could read differently from ours is a [`Refusal`] (400),
+//! never a reason to skip a rule and fall through to a weaker one. A body that is a JSON
+//! array is a JSON-RPC batch, routed element by element.
 
 use std::sync::OnceLock;
 
@@ -191,7 +196,9 @@ pub enum Ambiguity {
         "request body was not sent to the authorizer ({0}): Envoy's ext_authz needs with_request_body"
     )]
     BodyNotSent(String),
-    #[error("no request body reached the authorizer (none was sent, or Envoy's ext_authz lacks with_request_body)")]
+    #[error(
+        "no request body reached the authorizer (none was sent, or Envoy's ext_authz lacks with_request_body)"
+    )]
     BodyEmpty,
     #[error("request body is {got} bytes but content-length says {declared}")]
     BodyLength { got: usize, declared: u64 },
@@ -311,7 +318,11 @@ impl<'a> EvalContext<'a> {
 
     /// The value of a source, `None` when absent. A value that two parsers could read
     /// differently is an error, never a guess.
-    fn read(&self, src: &Source, principal: Option<&Principal>) -> Result<Option<String>, Unreadable> {
+    fn read(
+        &self,
+        src: &Source,
+        principal: Option<&Principal>,
+    ) -> Result<Option<String>, Unreadable> {
         Ok(match src {
             Source::Param(n) => self
                 .params
@@ -575,11 +586,9 @@ impl Template {
                             ));
                         }
                     };
-                    let v = v
-                        .filter(|v| !v.is_empty())
-                        .ok_or_else(|| {
-                            format!("cannot build {}: {} missing", self.raw, src.describe())
-                        })?;
+                    let v = v.filter(|v| !v.is_empty()).ok_or_else(|| {
+                        format!("cannot build {}: {} missing", self.raw, src.describe())
+                    })?;
                     let subject_like = matches!(src, Source::Subject);
                     if v.len() > 256
                         || v.chars()
@@ -1171,13 +1180,16 @@ rules:
 "#;
 
     fn post(body: &[u8]) -> CheckInput {
-        CheckInput::http("POST", "/message").unwrap().with_body(body)
+        CheckInput::http("POST", "/message")
+            .unwrap()
+            .with_body(body)
     }
 
     #[test]
     fn a_body_rule_refuses_a_body_it_cannot_read_strictly() {
         let rs = rules(MCP).unwrap();
-        let call = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"agent_chat"}}"#;
+        let call =
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"agent_chat"}}"#;
         let with_bom = [b"\xef\xbb\xbf".as_slice(), call].concat();
         let deep = format!(
             r#"{{"method":"tools/call","params":{{"name":"agent_chat"}},"x":{}1{}}}"#,
@@ -1186,27 +1198,121 @@ rules:
         );
         let reads_method = "(rule mcp-tools-call reads body field /method)";
         for (what, input, want) in [
-            ("a tools/call goes to the rule that checks the tool", post(call), Ok("mcp-tools-call")),
-            ("another method goes to the next rule", post(br#"{"method":"tools/list"}"#), Ok("mcp-other")),
-            ("a side field may hold any finite number", post(br#"{"method":"ping","x":1.5e300}"#), Ok("mcp-other")),
-            ("a GET never reads the body", CheckInput::http("GET", "/message").unwrap(), Ok("api")),
-            ("a byte order mark is refused", post(&with_bom), Err("request body starts with a byte order mark")),
-            ("NaN is refused", post(br#"{"method":"tools/call","params":{"name":"agent_chat"},"x":NaN}"#), Err("request body is not strict JSON: expected value")),
-            ("1e400 is refused", post(br#"{"method":"tools/call","params":{"name":"agent_chat"},"x":1e400}"#), Err("request body is not strict JSON: number out of range")),
-            ("nesting deeper than 128 is refused", post(deep.as_bytes()), Err("request body is not strict JSON: recursion limit exceeded")),
-            ("a duplicate key is refused", post(br#"{"method":"ping","method":"tools/call","params":{"name":"agent_chat"}}"#), Err("request body is not strict JSON: duplicate key \"method\"")),
-            ("an escaped duplicate key is refused", post(br#"{"method":"ping","m\u0065thod":"tools/call"}"#), Err("request body is not strict JSON: duplicate key \"method\" at line 1 column 30")),
-            ("trailing text is refused", post(br#"{"method":"ping"} {"method":"tools/call"}"#), Err("request body is not strict JSON: trailing characters")),
-            ("bytes that are not UTF-8 are refused", post(b"{\"method\":\"tools/call\",\"x\":\"\xff\"}"), Err("request body is not UTF-8")),
-            ("no body is refused", CheckInput::http("POST", "/message").unwrap(), Err("no request body reached the authorizer")),
-            ("a body Envoy did not send is refused", CheckInput::http("POST", "/message").unwrap().with_header("content-length", "120"), Err("request body was not sent to the authorizer (content-length 120): Envoy's ext_authz needs with_request_body")),
-            ("a chunked body Envoy did not send is refused", CheckInput::http("POST", "/message").unwrap().with_header("transfer-encoding", "chunked"), Err("request body was not sent to the authorizer (transfer-encoding)")),
-            ("a body Envoy cut is refused", post(call).with_header(PARTIAL_BODY_HEADER, "true"), Err("request body was cut at Envoy's max_request_bytes (x-envoy-auth-partial-body: true)")),
-            ("a whole body Envoy says so of is read", post(call).with_header(PARTIAL_BODY_HEADER, "false"), Ok("mcp-tools-call")),
-            ("a body shorter than its content-length is refused", post(call).with_header("content-length", "4096"), Err("request body is 77 bytes but content-length says 4096")),
-            ("a compressed body is refused", post(call).with_header("content-encoding", "gzip"), Err("request body is content-encoded (gzip)")),
-            ("a fractional number the check reads is refused", post(br#"{"method":"tools/call","params":{"name":1.0}}"#), Err("body field /params/name is a fractional or out-of-range number")),
-            ("an integer the check reads is read", post(br#"{"method":"tools/call","params":{"name":42}}"#), Ok("mcp-tools-call")),
+            (
+                "a tools/call goes to the rule that checks the tool",
+                post(call),
+                Ok("mcp-tools-call"),
+            ),
+            (
+                "another method goes to the next rule",
+                post(br#"{"method":"tools/list"}"#),
+                Ok("mcp-other"),
+            ),
+            (
+                "a side field may hold any finite number",
+                post(br#"{"method":"ping","x":1.5e300}"#),
+                Ok("mcp-other"),
+            ),
+            (
+                "a GET never reads the body",
+                CheckInput::http("GET", "/message").unwrap(),
+                Ok("api"),
+            ),
+            (
+                "a byte order mark is refused",
+                post(&with_bom),
+                Err("request body starts with a byte order mark"),
+            ),
+            (
+                "NaN is refused",
+                post(br#"{"method":"tools/call","params":{"name":"agent_chat"},"x":NaN}"#),
+                Err("request body is not strict JSON: expected value"),
+            ),
+            (
+                "1e400 is refused",
+                post(br#"{"method":"tools/call","params":{"name":"agent_chat"},"x":1e400}"#),
+                Err("request body is not strict JSON: number out of range"),
+            ),
+            (
+                "nesting deeper than 128 is refused",
+                post(deep.as_bytes()),
+                Err("request body is not strict JSON: recursion limit exceeded"),
+            ),
+            (
+                "a duplicate key is refused",
+                post(br#"{"method":"ping","method":"tools/call","params":{"name":"agent_chat"}}"#),
+                Err("request body is not strict JSON: duplicate key \"method\""),
+            ),
+            (
+                "an escaped duplicate key is refused",
+                post(br#"{"method":"ping","m\u0065thod":"tools/call"}"#),
+                Err(
+                    "request body is not strict JSON: duplicate key \"method\" at line 1 column 30",
+                ),
+            ),
+            (
+                "trailing text is refused",
+                post(br#"{"method":"ping"} {"method":"tools/call"}"#),
+                Err("request body is not strict JSON: trailing characters"),
+            ),
+            (
+                "bytes that are not UTF-8 are refused",
+                post(b"{\"method\":\"tools/call\",\"x\":\"\xff\"}"),
+                Err("request body is not UTF-8"),
+            ),
+            (
+                "no body is refused",
+                CheckInput::http("POST", "/message").unwrap(),
+                Err("no request body reached the authorizer"),
+            ),
+            (
+                "a body Envoy did not send is refused",
+                CheckInput::http("POST", "/message")
+                    .unwrap()
+                    .with_header("content-length", "120"),
+                Err(
+                    "request body was not sent to the authorizer (content-length 120): Envoy's ext_authz needs with_request_body",
+                ),
+            ),
+            (
+                "a chunked body Envoy did not send is refused",
+                CheckInput::http("POST", "/message")
+                    .unwrap()
+                    .with_header("transfer-encoding", "chunked"),
+                Err("request body was not sent to the authorizer (transfer-encoding)"),
+            ),
+            (
+                "a body Envoy cut is refused",
+                post(call).with_header(PARTIAL_BODY_HEADER, "true"),
+                Err(
+                    "request body was cut at Envoy's max_request_bytes (x-envoy-auth-partial-body: true)",
+                ),
+            ),
+            (
+                "a whole body Envoy says so of is read",
+                post(call).with_header(PARTIAL_BODY_HEADER, "false"),
+                Ok("mcp-tools-call"),
+            ),
+            (
+                "a body shorter than its content-length is refused",
+                post(call).with_header("content-length", "4096"),
+                Err("request body is 77 bytes but content-length says 4096"),
+            ),
+            (
+                "a compressed body is refused",
+                post(call).with_header("content-encoding", "gzip"),
+                Err("request body is content-encoded (gzip)"),
+            ),
+            (
+                "a fractional number the check reads is refused",
+                post(br#"{"method":"tools/call","params":{"name":1.0}}"#),
+                Err("body field /params/name is a fractional or out-of-range number"),
+            ),
+            (
+                "an integer the check reads is read",
+                post(br#"{"method":"tools/call","params":{"name":42}}"#),
+                Ok("mcp-tools-call"),
+            ),
         ] {
             let got = outcome(&rs, &input);
             match want {
@@ -1215,7 +1321,8 @@ rules:
                     let e = got.expect_err(what);
                     assert!(e.starts_with(text), "{what}: {e}");
                     assert!(
-                        e.ends_with(reads_method) || e.ends_with("(rule mcp-tools-call reads body field /params/name)"),
+                        e.ends_with(reads_method)
+                            || e.ends_with("(rule mcp-tools-call reads body field /params/name)"),
                         "{what}: the refusal names the rule and what it reads: {e}"
                     );
                 }
@@ -1237,13 +1344,21 @@ rules:
                 r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"agent_chat"}}]"#,
                 Ok(vec!["mcp-tools-call"]),
             ),
-            ("an empty batch is refused", "[]", Err("JSON-RPC batch is empty (rule mcp-tools-call reads body field /method)")),
+            (
+                "an empty batch is refused",
+                "[]",
+                Err("JSON-RPC batch is empty (rule mcp-tools-call reads body field /method)"),
+            ),
             (
                 "an element that is not an object is refused",
                 r#"[{"method":"tools/list"},"tools/call"]"#,
                 Err("JSON-RPC batch element 1 is not an object"),
             ),
-            ("a nested batch is refused", r#"[[{"method":"tools/call"}]]"#, Err("JSON-RPC batch element 0 is not an object")),
+            (
+                "a nested batch is refused",
+                r#"[[{"method":"tools/call"}]]"#,
+                Err("JSON-RPC batch element 0 is not an object"),
+            ),
             (
                 "an element the check cannot read is refused, naming it",
                 r#"[{"method":"tools/list"},{"method":"tools/call","params":{"name":2.5}}]"#,
@@ -1300,27 +1415,89 @@ rules:
         let org = |values: &[&[u8]]| {
             let mut input = get("/org");
             for v in values {
-                input.headers.insert("x-tenant", bytes::Bytes::copy_from_slice(v));
+                input
+                    .headers
+                    .insert("x-tenant", bytes::Bytes::copy_from_slice(v));
             }
             input
         };
         for (what, input, want) in [
-            ("a parameter given once is read", get("/search?thread=c1"), Ok("by-query")),
-            ("an absent parameter is not ambiguous", get("/search"), Ok("by-query")),
-            ("other parameters may repeat", get("/search?thread=c1&tag=a&tag=b"), Ok("by-query")),
-            ("another parameter's bad encoding is not read", get("/search?q=%zz&thread=c1"), Ok("by-query")),
-            ("a repeated parameter is refused", get("/search?thread=c1&thread=c2"), Err("query parameter thread appears more than once (rule by-query reads query parameter thread)")),
-            ("an encoded repeat is a repeat", get("/search?thread=c1&th%72ead=c2"), Err("query parameter thread appears more than once")),
-            ("a bad escape in the value is refused", get("/search?thread=c1%zz"), Err("query has bad percent-encoding in \"c1%zz\"")),
-            ("a value that is not UTF-8 is refused", get("/search?thread=%ff"), Err("query has bad percent-encoding in \"%ff\"")),
-            ("a bad escape in any key is refused", get("/search?thr%zzead=c1&thread=c2"), Err("query has bad percent-encoding in \"thr%zzead\"")),
-            ("a ';' separator is refused", get("/search?thread=c1;thread=c2"), Err("query contains ';'")),
-            ("a header given once is read", org(&[b"acme"]), Ok("by-header")),
+            (
+                "a parameter given once is read",
+                get("/search?thread=c1"),
+                Ok("by-query"),
+            ),
+            (
+                "an absent parameter is not ambiguous",
+                get("/search"),
+                Ok("by-query"),
+            ),
+            (
+                "other parameters may repeat",
+                get("/search?thread=c1&tag=a&tag=b"),
+                Ok("by-query"),
+            ),
+            (
+                "another parameter's bad encoding is not read",
+                get("/search?q=%zz&thread=c1"),
+                Ok("by-query"),
+            ),
+            (
+                "a repeated parameter is refused",
+                get("/search?thread=c1&thread=c2"),
+                Err(
+                    "query parameter thread appears more than once (rule by-query reads query parameter thread)",
+                ),
+            ),
+            (
+                "an encoded repeat is a repeat",
+                get("/search?thread=c1&th%72ead=c2"),
+                Err("query parameter thread appears more than once"),
+            ),
+            (
+                "a bad escape in the value is refused",
+                get("/search?thread=c1%zz"),
+                Err("query has bad percent-encoding in \"c1%zz\""),
+            ),
+            (
+                "a value that is not UTF-8 is refused",
+                get("/search?thread=%ff"),
+                Err("query has bad percent-encoding in \"%ff\""),
+            ),
+            (
+                "a bad escape in any key is refused",
+                get("/search?thr%zzead=c1&thread=c2"),
+                Err("query has bad percent-encoding in \"thr%zzead\""),
+            ),
+            (
+                "a ';' separator is refused",
+                get("/search?thread=c1;thread=c2"),
+                Err("query contains ';'"),
+            ),
+            (
+                "a header given once is read",
+                org(&[b"acme"]),
+                Ok("by-header"),
+            ),
             ("another value falls through", org(&[b"other"]), Ok("api")),
             ("an absent header falls through", org(&[]), Ok("api")),
-            ("a repeated header is refused", org(&[b"other", b"acme"]), Err("header x-tenant appears more than once (rule by-header reads header x-tenant)")),
-            ("a header Envoy joined is refused", org(&[b"other,acme"]), Err("header x-tenant holds a ','")),
-            ("a header that is not UTF-8 is refused", org(&[b"acme\xff"]), Err("header x-tenant is not valid UTF-8")),
+            (
+                "a repeated header is refused",
+                org(&[b"other", b"acme"]),
+                Err(
+                    "header x-tenant appears more than once (rule by-header reads header x-tenant)",
+                ),
+            ),
+            (
+                "a header Envoy joined is refused",
+                org(&[b"other,acme"]),
+                Err("header x-tenant holds a ','"),
+            ),
+            (
+                "a header that is not UTF-8 is refused",
+                org(&[b"acme\xff"]),
+                Err("header x-tenant is not valid UTF-8"),
+            ),
         ] {
             match (want, outcome(&rs, &input)) {
                 (Ok(want), Ok(got)) => assert_eq!(got, [want], "{what}"),
@@ -1331,7 +1508,10 @@ rules:
         let input = get("/search?thread=a+b%2Bc");
         let Routed { ctx, .. } = routed(&rs, &input);
         assert_eq!(
-            ctx.read(&Source::Query("thread".into()), None).ok().flatten().as_deref(),
+            ctx.read(&Source::Query("thread".into()), None)
+                .ok()
+                .flatten()
+                .as_deref(),
             Some("a b+c")
         );
     }
@@ -1349,7 +1529,10 @@ rules:
         )
         .unwrap();
         let e = outcome(&rs, &CheckInput::http("POST", "/rpc").unwrap()).unwrap_err();
-        assert_eq!(e, "no request body reached the authorizer (none was sent, or Envoy's ext_authz lacks with_request_body) (rule rpc reads body field /method)");
+        assert_eq!(
+            e,
+            "no request body reached the authorizer (none was sent, or Envoy's ext_authz lacks with_request_body) (rule rpc reads body field /method)"
+        );
         let input = CheckInput::http("POST", "/rpc")
             .unwrap()
             .with_body(br#"{"method":"tools/call"}"#);

@@ -94,8 +94,14 @@ mod tests {
         for (text, want) in [
             (r#"{"a":1,"b":[true,null,"x"]}"#, Ok(())),
             (r#"  {"a":{"b":{"c":1.5}}}  "#, Ok(())),
-            (r#"{"method":"ping","method":"tools/call"}"#, Err("duplicate key \"method\"")),
-            (r#"{"m\u0065thod":"ping","method":"tools/call"}"#, Err("duplicate key \"method\"")),
+            (
+                r#"{"method":"ping","method":"tools/call"}"#,
+                Err("duplicate key \"method\""),
+            ),
+            (
+                r#"{"m\u0065thod":"ping","method":"tools/call"}"#,
+                Err("duplicate key \"method\""),
+            ),
             (r#"{"p":{"a":1,"a":2}}"#, Err("duplicate key \"a\"")),
             (r#"{"x":NaN}"#, Err("expected value")),
             (r#"{"x":Infinity}"#, Err("expected value")),
@@ -130,6 +136,9 @@ mod tests {
     #[test]
     fn duplicate_key_error_says_where() {
         let e = parse(r#"{"method":"ping","method":"tools/call"}"#).unwrap_err();
-        assert_eq!(e.to_string(), "duplicate key \"method\" at line 1 column 25");
+        assert_eq!(
+            e.to_string(),
+            "duplicate key \"method\" at line 1 column 25"
+        );
     }
 }

@@ -98,11 +98,12 @@ fn post_message(user: &str, body: &[u8], extra: &[(&str, &str)]) -> CheckRequest
 fn error_code(r: &authz_sidecar::proto::pb::envoy::service::auth::v3::CheckResponse) -> String {
     use authz_sidecar::proto::pb::envoy::service::auth::v3::check_response::HttpResponse;
     match &r.http_response {
-        Some(HttpResponse::DeniedResponse(d)) => serde_json::from_str::<Value>(&d.body).unwrap()
-            ["error"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
+        Some(HttpResponse::DeniedResponse(d)) => {
+            serde_json::from_str::<Value>(&d.body).unwrap()["error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        }
         _ => String::new(),
     }
 }
@@ -112,12 +113,7 @@ async fn a_batch_is_allowed_only_when_every_element_is() {
     let s = sidecar("bodies-batch").await;
     let list = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/list"});
     for (what, body, want_status, want_reason) in [
-        (
-            "one call alice may make",
-            call("agent_chat", 1),
-            200,
-            "",
-        ),
+        ("one call alice may make", call("agent_chat", 1), 200, ""),
         (
             "one call she may not make",
             call("shell", 1),
@@ -261,7 +257,13 @@ async fn a_query_parameter_or_header_a_rule_reads_must_be_there_once() {
     let bob = bearer("bob");
     let alice = bearer("alice");
     for (what, path, headers, want_status, want_reason) in [
-        ("bob views his conversation", "/search?thread=c2", vec![("authorization", bob.as_str())], 200, ""),
+        (
+            "bob views his conversation",
+            "/search?thread=c2",
+            vec![("authorization", bob.as_str())],
+            200,
+            "",
+        ),
         (
             "bob names his conversation first and alice's second",
             "/search?thread=c2&thread=c1",
@@ -435,7 +437,9 @@ async fn through_envoy_a_partial_body_is_refused() {
     let (code, body) = s.post_message(big.to_string()).await;
     assert_eq!(code, 400, "{body}");
     assert!(
-        body.contains("request body was cut at Envoy's max_request_bytes (x-envoy-auth-partial-body: true)"),
+        body.contains(
+            "request body was cut at Envoy's max_request_bytes (x-envoy-auth-partial-body: true)"
+        ),
         "{body}"
     );
     // A body under the limit is whole and decided on what it says.
@@ -481,10 +485,7 @@ async fn through_envoy_a_cors_preflight_is_answered_by_the_sidecar() {
     let s = stack("bodies-cors", &EnvoyOptions::default()).await;
     let preflight = |origin: &'static str, path: &'static str| {
         s.http
-            .request(
-                reqwest::Method::OPTIONS,
-                format!("{}{path}", s.envoy.url()),
-            )
+            .request(reqwest::Method::OPTIONS, format!("{}{path}", s.envoy.url()))
             .header("origin", origin)
             .header("access-control-request-method", "POST")
             .header("access-control-request-headers", "authorization")

@@ -1,6 +1,7 @@
-//! CORS: preflights from allowed origins pass without credentials (browsers never send them
-//! on a preflight), preflights from other origins are refused, and answers to an allowed
-//! origin carry `Access-Control-Allow-Origin` so the browser lets the page read a 401 body.
+//! CORS: preflights from allowed origins are answered without credentials (browsers never
+//! send them on a preflight) by the sidecar itself, so a preflight never reaches the app;
+//! preflights from other origins are refused, and answers to an allowed origin carry
+//! `Access-Control-Allow-Origin` so the browser lets the page read a 401 body.
 
 use std::collections::HashSet;
 
@@ -19,6 +20,7 @@ pub struct Cors {
 pub enum Preflight {
     /// Not a preflight: authenticate as usual.
     No,
+    /// Answer it here (never forwarded) with these headers.
     Allowed(Vec<(String, String)>),
     Refused(String),
 }

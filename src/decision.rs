@@ -3,6 +3,7 @@
 
 use crate::authn::{AuthnError, Principal};
 use crate::authz::AuthzError;
+use crate::authz::rules::Refusal;
 use crate::request::RequestError;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,6 +15,10 @@ pub struct Allow {
     /// Response headers for the browser (CORS).
     pub response_headers: Vec<(String, String)>,
     pub relations: Vec<String>,
+    /// Answer the client here, with this HTTP status and `response_headers`, instead of
+    /// forwarding the request: a CORS preflight never reaches the app (Envoy sends it as a
+    /// local reply).
+    pub local_reply: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +57,12 @@ pub enum Failure {
     Authz(#[from] AuthzError),
     #[error("CORS preflight from origin {0} is not allowed (CORS_ORIGINS)")]
     CorsOrigin(String),
+    /// A value a rule reads could be read two ways (body, query, header).
+    #[error(transparent)]
+    Ambiguous(#[from] Refusal),
+    /// One element of a JSON-RPC batch failed: the batch is answered as that element.
+    #[error("JSON-RPC batch element {0}: {1}")]
+    InBatch(usize, Box<Failure>),
 }
 
 /// Quotes are not allowed inside an RFC 6750 auth-param; replace rather than escape, since
@@ -72,7 +83,16 @@ fn param(s: &str) -> String {
 pub fn deny_for(failure: &Failure, realm: &str) -> Deny {
     let reason = failure.to_string();
     let (http_status, grpc_code, error, challenge) = match failure {
-        Failure::Request(_) => (400, tonic::Code::InvalidArgument, "invalid_request", None),
+        Failure::Request(_) | Failure::Ambiguous(_) => {
+            (400, tonic::Code::InvalidArgument, "invalid_request", None)
+        }
+        // Answered as the element, with the element named in the reason.
+        Failure::InBatch(_, inner) => {
+            return Deny {
+                reason,
+                ..deny_for(inner, realm)
+            };
+        }
         Failure::CorsOrigin(_) => (403, tonic::Code::PermissionDenied, "cors_origin", None),
         Failure::Authn(e) if e.is_unavailable() => {
             (503, tonic::Code::Unavailable, "unavailable", None)

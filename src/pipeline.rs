@@ -1,5 +1,6 @@
-//! One check, start to finish, as a plain async function over [`State`]: CORS preflight,
-//! rule match, authentication, authorization. No protobuf in here: the gRPC adapter converts
+//! One check, start to finish, as a plain async function over [`State`]: CORS preflight
+//! (answered here), routing (one part, or one per JSON-RPC batch element), authentication,
+//! authorization of every part. No protobuf in here: the gRPC adapter converts
 //! at the edges, and tests, `doctor` and benchmarks call [`check`] directly.
 
 use std::sync::{Arc, OnceLock};
@@ -126,8 +127,15 @@ fn deny(state: &State, input: &CheckInput, failure: Failure) -> Deny {
 }
 
 /// Decides one request.
+///
+/// A JSON-RPC batch (a body that is a JSON array, read by a rule) is decided element by
+/// element: each element is routed as if it were the body, and the batch is allowed only when
+/// every element is. The caller is authenticated once; the relationship checks of all
+/// elements go to OpenFGA as one BatchCheck. A refusal names the element.
 pub async fn check(state: &State, input: &CheckInput) -> Decision {
     match state.cors.preflight(input) {
+        // Answered here: a preflight never reaches the app, so it cannot reach a route the
+        // app would refuse (or run a handler that does not expect OPTIONS).
         Preflight::Allowed(headers) => {
             return Decision::Allow(Allow {
                 principal: None,
@@ -135,6 +143,7 @@ pub async fn check(state: &State, input: &CheckInput) -> Decision {
                 failed_open: None,
                 response_headers: headers,
                 relations: Vec::new(),
+                local_reply: Some(PREFLIGHT_STATUS),
             });
         }
         Preflight::Refused(origin) => {
@@ -143,8 +152,18 @@ pub async fn check(state: &State, input: &CheckInput) -> Decision {
         Preflight::No => {}
     }
 
-    let mut ctx = EvalContext::new(input);
-    let rule = state.rules.find(&mut ctx);
+    let route = match state.rules.route(input) {
+        Ok(route) => route,
+        Err((element, refusal)) => {
+            let rule = refusal.rule.clone();
+            let failure = in_element(element, refusal.into());
+            let mut d = deny(state, input, failure);
+            d.rule = Some(rule);
+            return Decision::Deny(d);
+        }
+    };
+    let batch = route.batch;
+    let element = |i: usize| batch.then_some(i);
     let allow = |principal: Option<Principal>, rule: String, granted: authz::Granted| {
         Decision::Allow(Allow {
             principal,
@@ -152,38 +171,48 @@ pub async fn check(state: &State, input: &CheckInput) -> Decision {
             failed_open: granted.failed_open,
             response_headers: state.cors.response_headers(input),
             relations: granted.relations,
+            local_reply: None,
         })
     };
-    let Some(rule) = rule else {
-        return match state.rules.unmatched {
-            Unmatched::Allow => allow(None, "unmatched".into(), Default::default()),
-            Unmatched::Authenticated => match state.authn.authenticate(input).await {
-                Ok(p) => allow(Some(p), "unmatched".into(), Default::default()),
-                Err(e) => Decision::Deny(deny(state, input, e.into())),
-            },
-            Unmatched::Deny => Decision::Deny(deny(
-                state,
-                input,
-                authz::AuthzError::NoRule {
-                    method: input.method.clone(),
-                    path: input.path.clone(),
-                }
-                .into(),
-            )),
-        };
-    };
-    if rule.public {
-        return allow(None, rule.name.clone(), Default::default());
+
+    // Parts no rule matches: the unmatched policy decides them.
+    for (i, part) in route.parts.iter().enumerate() {
+        if part.rule.is_none() && state.rules.unmatched == Unmatched::Deny {
+            let no_rule = authz::AuthzError::NoRule {
+                method: input.method.clone(),
+                path: input.path.clone(),
+            };
+            return Decision::Deny(deny(state, input, in_element(element(i), no_rule.into())));
+        }
+    }
+    let needs_principal = route.parts.iter().any(|p| match p.rule {
+        Some(rule) => !rule.public,
+        None => state.rules.unmatched == Unmatched::Authenticated,
+    });
+    let names = rule_names(&route.parts);
+    if !needs_principal {
+        return allow(None, names, Default::default());
     }
     let principal = match state.authn.authenticate(input).await {
         Ok(p) => p,
         Err(e) => {
             let mut d = deny(state, input, e.into());
-            d.rule = Some(rule.name.clone());
+            d.rule = route
+                .parts
+                .iter()
+                .find_map(|p| p.rule.filter(|r| !r.public))
+                .map(|r| r.name.clone());
             return Decision::Deny(d);
         }
     };
-    let contextual = if rule.check.is_some() {
+    // (element index, rule, values) of every part a non-public rule governs.
+    let governed: Vec<(usize, &authz::rules::Rule, &EvalContext<'_>)> = route
+        .parts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.rule.filter(|r| !r.public).map(|r| (i, r, &p.ctx)))
+        .collect();
+    let contextual = if governed.iter().any(|(_, r, _)| r.check.is_some()) {
         Arc::new(contextual_tuples(&state.contextual, &principal))
     } else {
         Arc::new(Vec::new())
@@ -192,13 +221,378 @@ pub async fn check(state: &State, input: &CheckInput) -> Decision {
         .checker
         .as_ref()
         .map(|c| c.as_ref() as &dyn RelationshipChecker);
-    match authz::authorize(rule, &principal, &ctx, checker, &contextual).await {
-        Ok(granted) => allow(Some(principal), rule.name.clone(), granted),
-        Err(e) => {
-            let mut d = deny(state, input, e.into());
+    let parts: Vec<_> = governed.iter().map(|(_, r, ctx)| (*r, *ctx)).collect();
+    match authz::authorize_all(&parts, &principal, checker, &contextual).await {
+        Ok(granted) => allow(Some(principal), names, granted),
+        Err((k, e)) => {
+            let (i, rule, _) = governed[k];
+            let mut d = deny(state, input, in_element(element(i), e.into()));
             d.principal = Some(principal);
             d.rule = Some(rule.name.clone());
             Decision::Deny(d)
         }
+    }
+}
+
+/// A preflight answered here: 200 with the CORS headers (any 2xx passes the browser's check;
+/// 200 is what the app answered before).
+const PREFLIGHT_STATUS: u16 = 200;
+
+fn in_element(element: Option<usize>, failure: Failure) -> Failure {
+    match element {
+        Some(i) => Failure::InBatch(i, Box::new(failure)),
+        None => failure,
+    }
+}
+
+/// The rules that decided, for the log: `mcp-tools-call`, or for a batch each distinct rule
+/// in element order (`mcp-tools-call,mcp-other`); `unmatched` for parts no rule matched.
+fn rule_names(parts: &[authz::rules::Routed<'_, '_>]) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for p in parts {
+        let n = p.rule.map_or("unmatched", |r| r.name.as_str());
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    names.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::authn::api_key::ApiKeyStore;
+    use crate::authn::principals::Principals;
+    use crate::authn::{AuthMethod, AuthnError, PrincipalKind};
+    use crate::config::{CorsConfig, OpenFgaConfig, PrincipalsConfig, RoutesConfig};
+
+    /// `key-alice` is user:alice.
+    struct Keys;
+
+    #[async_trait::async_trait]
+    impl ApiKeyStore for Keys {
+        async fn authenticate(&self, key: &str) -> Result<Principal, AuthnError> {
+            match key {
+                "key-alice" => Ok(Principal::new(
+                    PrincipalKind::User,
+                    "alice",
+                    AuthMethod::ApiKey,
+                )),
+                _ => Err(AuthnError::ApiKeyUnknown),
+            }
+        }
+        fn len(&self) -> usize {
+            1
+        }
+        fn describe(&self) -> String {
+            "test keys".into()
+        }
+    }
+
+    /// Holds the tuples it was given; records how many questions each call asked.
+    struct Fga {
+        tuples: Vec<TupleKey>,
+        calls: Mutex<Vec<usize>>,
+    }
+
+    #[async_trait::async_trait]
+    impl RelationshipChecker for Fga {
+        async fn check(&self, queries: &[CheckQuery]) -> Result<Vec<bool>, BackendError> {
+            self.calls.lock().unwrap().push(queries.len());
+            Ok(queries
+                .iter()
+                .map(|q| self.tuples.contains(&q.tuple))
+                .collect())
+        }
+        fn ready(&self) -> bool {
+            true
+        }
+        fn describe(&self) -> String {
+            "fake OpenFGA".into()
+        }
+    }
+
+    fn openfga_config() -> OpenFgaConfig {
+        let env: std::collections::BTreeMap<String, String> = [
+            ("OPENFGA_API_URL", "http://127.0.0.1:1"),
+            ("OPENFGA_STORE_ID", "s"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        crate::config::Config::from_yaml("jwt: { jwks_file: k }", std::path::Path::new("/"), &env)
+            .unwrap()
+            .openfga
+            .unwrap()
+    }
+
+    /// The MCP rules of deploy/local/sidecar-openfga.yaml; alice may execute agent_chat and
+    /// search, nothing else.
+    fn state() -> (State, Arc<Fga>) {
+        let raw: crate::config::RawRoutes = serde_yaml_ng::from_str(
+            r#"
+rules:
+  - { name: public, path: "/public/**", public: true }
+  - name: mcp-tools-call
+    path: /message
+    methods: [POST]
+    when: ["body:/method == tools/call"]
+    check: { all: [ { relation: executor, object: "tool:{body:/params/name}" } ] }
+  - { name: mcp-other, path: /message, methods: [POST] }
+  - { name: api, path: "/api/**" }
+"#,
+        )
+        .unwrap();
+        let rules = RuleSet::compile(
+            &RoutesConfig {
+                unmatched: Unmatched::Deny,
+                rules: raw.rules,
+            },
+            Some(&openfga_config()),
+        )
+        .unwrap();
+        let tuple = |tool: &str| TupleKey {
+            user: "user:alice".into(),
+            relation: "executor".into(),
+            object: format!("tool:{tool}"),
+        };
+        let fga = Arc::new(Fga {
+            tuples: vec![tuple("agent_chat"), tuple("search")],
+            calls: Mutex::new(Vec::new()),
+        });
+        let late = Arc::new(LateChecker::new("not yet"));
+        late.set(fga.clone());
+        let state = State {
+            rules,
+            path_policy: Default::default(),
+            cors: Cors::new(&CorsConfig {
+                allowed_origins: vec!["http://localhost:3000".into()],
+                allowed_methods: vec!["GET".into(), "POST".into()],
+                allowed_headers: vec!["authorization".into()],
+                max_age: 600,
+            }),
+            authn: Authenticator {
+                jwt: None,
+                api_keys: Some(Arc::new(Keys)),
+                api_key_header: "x-api-key".into(),
+                principals: Principals::new(&PrincipalsConfig::default()),
+            },
+            checker: Some(late),
+            contextual: Vec::new(),
+            realm: "test".into(),
+        };
+        (state, fga)
+    }
+
+    fn call(tool: &str, id: u32) -> String {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"{tool}"}}}}"#
+        )
+    }
+
+    fn post(body: &str) -> CheckInput {
+        CheckInput::http("POST", "/message")
+            .unwrap()
+            .with_header("x-api-key", "key-alice")
+            .with_body(body.as_bytes())
+    }
+
+    /// (HTTP status, error, reason, rule) of a decision; 200 for an allow.
+    fn answer(d: &Decision) -> (u16, &str, String, String) {
+        match d {
+            Decision::Allow(a) => (200, "", String::new(), a.rule.clone()),
+            Decision::Deny(d) => (
+                d.http_status,
+                d.error,
+                d.reason.clone(),
+                d.rule.clone().unwrap_or_default(),
+            ),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_allowed_only_when_every_element_is() {
+        let (state, fga) = state();
+        for (what, body, want_status, want_reason, want_rule, want_calls) in [
+            (
+                "a call alice may make is allowed",
+                call("agent_chat", 1),
+                200,
+                "",
+                "mcp-tools-call",
+                vec![1],
+            ),
+            (
+                "a batch of calls she may all make is allowed, with one BatchCheck",
+                format!("[{},{}]", call("agent_chat", 1), call("search", 2)),
+                200,
+                "",
+                "mcp-tools-call",
+                vec![2],
+            ),
+            (
+                "a batch mixing a call and another method is allowed",
+                format!(
+                    r#"[{},{{"jsonrpc":"2.0","id":2,"method":"tools/list"}}]"#,
+                    call("agent_chat", 1)
+                ),
+                200,
+                "",
+                "mcp-tools-call,mcp-other",
+                vec![1],
+            ),
+            (
+                "one call she may not make denies the whole batch, naming the element",
+                format!("[{},{}]", call("agent_chat", 1), call("shell", 2)),
+                403,
+                "JSON-RPC batch element 1: user:alice is not executor of tool:shell",
+                "mcp-tools-call",
+                vec![2],
+            ),
+            (
+                "an element without a tool name denies the batch",
+                format!(
+                    r#"[{},{{"method":"tools/call","params":{{}}}}]"#,
+                    call("agent_chat", 1)
+                ),
+                403,
+                "JSON-RPC batch element 1: cannot build tool:{body:/params/name}: body field /params/name missing",
+                "mcp-tools-call",
+                vec![],
+            ),
+            (
+                "an empty batch is refused",
+                "[]".to_string(),
+                400,
+                "JSON-RPC batch is empty (rule mcp-tools-call reads body field /method)",
+                "mcp-tools-call",
+                vec![],
+            ),
+            (
+                "an element that is not an object is refused",
+                format!("[{},42]", call("agent_chat", 1)),
+                400,
+                "JSON-RPC batch element 1 is not an object (rule mcp-tools-call reads body field /method)",
+                "mcp-tools-call",
+                vec![],
+            ),
+            (
+                "an element whose tool name is a fraction is refused, naming it",
+                format!(
+                    r#"[{},{{"method":"tools/call","params":{{"name":1.5}}}}]"#,
+                    call("agent_chat", 1)
+                ),
+                400,
+                "JSON-RPC batch element 1: body field /params/name is a fractional or out-of-range number, which parsers render differently (rule mcp-tools-call reads body field /params/name)",
+                "mcp-tools-call",
+                vec![],
+            ),
+        ] {
+            fga.calls.lock().unwrap().clear();
+            let d = check(&state, &post(&body)).await;
+            let (status, _, reason, rule) = answer(&d);
+            assert_eq!(
+                (status, reason.as_str()),
+                (want_status, want_reason),
+                "{what}"
+            );
+            assert_eq!(rule, want_rule, "{what}");
+            assert_eq!(
+                *fga.calls.lock().unwrap(),
+                want_calls,
+                "{what}: OpenFGA calls"
+            );
+        }
+        // Authenticated once: a batch without credentials is a 401, not a 400 per element.
+        let input = CheckInput::http("POST", "/message")
+            .unwrap()
+            .with_body(format!("[{}]", call("agent_chat", 1)).as_bytes());
+        assert_eq!(answer(&check(&state, &input).await).0, 401);
+    }
+
+    #[tokio::test]
+    async fn a_body_the_rules_cannot_read_is_a_400_never_the_weaker_rule() {
+        let (state, _) = state();
+        let call = call("shell", 1);
+        for (what, input, want) in [
+            (
+                "a BOM",
+                post(&format!("\u{feff}{call}")),
+                "request body starts with a byte order mark",
+            ),
+            (
+                "NaN",
+                post(r#"{"method":"tools/call","params":{"name":"shell"},"x":NaN}"#),
+                "request body is not strict JSON: expected value",
+            ),
+            (
+                "1e400",
+                post(r#"{"method":"tools/call","params":{"name":"shell"},"x":1e400}"#),
+                "request body is not strict JSON: number out of range",
+            ),
+            (
+                "duplicate keys",
+                post(r#"{"method":"ping","method":"tools/call","params":{"name":"shell"}}"#),
+                "request body is not strict JSON: duplicate key \"method\"",
+            ),
+            (
+                "no body",
+                CheckInput::http("POST", "/message")
+                    .unwrap()
+                    .with_header("x-api-key", "key-alice"),
+                "no request body reached the authorizer",
+            ),
+            (
+                "a partial body",
+                post(&call).with_header("x-envoy-auth-partial-body", "true"),
+                "request body was cut at Envoy's max_request_bytes",
+            ),
+        ] {
+            let d = check(&state, &input).await;
+            let (status, error, reason, rule) = answer(&d);
+            assert_eq!(
+                (status, error),
+                (400, "invalid_request"),
+                "{what}: {reason}"
+            );
+            assert!(reason.starts_with(want), "{what}: {reason}");
+            assert_eq!(rule, "mcp-tools-call", "{what}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_preflight_is_answered_here_and_never_forwarded() {
+        let (state, _) = state();
+        let preflight = |origin: &str, path: &str| {
+            CheckInput::http("OPTIONS", path)
+                .unwrap()
+                .with_header("origin", origin)
+                .with_header("access-control-request-method", "POST")
+        };
+        for path in ["/message", "/api/agents", "/nowhere"] {
+            match check(&state, &preflight("http://localhost:3000", path)).await {
+                Decision::Allow(a) => {
+                    assert_eq!(a.local_reply, Some(200), "{path}");
+                    assert!(a.response_headers.contains(&(
+                        "access-control-allow-origin".into(),
+                        "http://localhost:3000".into()
+                    )));
+                }
+                d => panic!("{path}: {d:?}"),
+            }
+        }
+        let d = check(&state, &preflight("https://evil.example", "/api/agents")).await;
+        assert_eq!(answer(&d).0, 403, "a refused origin stays refused");
+        // An ordinary request is forwarded as before.
+        let d = check(&state, &post(&call("agent_chat", 1))).await;
+        assert!(matches!(
+            d,
+            Decision::Allow(Allow {
+                local_reply: None,
+                ..
+            })
+        ));
     }
 }

@@ -162,6 +162,9 @@ pub struct CheckInput {
     pub path: String,
     /// Decoded query parameters in order.
     pub query: Vec<(String, String)>,
+    /// The query as received (after `?`), for rules that must read a parameter strictly (one
+    /// occurrence, valid percent-encoding): see `authz::rules`.
+    pub query_raw: String,
     /// Canonical host (see [`read_host`]): lower case, no port, no trailing dot.
     pub host: String,
     pub scheme: String,
@@ -197,6 +200,7 @@ impl CheckInput {
             method: method.to_ascii_uppercase(),
             path,
             query,
+            query_raw: query_part(path_and_query).to_string(),
             host: "localhost".into(),
             scheme: "http".into(),
             ..Self::default()
@@ -270,8 +274,10 @@ pub fn from_proto(req: auth::CheckRequest, policy: PathPolicy) -> Result<CheckIn
         (attr, _) => attr.to_string(),
     };
     let (path, mut query) = split_path(&raw_path, policy)?;
+    let mut query_raw = query_part(&raw_path).to_string();
     if query.is_empty() && !http.query.is_empty() {
         query = parse_query(&http.query);
+        query_raw = http.query.clone();
     }
     let host = canonical_host(&http.host, &headers)?;
     let request_id = if http.id.is_empty() {
@@ -303,6 +309,7 @@ pub fn from_proto(req: auth::CheckRequest, policy: PathPolicy) -> Result<CheckIn
         method,
         path,
         query,
+        query_raw,
         host,
         scheme: http.scheme,
         headers,
@@ -348,6 +355,11 @@ fn canonical_host(attr: &str, headers: &Headers) -> Result<String, RequestError>
         }
     }
     Ok(host)
+}
+
+/// The raw query of `path?query` (empty without one).
+pub fn query_part(raw: &str) -> &str {
+    raw.split_once('?').map_or("", |(_, q)| q)
 }
 
 /// The canonical form of a `Host` / `:authority` value: lower case, the port split off once,

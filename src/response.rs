@@ -54,7 +54,10 @@ fn clean(v: &str) -> String {
 
 pub fn to_proto(decision: &Decision, request_id: &str) -> CheckResponse {
     match decision {
-        Decision::Allow(a) => allow(a),
+        Decision::Allow(a) => match a.local_reply {
+            Some(status) => local_reply(status, &a.response_headers, request_id),
+            None => allow(a),
+        },
         Decision::Deny(d) => deny(d, request_id),
     }
 }
@@ -100,6 +103,31 @@ fn allow(a: &Allow) -> CheckResponse {
                 .map(|(k, v)| header(k, v))
                 .collect(),
             ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// An answer given here instead of forwarding the request (a CORS preflight). A denied
+/// response is Envoy's only way to let the authorizer answer the client itself, so the gRPC
+/// status is not OK; the HTTP status and headers are the answer, with no body.
+fn local_reply(status: u16, headers: &[(String, String)], request_id: &str) -> CheckResponse {
+    let mut set: Vec<HeaderValueOption> = headers.iter().map(|(k, v)| header(k, v)).collect();
+    if !request_id.is_empty() {
+        set.push(header("x-request-id", &clean(request_id)));
+    }
+    CheckResponse {
+        status: Some(Status {
+            code: tonic::Code::PermissionDenied as i32,
+            message: "answered by the authorizer, not forwarded".into(),
+            ..Default::default()
+        }),
+        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: Some(HttpStatus {
+                code: i32::from(status),
+            }),
+            headers: set,
+            body: String::new(),
         })),
         ..Default::default()
     }

@@ -6,12 +6,13 @@ pub mod breaker;
 pub mod cache;
 pub mod openfga;
 pub mod rules;
+pub mod strict_json;
 
 use std::sync::Arc;
 
 use crate::authn::Principal;
 use crate::config::{Consistency, Match, OnBackendError};
-use rules::{EvalContext, Rule};
+use rules::{CompiledCheck, EvalContext, Rule};
 
 /// A relationship tuple: `user:alice` `executor` `tool:agent_chat`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -130,6 +131,69 @@ pub async fn authorize(
     checker: Option<&dyn RelationshipChecker>,
     contextual: &Arc<Vec<TupleKey>>,
 ) -> Result<Granted, AuthzError> {
+    authorize_all(&[(rule, ctx)], principal, checker, contextual)
+        .await
+        .map_err(|(_, e)| e)
+}
+
+/// [`authorize`] for several parts of one request (the elements of a JSON-RPC batch), each
+/// with the rule that governs it: granted only when every part is. The relationship checks of
+/// all parts go to the checker as one call (one BatchCheck); on a refusal, the index of the
+/// first part refused.
+pub async fn authorize_all(
+    parts: &[(&Rule, &EvalContext<'_>)],
+    principal: &Principal,
+    checker: Option<&dyn RelationshipChecker>,
+    contextual: &Arc<Vec<TupleKey>>,
+) -> Result<Granted, (usize, AuthzError)> {
+    let mut queries = Vec::new();
+    // (part, its check, its queries in `queries`)
+    let mut asked = Vec::new();
+    for (i, (rule, ctx)) in parts.iter().enumerate() {
+        roles_and_scopes(rule, principal).map_err(|e| (i, e))?;
+        let Some(check) = &rule.check else {
+            continue;
+        };
+        let start = queries.len();
+        for c in &check.checks {
+            let tuple = c
+                .render(principal, ctx)
+                .map_err(|e| (i, AuthzError::Template(e)))?;
+            queries.push(CheckQuery {
+                tuple,
+                contextual: contextual.clone(),
+                consistency: check.consistency,
+            });
+        }
+        asked.push((i, check, start..queries.len()));
+    }
+    let Some(&(first, _, _)) = asked.first() else {
+        return Ok(Granted::default());
+    };
+    let checker =
+        checker.ok_or_else(|| (first, AuthzError::NoChecker(parts[first].0.name.clone())))?;
+    let answers = checker.check(&queries).await.and_then(|a| {
+        if a.len() == queries.len() {
+            Ok(a)
+        } else {
+            Err(BackendError::Unavailable(format!(
+                "{} answers to {} checks",
+                a.len(),
+                queries.len()
+            )))
+        }
+    });
+    let mut granted = Granted::default();
+    for (i, check, range) in asked {
+        let answers = answers.as_ref().map(|a| &a[range.clone()]);
+        let g = conclude(check, &queries[range], answers).map_err(|e| (i, e))?;
+        granted.failed_open = granted.failed_open.or(g.failed_open);
+        granted.relations.extend(g.relations);
+    }
+    Ok(granted)
+}
+
+fn roles_and_scopes(rule: &Rule, principal: &Principal) -> Result<(), AuthzError> {
     if !rule.roles.is_empty() {
         match rule.roles_match {
             Match::All => {
@@ -151,24 +215,20 @@ pub async fn authorize(
     if let Some(missing) = rule.scopes.iter().find(|s| !principal.has_scope(s)) {
         return Err(AuthzError::ScopeRequired(missing.clone()));
     }
-    let Some(check) = &rule.check else {
-        return Ok(Granted::default());
-    };
-    let checker = checker.ok_or_else(|| AuthzError::NoChecker(rule.name.clone()))?;
-    let mut queries = Vec::with_capacity(check.checks.len());
-    for c in &check.checks {
-        let tuple = c.render(principal, ctx).map_err(AuthzError::Template)?;
-        queries.push(CheckQuery {
-            tuple,
-            contextual: contextual.clone(),
-            consistency: check.consistency,
-        });
-    }
-    let answers = match checker.check(&queries).await {
+    Ok(())
+}
+
+/// One rule's relationship checks, given the backend's answers to them (or its failure).
+fn conclude(
+    check: &CompiledCheck,
+    queries: &[CheckQuery],
+    answers: Result<&[bool], &BackendError>,
+) -> Result<Granted, AuthzError> {
+    let answers = match answers {
         Ok(a) => a,
         Err(e) => {
             return match (check.on_backend_error, e) {
-                (_, BackendError::Rejected(m)) => Err(AuthzError::BackendRejected(m)),
+                (_, BackendError::Rejected(m)) => Err(AuthzError::BackendRejected(m.clone())),
                 (OnBackendError::Allow, e) => Ok(Granted {
                     failed_open: Some(e.to_string()),
                     relations: Vec::new(),
@@ -179,7 +239,7 @@ pub async fn authorize(
     };
     let held: Vec<String> = queries
         .iter()
-        .zip(&answers)
+        .zip(answers)
         .filter(|(_, ok)| **ok)
         .map(|(q, _)| q.tuple.to_string())
         .collect();
@@ -197,7 +257,7 @@ pub async fn authorize(
     if check.all {
         let (q, _) = queries
             .iter()
-            .zip(&answers)
+            .zip(answers)
             .find(|(_, ok)| !**ok)
             .expect("a check failed");
         Err(AuthzError::RelationMissing {

@@ -4,6 +4,11 @@
 //!
 //! Rules compile once at startup; every mistake in them (an unknown path parameter in a
 //! template, a bad predicate, an empty check) is a config error naming its key.
+//!
+//! Routing ([`RuleSet::route`]) reads request values strictly: a body, query parameter or
+//! header that the app's parser could read differently from ours is a [`Refusal`] (400),
+//! never a reason to skip a rule and fall through to a weaker one. A body that is a JSON
+//! array is a JSON-RPC batch, routed element by element.
 
 use std::sync::OnceLock;
 
@@ -16,7 +21,7 @@ use crate::config::{
     ConfigError, Consistency, Match, OnBackendError, OpenFgaConfig, RelationCheckConfig,
     RoutesConfig, RuleConfig, Unmatched,
 };
-use crate::request::CheckInput;
+use crate::request::{CheckInput, RequestError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {
@@ -174,11 +179,96 @@ impl Source {
     }
 }
 
+/// The header Envoy sets on a check request when it buffered the body: `true` when the body
+/// was cut at `max_request_bytes` (`allow_partial_message: true`). Envoy drops a copy sent by
+/// the client.
+pub const PARTIAL_BODY_HEADER: &str = "x-envoy-auth-partial-body";
+
+/// Why a value a rule reads cannot be read one way only. The app behind the sidecar parses
+/// the same request with its own parsers; where they could read it differently, the request is
+/// refused (400 `invalid_request`) instead of being routed on a guess, and never falls through
+/// to a weaker rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Ambiguity {
+    #[error("request body was cut at Envoy's max_request_bytes ({PARTIAL_BODY_HEADER}: true)")]
+    BodyPartial,
+    #[error(
+        "request body was not sent to the authorizer ({0}): Envoy's ext_authz needs with_request_body"
+    )]
+    BodyNotSent(String),
+    #[error(
+        "no request body reached the authorizer (none was sent, or Envoy's ext_authz lacks with_request_body)"
+    )]
+    BodyEmpty,
+    #[error("request body is {got} bytes but content-length says {declared}")]
+    BodyLength { got: usize, declared: u64 },
+    #[error("request body is content-encoded ({0}): the authorizer cannot read it")]
+    BodyEncoded(String),
+    #[error("request body is not UTF-8")]
+    BodyNotUtf8,
+    #[error("request body starts with a byte order mark, which JSON forbids (RFC 8259 8.1)")]
+    BodyBom,
+    #[error("request body is not strict JSON: {0}")]
+    BodyJson(String),
+    #[error("JSON-RPC batch is empty")]
+    EmptyBatch,
+    #[error("JSON-RPC batch element {0} is not an object")]
+    BatchElement(usize),
+    #[error(
+        "body field {0} is a fractional or out-of-range number, which parsers render differently"
+    )]
+    BodyFloat(String),
+    #[error("query parameter {0} appears more than once")]
+    QueryRepeated(String),
+    #[error("query has bad percent-encoding in {0:?}")]
+    QueryEncoding(String),
+    #[error("query contains ';', which some servers read as a separator")]
+    QuerySemicolon,
+    #[error("header {0} appears more than once")]
+    HeaderRepeated(String),
+    #[error("header {0} holds a ',': Envoy joins a repeated header with ','")]
+    HeaderComma(String),
+    #[error("header {0} is not valid UTF-8")]
+    HeaderNotUtf8(String),
+}
+
+/// A request refused because a rule that could have matched it reads a value that cannot be
+/// read unambiguously.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{problem} (rule {rule} reads {reads})")]
+pub struct Refusal {
+    pub rule: String,
+    /// What the rule reads: `body field /method`, `query parameter thread`.
+    pub reads: String,
+    pub problem: Ambiguity,
+}
+
+/// Why a source could not give a value.
+#[derive(Debug)]
+enum Unreadable {
+    Ambiguous(Ambiguity),
+    /// The body is a JSON array: a JSON-RPC batch, routed element by element.
+    Batch,
+}
+
+impl From<Ambiguity> for Unreadable {
+    fn from(a: Ambiguity) -> Self {
+        Self::Ambiguous(a)
+    }
+}
+
+enum Body {
+    /// The request body, parsed on first read.
+    Whole(OnceLock<Result<Value, Ambiguity>>),
+    /// One element of a JSON-RPC batch, read as if it were the body.
+    Element(Value),
+}
+
 /// Per-request values the sources read; the JSON body is parsed at most once.
 pub struct EvalContext<'a> {
     pub input: &'a CheckInput,
     pub params: Vec<(String, String)>,
-    body: OnceLock<Option<Value>>,
+    body: Body,
 }
 
 impl<'a> EvalContext<'a> {
@@ -186,42 +276,190 @@ impl<'a> EvalContext<'a> {
         Self {
             input,
             params: Vec::new(),
-            body: OnceLock::new(),
+            body: Body::Whole(OnceLock::new()),
         }
     }
 
-    fn body(&self) -> Option<&Value> {
-        self.body
-            .get_or_init(|| {
-                self.input
-                    .body
-                    .as_ref()
-                    .and_then(|b| serde_json::from_slice(b).ok())
-            })
-            .as_ref()
+    /// Values for one element of a JSON-RPC batch: `body:` sources read `element`.
+    fn element(input: &'a CheckInput, element: Value) -> Self {
+        Self {
+            input,
+            params: Vec::new(),
+            body: Body::Element(element),
+        }
     }
 
-    fn value(&self, src: &Source, principal: Option<&Principal>) -> Option<String> {
-        match src {
+    /// Whether this context reads one element of a JSON-RPC batch.
+    pub fn is_batch_element(&self) -> bool {
+        matches!(self.body, Body::Element(_))
+    }
+
+    fn body(&self) -> Result<&Value, Unreadable> {
+        match &self.body {
+            Body::Element(v) => Ok(v),
+            Body::Whole(cell) => match cell.get_or_init(|| read_body(self.input)) {
+                Err(a) => Err(a.clone().into()),
+                Ok(Value::Array(_)) => Err(Unreadable::Batch),
+                Ok(v) => Ok(v),
+            },
+        }
+    }
+
+    /// The elements of a batch body, once [`Self::body`] said it is one.
+    fn batch_elements(&self) -> Vec<Value> {
+        match &self.body {
+            Body::Whole(cell) => match cell.get() {
+                Some(Ok(Value::Array(items))) => items.clone(),
+                _ => Vec::new(),
+            },
+            Body::Element(_) => Vec::new(),
+        }
+    }
+
+    /// The value of a source, `None` when absent. A value that two parsers could read
+    /// differently is an error, never a guess.
+    fn read(
+        &self,
+        src: &Source,
+        principal: Option<&Principal>,
+    ) -> Result<Option<String>, Unreadable> {
+        Ok(match src {
             Source::Param(n) => self
                 .params
                 .iter()
                 .find(|(k, _)| k == n)
                 .map(|(_, v)| v.clone()),
-            Source::Query(n) => self.input.query_param(n).map(String::from),
-            Source::Header(n) => self.input.headers.first(n).map(String::from),
+            Source::Query(n) => query_value(&self.input.query_raw, n)?,
+            Source::Header(n) => match self.input.headers.single(n) {
+                Ok(Some(v)) if v.contains(',') => {
+                    return Err(Ambiguity::HeaderComma(n.clone()).into());
+                }
+                Ok(v) => v.map(String::from),
+                Err(RequestError::DuplicateHeader(_)) => {
+                    return Err(Ambiguity::HeaderRepeated(n.clone()).into());
+                }
+                Err(_) => return Err(Ambiguity::HeaderNotUtf8(n.clone()).into()),
+            },
             Source::Context(n) => self.input.context_extensions.get(n).cloned(),
-            Source::Body(p) => match self.body()?.pointer(p)? {
-                Value::String(s) => Some(s.clone()),
-                Value::Number(n) => Some(n.to_string()),
-                Value::Bool(b) => Some(b.to_string()),
+            Source::Body(p) => match self.body()?.pointer(p) {
+                Some(Value::String(s)) => Some(s.clone()),
+                // 1.0, 1e2 and 12345678901234567890123 are read differently by different
+                // parsers (float, int, bignum); integers that fit 64 bits are not.
+                Some(Value::Number(n)) if n.is_f64() => {
+                    return Err(Ambiguity::BodyFloat(p.clone()).into());
+                }
+                Some(Value::Number(n)) => Some(n.to_string()),
+                Some(Value::Bool(b)) => Some(b.to_string()),
+                // null, objects and arrays have no scalar value to compare or fill in.
                 _ => None,
             },
             Source::Subject => principal.map(|p| p.subject.clone()),
             Source::PrincipalId => principal.map(|p| p.id.clone()),
             Source::PrincipalType => principal.map(|p| p.kind.as_str().to_string()),
+        })
+    }
+}
+
+/// The body as JSON, exactly as the app would have to read it, or why it cannot be.
+fn read_body(input: &CheckInput) -> Result<Value, Ambiguity> {
+    if input
+        .headers
+        .first(PARTIAL_BODY_HEADER)
+        .is_some_and(|v| !v.eq_ignore_ascii_case("false"))
+    {
+        return Err(Ambiguity::BodyPartial);
+    }
+    let body = input.body.as_deref().unwrap_or_default();
+    let declared = input
+        .headers
+        .first("content-length")
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if body.is_empty() {
+        return Err(if let Some(n) = declared.filter(|n| *n > 0) {
+            Ambiguity::BodyNotSent(format!("content-length {n}"))
+        } else if input.headers.contains("transfer-encoding") {
+            Ambiguity::BodyNotSent("transfer-encoding".into())
+        } else {
+            Ambiguity::BodyEmpty
+        });
+    }
+    if let Some(declared) = declared
+        && declared != body.len() as u64
+    {
+        return Err(Ambiguity::BodyLength {
+            got: body.len(),
+            declared,
+        });
+    }
+    if let Some(enc) = input
+        .headers
+        .first("content-encoding")
+        .filter(|e| !e.trim().eq_ignore_ascii_case("identity"))
+    {
+        return Err(Ambiguity::BodyEncoded(enc.chars().take(40).collect()));
+    }
+    let text = std::str::from_utf8(body).map_err(|_| Ambiguity::BodyNotUtf8)?;
+    // Python's json.loads(bytes) skips a BOM, Go's encoding/json and JSON.parse refuse it:
+    // refused here, as RFC 8259 says senders must not add one.
+    if text.starts_with('\u{feff}') {
+        return Err(Ambiguity::BodyBom);
+    }
+    super::strict_json::parse(text).map_err(|e| Ambiguity::BodyJson(e.to_string()))
+}
+
+/// One query parameter, strictly: absent, or present once with valid percent-encoding.
+/// `+` is a space, as in every form decoder.
+fn query_value(raw: &str, name: &str) -> Result<Option<String>, Ambiguity> {
+    // Python before 3.9.2 (and some frameworks) split on ';' too: `a=1;a=2` is one
+    // parameter here and two there.
+    if raw.contains(';') {
+        return Err(Ambiguity::QuerySemicolon);
+    }
+    let decode = |s: &str| {
+        percent_decode_query(s)
+            .ok_or_else(|| Ambiguity::QueryEncoding(s.chars().take(100).collect()))
+    };
+    let mut found = None;
+    for pair in raw.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        // A key that cannot be decoded could be `name` to a lenient parser.
+        if decode(k)? != name {
+            continue;
+        }
+        if found.is_some() {
+            return Err(Ambiguity::QueryRepeated(name.to_string()));
+        }
+        found = Some(decode(v)?);
+    }
+    Ok(found)
+}
+
+/// `+` as space, `%XX` as a byte; the result must be UTF-8. None on a bad escape or bytes.
+fn percent_decode_query(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return None;
+                }
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
         }
     }
+    String::from_utf8(out).ok()
 }
 
 #[derive(Debug, Clone)]
@@ -258,13 +496,13 @@ impl Predicate {
         })
     }
 
-    fn holds(&self, ctx: &EvalContext<'_>) -> bool {
-        let v = ctx.value(&self.source, None);
-        match &self.op {
+    fn holds(&self, ctx: &EvalContext<'_>) -> Result<bool, Unreadable> {
+        let v = ctx.read(&self.source, None)?;
+        Ok(match &self.op {
             Op::Eq(want) => v.as_deref() == Some(want),
             Op::Ne(want) => v.as_deref() != Some(want),
             Op::Exists => v.is_some(),
-        }
+        })
     }
 }
 
@@ -334,12 +572,23 @@ impl Template {
             match p {
                 Part::Lit(l) => out.push_str(l),
                 Part::Var(src) => {
-                    let v = ctx
-                        .value(src, principal)
-                        .filter(|v| !v.is_empty())
-                        .ok_or_else(|| {
-                            format!("cannot build {}: {} missing", self.raw, src.describe())
-                        })?;
+                    // Routing already read every source of the matched rule's templates, so
+                    // an unreadable one cannot reach here; say so if it does.
+                    let v = match ctx.read(src, principal) {
+                        Ok(v) => v,
+                        Err(Unreadable::Ambiguous(a)) => {
+                            return Err(format!("cannot build {}: {a}", self.raw));
+                        }
+                        Err(Unreadable::Batch) => {
+                            return Err(format!(
+                                "cannot build {}: the body is a JSON-RPC batch",
+                                self.raw
+                            ));
+                        }
+                    };
+                    let v = v.filter(|v| !v.is_empty()).ok_or_else(|| {
+                        format!("cannot build {}: {} missing", self.raw, src.describe())
+                    })?;
                     let subject_like = matches!(src, Source::Subject);
                     if v.len() > 256
                         || v.chars()
@@ -406,6 +655,15 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// Every source the rule's check templates read.
+    fn template_sources(&self) -> impl Iterator<Item = &Source> {
+        self.check.iter().flat_map(|c| &c.checks).flat_map(|c| {
+            c.object
+                .sources()
+                .chain(c.user.iter().flat_map(Template::sources))
+        })
+    }
+
     fn host_matches(&self, host: &str) -> bool {
         self.hosts.is_empty()
             || self.hosts.iter().any(|h| {
@@ -418,6 +676,27 @@ impl Rule {
                     })
             })
     }
+}
+
+/// Why [`RuleSet::find`] stopped: a rule that could match reads a source it cannot read.
+struct Stop<'r> {
+    rule: &'r Rule,
+    source: Source,
+    why: Unreadable,
+}
+
+/// One part of a routed request (the request, or one element of a JSON-RPC batch): the rule
+/// that governs it, if any, and the values it was matched on.
+pub struct Routed<'r, 'a> {
+    pub ctx: EvalContext<'a>,
+    pub rule: Option<&'r Rule>,
+}
+
+/// A routed request. Every part must be allowed for the request to be.
+pub struct Route<'r, 'a> {
+    pub parts: Vec<Routed<'r, 'a>>,
+    /// The body is a JSON-RPC batch: one part per element, in order.
+    pub batch: bool,
 }
 
 /// The ordered rules; the first match wins.
@@ -456,8 +735,64 @@ impl RuleSet {
         &self.rules
     }
 
+    /// Routes a request: the first rule that matches it, with the values it was matched on.
+    /// A body that is a JSON array is a JSON-RPC batch: each element is routed as if it were
+    /// the body, and is one part of the answer.
+    ///
+    /// Refused (with the batch element it concerns, if any): a request that a rule which
+    /// could have matched (host, method and path do) can only be matched or checked by
+    /// reading an ambiguous value, an empty batch, and a batch element that is not an object.
+    pub fn route<'r, 'a>(
+        &'r self,
+        input: &'a CheckInput,
+    ) -> Result<Route<'r, 'a>, (Option<usize>, Refusal)> {
+        let mut ctx = EvalContext::new(input);
+        let stop = match self.find(&mut ctx) {
+            Ok(rule) => {
+                return Ok(Route {
+                    parts: vec![Routed { ctx, rule }],
+                    batch: false,
+                });
+            }
+            Err(stop) => stop,
+        };
+        let refuse = |stop: &Stop<'_>, problem| Refusal {
+            rule: stop.rule.name.clone(),
+            reads: stop.source.describe(),
+            problem,
+        };
+        if let Unreadable::Ambiguous(a) = &stop.why {
+            return Err((None, refuse(&stop, a.clone())));
+        }
+        let elements = ctx.batch_elements();
+        if elements.is_empty() {
+            return Err((None, refuse(&stop, Ambiguity::EmptyBatch)));
+        }
+        let mut parts = Vec::with_capacity(elements.len());
+        for (i, element) in elements.into_iter().enumerate() {
+            // JSON-RPC 2.0: a batch holds request objects; anything else is not a call the
+            // app could run, and reading it as one would be a guess.
+            if !element.is_object() {
+                return Err((None, refuse(&stop, Ambiguity::BatchElement(i))));
+            }
+            let mut ctx = EvalContext::element(input, element);
+            match self.find(&mut ctx) {
+                Ok(rule) => parts.push(Routed { ctx, rule }),
+                Err(s) => {
+                    let problem = match &s.why {
+                        Unreadable::Ambiguous(a) => a.clone(),
+                        // An element is an object, never a batch of its own.
+                        Unreadable::Batch => Ambiguity::BatchElement(i),
+                    };
+                    return Err((Some(i), refuse(&s, problem)));
+                }
+            }
+        }
+        Ok(Route { parts, batch: true })
+    }
+
     /// The first rule that matches, with the path parameters it captured in `ctx`.
-    pub fn find<'r>(&'r self, ctx: &mut EvalContext<'_>) -> Option<&'r Rule> {
+    fn find<'r>(&'r self, ctx: &mut EvalContext<'_>) -> Result<Option<&'r Rule>, Stop<'r>> {
         let input = ctx.input;
         for rule in &self.rules {
             if !rule.host_matches(&input.host) {
@@ -470,12 +805,28 @@ impl RuleSet {
                 continue;
             };
             ctx.params = params;
-            if rule.when.iter().all(|p| p.holds(ctx)) {
-                return Some(rule);
+            let stop = |source: &Source, why| Stop {
+                rule,
+                source: source.clone(),
+                why,
+            };
+            // Every predicate is read, not only up to the first false one: whether a request
+            // is refused must not depend on the order a rule lists its predicates in.
+            let mut holds = true;
+            for p in &rule.when {
+                holds &= p.holds(ctx).map_err(|why| stop(&p.source, why))?;
             }
+            if !holds {
+                continue;
+            }
+            // The check will read these: refuse now rather than check on a guess.
+            for src in rule.template_sources() {
+                ctx.read(src, None).map_err(|why| stop(src, why))?;
+            }
+            return Ok(Some(rule));
         }
         ctx.params.clear();
-        None
+        Ok(None)
     }
 
     /// Every relationship a rule may ask about, for validation against the OpenFGA model.
@@ -689,9 +1040,28 @@ mod tests {
     }
 
     fn find<'r>(rs: &'r RuleSet, input: &CheckInput) -> Option<(&'r str, Vec<(String, String)>)> {
-        let mut ctx = EvalContext::new(input);
-        let r = rs.find(&mut ctx)?;
-        Some((r.name.as_str(), ctx.params))
+        let part = routed(rs, input);
+        Some((part.rule?.name.as_str(), part.ctx.params))
+    }
+
+    /// The one part of a request that is not a batch.
+    fn routed<'r, 'a>(rs: &'r RuleSet, input: &'a CheckInput) -> Routed<'r, 'a> {
+        let route = rs.route(input).unwrap_or_else(|e| panic!("refused: {e:?}"));
+        assert!(!route.batch);
+        route.parts.into_iter().next().unwrap()
+    }
+
+    /// The rule names the parts of a request were routed to, or the refusal's text.
+    fn outcome(rs: &RuleSet, input: &CheckInput) -> Result<Vec<String>, String> {
+        match rs.route(input) {
+            Ok(route) => Ok(route
+                .parts
+                .iter()
+                .map(|p| p.rule.map_or("-".to_string(), |r| r.name.clone()))
+                .collect()),
+            Err((None, refusal)) => Err(refusal.to_string()),
+            Err((Some(i), refusal)) => Err(format!("element {i}: {refusal}")),
+        }
     }
 
     #[test]
@@ -737,7 +1107,11 @@ rules:
         let garbage = CheckInput::http("POST", "/message")
             .unwrap()
             .with_body(b"{not json");
-        assert_eq!(find(&rs, &garbage).unwrap().0, "msg");
+        assert!(
+            outcome(&rs, &garbage)
+                .unwrap_err()
+                .starts_with("request body is not strict JSON: key must be a string")
+        );
         let mut h = CheckInput::http("GET", "/x").unwrap();
         h.host = "api.example.com".into();
         assert_eq!(find(&rs, &h).unwrap().0, "host");
@@ -761,9 +1135,8 @@ rules:
         .unwrap();
         let alice = Principal::new(PrincipalKind::User, "alice", AuthMethod::Jwt);
         let input = CheckInput::http("POST", "/tools/chat/execute?thread=t1").unwrap();
-        let mut ctx = EvalContext::new(&input);
-        let rule = rs.find(&mut ctx).unwrap();
-        let checks = &rule.check.as_ref().unwrap().checks;
+        let Routed { ctx, rule } = routed(&rs, &input);
+        let checks = &rule.unwrap().check.as_ref().unwrap().checks;
         let t = checks[0].render(&alice, &ctx).unwrap();
         assert_eq!(t.to_string(), "user:alice executor tool:chat");
         assert_eq!(
@@ -774,9 +1147,8 @@ rules:
         let input = CheckInput::http("POST", "/message")
             .unwrap()
             .with_body(br#"{"params":{}}"#);
-        let mut ctx = EvalContext::new(&input);
-        let rule = rs.find(&mut ctx).unwrap();
-        let e = rule.check.as_ref().unwrap().checks[0]
+        let Routed { ctx, rule } = routed(&rs, &input);
+        let e = rule.unwrap().check.as_ref().unwrap().checks[0]
             .render(&alice, &ctx)
             .unwrap_err();
         assert_eq!(
@@ -786,13 +1158,385 @@ rules:
         let input = CheckInput::http("POST", "/message")
             .unwrap()
             .with_body(br#"{"params":{"name":"a#b"}}"#);
-        let mut ctx = EvalContext::new(&input);
-        let rule = rs.find(&mut ctx).unwrap();
+        let Routed { ctx, rule } = routed(&rs, &input);
         assert!(
-            rule.check.as_ref().unwrap().checks[0]
+            rule.unwrap().check.as_ref().unwrap().checks[0]
                 .render(&alice, &ctx)
                 .is_err()
         );
+    }
+
+    /// The MCP rules of deploy/local/sidecar-openfga.yaml, and a catch-all that only
+    /// authenticates: the weaker rule a refused body must never fall through to.
+    const MCP: &str = r#"
+rules:
+  - name: mcp-tools-call
+    path: /message
+    methods: [POST]
+    when: ["body:/method == tools/call"]
+    check: { all: [ { relation: executor, object: "tool:{body:/params/name}" } ] }
+  - { name: mcp-other, path: /message, methods: [POST] }
+  - { name: api, path: "/**" }
+"#;
+
+    fn post(body: &[u8]) -> CheckInput {
+        CheckInput::http("POST", "/message")
+            .unwrap()
+            .with_body(body)
+    }
+
+    #[test]
+    fn a_body_rule_refuses_a_body_it_cannot_read_strictly() {
+        let rs = rules(MCP).unwrap();
+        let call =
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"agent_chat"}}"#;
+        let with_bom = [b"\xef\xbb\xbf".as_slice(), call].concat();
+        let deep = format!(
+            r#"{{"method":"tools/call","params":{{"name":"agent_chat"}},"x":{}1{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let reads_method = "(rule mcp-tools-call reads body field /method)";
+        for (what, input, want) in [
+            (
+                "a tools/call goes to the rule that checks the tool",
+                post(call),
+                Ok("mcp-tools-call"),
+            ),
+            (
+                "another method goes to the next rule",
+                post(br#"{"method":"tools/list"}"#),
+                Ok("mcp-other"),
+            ),
+            (
+                "a side field may hold any finite number",
+                post(br#"{"method":"ping","x":1.5e300}"#),
+                Ok("mcp-other"),
+            ),
+            (
+                "a GET never reads the body",
+                CheckInput::http("GET", "/message").unwrap(),
+                Ok("api"),
+            ),
+            (
+                "a byte order mark is refused",
+                post(&with_bom),
+                Err("request body starts with a byte order mark"),
+            ),
+            (
+                "NaN is refused",
+                post(br#"{"method":"tools/call","params":{"name":"agent_chat"},"x":NaN}"#),
+                Err("request body is not strict JSON: expected value"),
+            ),
+            (
+                "1e400 is refused",
+                post(br#"{"method":"tools/call","params":{"name":"agent_chat"},"x":1e400}"#),
+                Err("request body is not strict JSON: number out of range"),
+            ),
+            (
+                "nesting deeper than 128 is refused",
+                post(deep.as_bytes()),
+                Err("request body is not strict JSON: recursion limit exceeded"),
+            ),
+            (
+                "a duplicate key is refused",
+                post(br#"{"method":"ping","method":"tools/call","params":{"name":"agent_chat"}}"#),
+                Err("request body is not strict JSON: duplicate key \"method\""),
+            ),
+            (
+                "an escaped duplicate key is refused",
+                post(br#"{"method":"ping","m\u0065thod":"tools/call"}"#),
+                Err(
+                    "request body is not strict JSON: duplicate key \"method\" at line 1 column 30",
+                ),
+            ),
+            (
+                "trailing text is refused",
+                post(br#"{"method":"ping"} {"method":"tools/call"}"#),
+                Err("request body is not strict JSON: trailing characters"),
+            ),
+            (
+                "bytes that are not UTF-8 are refused",
+                post(b"{\"method\":\"tools/call\",\"x\":\"\xff\"}"),
+                Err("request body is not UTF-8"),
+            ),
+            (
+                "no body is refused",
+                CheckInput::http("POST", "/message").unwrap(),
+                Err("no request body reached the authorizer"),
+            ),
+            (
+                "a body Envoy did not send is refused",
+                CheckInput::http("POST", "/message")
+                    .unwrap()
+                    .with_header("content-length", "120"),
+                Err(
+                    "request body was not sent to the authorizer (content-length 120): Envoy's ext_authz needs with_request_body",
+                ),
+            ),
+            (
+                "a chunked body Envoy did not send is refused",
+                CheckInput::http("POST", "/message")
+                    .unwrap()
+                    .with_header("transfer-encoding", "chunked"),
+                Err("request body was not sent to the authorizer (transfer-encoding)"),
+            ),
+            (
+                "a body Envoy cut is refused",
+                post(call).with_header(PARTIAL_BODY_HEADER, "true"),
+                Err(
+                    "request body was cut at Envoy's max_request_bytes (x-envoy-auth-partial-body: true)",
+                ),
+            ),
+            (
+                "a whole body Envoy says so of is read",
+                post(call).with_header(PARTIAL_BODY_HEADER, "false"),
+                Ok("mcp-tools-call"),
+            ),
+            (
+                "a body shorter than its content-length is refused",
+                post(call).with_header("content-length", "4096"),
+                Err("request body is 77 bytes but content-length says 4096"),
+            ),
+            (
+                "a compressed body is refused",
+                post(call).with_header("content-encoding", "gzip"),
+                Err("request body is content-encoded (gzip)"),
+            ),
+            (
+                "a fractional number the check reads is refused",
+                post(br#"{"method":"tools/call","params":{"name":1.0}}"#),
+                Err("body field /params/name is a fractional or out-of-range number"),
+            ),
+            (
+                "an integer the check reads is read",
+                post(br#"{"method":"tools/call","params":{"name":42}}"#),
+                Ok("mcp-tools-call"),
+            ),
+        ] {
+            let got = outcome(&rs, &input);
+            match want {
+                Ok(rule) => assert_eq!(got, Ok(vec![rule.to_string()]), "{what}"),
+                Err(text) => {
+                    let e = got.expect_err(what);
+                    assert!(e.starts_with(text), "{what}: {e}");
+                    assert!(
+                        e.ends_with(reads_method)
+                            || e.ends_with("(rule mcp-tools-call reads body field /params/name)"),
+                        "{what}: the refusal names the rule and what it reads: {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_is_routed_element_by_element() {
+        let rs = rules(MCP).unwrap();
+        for (what, body, want) in [
+            (
+                "each element goes to its own rule",
+                r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"agent_chat"}},{"jsonrpc":"2.0","id":2,"method":"tools/list"}]"#,
+                Ok(vec!["mcp-tools-call", "mcp-other"]),
+            ),
+            (
+                "a batch of one is a batch",
+                r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"agent_chat"}}]"#,
+                Ok(vec!["mcp-tools-call"]),
+            ),
+            (
+                "an empty batch is refused",
+                "[]",
+                Err("JSON-RPC batch is empty (rule mcp-tools-call reads body field /method)"),
+            ),
+            (
+                "an element that is not an object is refused",
+                r#"[{"method":"tools/list"},"tools/call"]"#,
+                Err("JSON-RPC batch element 1 is not an object"),
+            ),
+            (
+                "a nested batch is refused",
+                r#"[[{"method":"tools/call"}]]"#,
+                Err("JSON-RPC batch element 0 is not an object"),
+            ),
+            (
+                "an element the check cannot read is refused, naming it",
+                r#"[{"method":"tools/list"},{"method":"tools/call","params":{"name":2.5}}]"#,
+                Err("element 1: body field /params/name is a fractional or out-of-range number"),
+            ),
+            (
+                "a duplicate key inside an element is refused",
+                r#"[{"method":"tools/list"},{"method":"ping","method":"tools/call"}]"#,
+                Err("request body is not strict JSON: duplicate key \"method\""),
+            ),
+        ] {
+            let input = post(body.as_bytes());
+            match (want, outcome(&rs, &input)) {
+                (Ok(want), Ok(got)) => {
+                    assert_eq!(got, want, "{what}");
+                    assert!(rs.route(&input).ok().unwrap().batch, "{what}");
+                }
+                (Err(want), Err(got)) => assert!(got.starts_with(want), "{what}: {got}"),
+                (want, got) => panic!("{what}: want {want:?}, got {got:?}"),
+            }
+        }
+        // Elements are read as the body: the check of element 0 names its own tool.
+        let input = post(br#"[{"method":"tools/call","params":{"name":"a"}},{"method":"tools/call","params":{"name":"b"}}]"#);
+        let route = rs.route(&input).ok().unwrap();
+        let alice = Principal::new(PrincipalKind::User, "alice", AuthMethod::Jwt);
+        let tools: Vec<String> = route
+            .parts
+            .iter()
+            .map(|p| {
+                p.rule.unwrap().check.as_ref().unwrap().checks[0]
+                    .render(&alice, &p.ctx)
+                    .unwrap()
+                    .object
+            })
+            .collect();
+        assert_eq!(tools, ["tool:a", "tool:b"]);
+        assert!(route.parts.iter().all(|p| p.ctx.is_batch_element()));
+    }
+
+    #[test]
+    fn a_query_or_header_a_rule_reads_must_be_there_once() {
+        let rs = rules(
+            r#"
+rules:
+  - name: by-query
+    path: /search
+    check: { all: [ { relation: viewer, object: "conversation:{query:thread}" } ] }
+  - { name: by-header, path: /org, when: ["header:x-tenant == acme"] }
+  - { name: api, path: "/**" }
+"#,
+        )
+        .unwrap();
+        let get = |pq: &str| CheckInput::http("GET", pq).unwrap();
+        let org = |values: &[&[u8]]| {
+            let mut input = get("/org");
+            for v in values {
+                input
+                    .headers
+                    .insert("x-tenant", bytes::Bytes::copy_from_slice(v));
+            }
+            input
+        };
+        for (what, input, want) in [
+            (
+                "a parameter given once is read",
+                get("/search?thread=c1"),
+                Ok("by-query"),
+            ),
+            (
+                "an absent parameter is not ambiguous",
+                get("/search"),
+                Ok("by-query"),
+            ),
+            (
+                "other parameters may repeat",
+                get("/search?thread=c1&tag=a&tag=b"),
+                Ok("by-query"),
+            ),
+            (
+                "another parameter's bad encoding is not read",
+                get("/search?q=%zz&thread=c1"),
+                Ok("by-query"),
+            ),
+            (
+                "a repeated parameter is refused",
+                get("/search?thread=c1&thread=c2"),
+                Err(
+                    "query parameter thread appears more than once (rule by-query reads query parameter thread)",
+                ),
+            ),
+            (
+                "an encoded repeat is a repeat",
+                get("/search?thread=c1&th%72ead=c2"),
+                Err("query parameter thread appears more than once"),
+            ),
+            (
+                "a bad escape in the value is refused",
+                get("/search?thread=c1%zz"),
+                Err("query has bad percent-encoding in \"c1%zz\""),
+            ),
+            (
+                "a value that is not UTF-8 is refused",
+                get("/search?thread=%ff"),
+                Err("query has bad percent-encoding in \"%ff\""),
+            ),
+            (
+                "a bad escape in any key is refused",
+                get("/search?thr%zzead=c1&thread=c2"),
+                Err("query has bad percent-encoding in \"thr%zzead\""),
+            ),
+            (
+                "a ';' separator is refused",
+                get("/search?thread=c1;thread=c2"),
+                Err("query contains ';'"),
+            ),
+            (
+                "a header given once is read",
+                org(&[b"acme"]),
+                Ok("by-header"),
+            ),
+            ("another value falls through", org(&[b"other"]), Ok("api")),
+            ("an absent header falls through", org(&[]), Ok("api")),
+            (
+                "a repeated header is refused",
+                org(&[b"other", b"acme"]),
+                Err(
+                    "header x-tenant appears more than once (rule by-header reads header x-tenant)",
+                ),
+            ),
+            (
+                "a header Envoy joined is refused",
+                org(&[b"other,acme"]),
+                Err("header x-tenant holds a ','"),
+            ),
+            (
+                "a header that is not UTF-8 is refused",
+                org(&[b"acme\xff"]),
+                Err("header x-tenant is not valid UTF-8"),
+            ),
+        ] {
+            match (want, outcome(&rs, &input)) {
+                (Ok(want), Ok(got)) => assert_eq!(got, [want], "{what}"),
+                (Err(want), Err(got)) => assert!(got.starts_with(want), "{what}: {got}"),
+                (want, got) => panic!("{what}: want {want:?}, got {got:?}"),
+            }
+        }
+        let input = get("/search?thread=a+b%2Bc");
+        let Routed { ctx, .. } = routed(&rs, &input);
+        assert_eq!(
+            ctx.read(&Source::Query("thread".into()), None)
+                .ok()
+                .flatten()
+                .as_deref(),
+            Some("a b+c")
+        );
+    }
+
+    #[test]
+    fn every_predicate_of_a_rule_that_could_match_is_read() {
+        // The header predicate is false, but whether a request is refused must not depend
+        // on which predicate is listed first.
+        let rs = rules(
+            r#"
+rules:
+  - { name: rpc, path: /rpc, when: ["header:x-kind == rpc", "body:/method == tools/call"] }
+  - { name: api, path: "/**" }
+"#,
+        )
+        .unwrap();
+        let e = outcome(&rs, &CheckInput::http("POST", "/rpc").unwrap()).unwrap_err();
+        assert_eq!(
+            e,
+            "no request body reached the authorizer (none was sent, or Envoy's ext_authz lacks with_request_body) (rule rpc reads body field /method)"
+        );
+        let input = CheckInput::http("POST", "/rpc")
+            .unwrap()
+            .with_body(br#"{"method":"tools/call"}"#);
+        assert_eq!(outcome(&rs, &input), Ok(vec!["api".to_string()]));
     }
 
     #[test]

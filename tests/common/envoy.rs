@@ -27,6 +27,9 @@ pub struct EnvoyOptions {
     pub with_request_body: bool,
     pub max_request_bytes: u32,
     pub allow_partial_message: bool,
+    /// Send the body as bytes (`raw_body`, deploy: true) rather than as a string Envoy has
+    /// made valid UTF-8 by replacing bytes, which would hide a body that is not UTF-8.
+    pub pack_as_bytes: bool,
     /// ext_authz gRPC call timeout (deploy: 1 s).
     pub authz_timeout: Duration,
     /// `status_on_error` HTTP code when the authz call fails (None: Envoy's default 403).
@@ -70,6 +73,7 @@ impl Default for EnvoyOptions {
             with_request_body: true,
             max_request_bytes: 65536,
             allow_partial_message: false,
+            pack_as_bytes: true,
             authz_timeout: Duration::from_secs(1),
             status_on_error: None,
             grpc_health_check: false,
@@ -228,8 +232,8 @@ pub fn render_config(
 ) -> String {
     let body = if opts.with_request_body {
         format!(
-            "              with_request_body:\n                max_request_bytes: {}\n                allow_partial_message: {}\n                pack_as_bytes: false\n",
-            opts.max_request_bytes, opts.allow_partial_message
+            "              with_request_body:\n                max_request_bytes: {}\n                allow_partial_message: {}\n                pack_as_bytes: {}\n",
+            opts.max_request_bytes, opts.allow_partial_message, opts.pack_as_bytes
         )
     } else {
         String::new()

@@ -1,0 +1,219 @@
+//! The benchmark harness cannot rot: a smoke run of `authz-bench` (the floor server, the load
+//! generator, the report) against the real sidecar binary, about a second per run. It asserts
+//! only that the harness worked — every answer the expected one, no errors, numbers present and
+//! parsed — and never a time or a ratio (scripts/bench measures those; BENCHMARKS.md).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::process::{Proc, free_port, http_ok, wait_until_logged};
+use serde_json::Value;
+
+const BENCH: &str = env!("CARGO_BIN_EXE_authz-bench");
+const SIDECAR: &str = env!("CARGO_BIN_EXE_authz-sidecar");
+
+struct Server {
+    proc: Proc,
+    grpc: String,
+    ops: Option<String>,
+}
+
+fn floor() -> Server {
+    let port = free_port();
+    let grpc = format!("127.0.0.1:{port}");
+    let mut cmd = Command::new(BENCH);
+    cmd.args(["floor", "--addr", &grpc]);
+    Server {
+        proc: Proc::spawn("bench-floor", port, &cmd),
+        grpc,
+        ops: None,
+    }
+}
+
+/// The sidecar binary on the embedded default config, decision log off as in scripts/bench.
+async fn sidecar() -> Server {
+    let (gport, oport) = (free_port(), free_port());
+    let (grpc, ops) = (format!("127.0.0.1:{gport}"), format!("127.0.0.1:{oport}"));
+    let config = common::tools::repo_file("deploy/local/sidecar.yaml");
+    let mut cmd = Command::new(SIDECAR);
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .args(["--grpc-addr", &grpc, "--ops-addr", &ops])
+        .env("LOG_LEVEL", "warn");
+    let proc = Proc::spawn("bench-sidecar", gport, &cmd);
+    let url = format!("http://{ops}/readyz");
+    wait_until_logged(
+        || http_ok(&url),
+        Duration::from_secs(30),
+        "sidecar",
+        proc.log_path(),
+    )
+    .await;
+    Server {
+        proc,
+        grpc,
+        ops: Some(ops),
+    }
+}
+
+fn admin_token() -> String {
+    let out = Command::new(SIDECAR)
+        .current_dir(common::tools::repo_root())
+        .args(["token", "mint", "--sub", "alice", "--roles", "admin"])
+        .output()
+        .expect("run token mint");
+    assert!(out.status.success(), "token mint: {out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// `authz-bench load` for about a second against `server`, the result appended to `json`.
+fn load(server: &Server, json: &Path, tags: &[&str], request: &[&str]) -> Output {
+    let mut cmd = Command::new(BENCH);
+    cmd.args(["load", "--target", &server.grpc])
+        .args(["--server-pid", &server.proc.pid().to_string()])
+        .args(["--connections", "2", "--concurrency", "8"])
+        .args(["--duration", "1s", "--warmup", "200ms"])
+        .arg("--json")
+        .arg(json)
+        .args(request);
+    if let Some(ops) = &server.ops {
+        cmd.args(["--metrics-url", &format!("http://{ops}/metrics")]);
+    }
+    for t in tags {
+        cmd.args(["--tag", t]);
+    }
+    cmd.output().expect("run authz-bench load")
+}
+
+fn lines(json: &Path) -> Vec<Value> {
+    std::fs::read_to_string(json)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+fn num(v: &Value, pointer: &str) -> f64 {
+    v.pointer(pointer)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("{pointer} missing or not a number in {v}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn floor_and_sidecar_are_measured_on_two_paths_and_reported_with_ratios() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("results.jsonl");
+    let (floor, sidecar) = (floor(), sidecar().await);
+    let token = admin_token();
+    let paths: [(&str, Vec<&str>, &str); 2] = [
+        ("public", vec!["--path", "/public/info"], "allow/ok/none"),
+        (
+            "jwt-role",
+            vec!["--path", "/admin/users", "--token", &token],
+            "allow/ok/jwt",
+        ),
+    ];
+    for (path, request, _) in &paths {
+        for (name, server) in [("floor", &floor), ("sidecar", &sidecar)] {
+            let out = load(
+                server,
+                &json,
+                &[&format!("path={path}"), &format!("server={name}"), "shape=max"],
+                request,
+            );
+            assert!(
+                out.status.success(),
+                "{path} on the {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    let rows = lines(&json);
+    assert_eq!(rows.len(), 4);
+    for row in &rows {
+        let answers = num(row, "/answers");
+        assert!(answers > 0.0, "no answers: {row}");
+        assert_eq!(num(row, "/errors"), 0.0, "{row}");
+        assert_eq!(num(row, "/unexpected"), 0.0, "{row}");
+        // Every answer an allow: the status mix is exactly that.
+        assert_eq!(row["outcomes"], serde_json::json!({"allow": answers as u64}));
+        assert!(num(row, "/rps") > 0.0);
+        let (p50, p99, p999) = (
+            num(row, "/latency_us/p50"),
+            num(row, "/latency_us/p99"),
+            num(row, "/latency_us/p999"),
+        );
+        assert!(p50 > 0.0 && p50 <= p99 && p99 <= p999, "{row}");
+        assert!(num(row, "/server/cpu_s") >= 0.0);
+        assert!(num(row, "/server/cpu_us_per_check") >= 0.0);
+        assert!(num(row, "/server/memory/rss_kib") > 0.0);
+    }
+    // The sidecar's own counters agree: it decided what the generator saw, on the path asked.
+    for (i, (_, _, decision)) in paths.iter().enumerate() {
+        let row = &rows[2 * i + 1];
+        assert!(
+            num(row, &format!("/metrics/decisions/{}", decision.replace('/', "~1")))
+                >= num(row, "/answers"),
+            "{row}"
+        );
+    }
+
+    let out = Command::new(BENCH)
+        .arg("report")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let table = String::from_utf8(out.stdout).unwrap();
+    for path in ["public", "jwt-role"] {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("| {path} |")))
+            .unwrap_or_else(|| panic!("no row for {path} in\n{table}"));
+        // path, floor CPU, sidecar CPU, CPU ratio: all filled in.
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert!(cells[2].parse::<f64>().is_ok(), "{row}");
+        assert!(cells[3].parse::<f64>().is_ok(), "{row}");
+        assert!(cells[4].ends_with('x'), "{row}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_answered_with_401s_instead_of_allows_fails_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("results.jsonl");
+    let sidecar = sidecar().await;
+    // /admin/users without a token: the sidecar answers 401, the run expected allows.
+    let out = load(&sidecar, &json, &[], &["--path", "/admin/users"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("were not [\"allow\"]"));
+    let row = &lines(&json)[0];
+    let answers = num(row, "/answers");
+    assert!(answers > 0.0);
+    assert_eq!(row["outcomes"], serde_json::json!({"deny:401": answers as u64}));
+    assert!(num(row, "/unexpected") >= answers);
+}
+
+#[test]
+fn the_floor_reports_a_port_it_picked() {
+    // Port 0: the floor says where it listens (scripts can start it without a port helper).
+    let mut cmd = Command::new(BENCH);
+    cmd.args(["floor", "--addr", "127.0.0.1:0"]);
+    let mut floor = Proc::spawn("bench-floor-port0", free_port(), &cmd);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = floor.tail(5);
+        if let Some(addr) = log.lines().find_map(|l| l.strip_prefix("listening ")) {
+            assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"), "{log}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "floor said nothing: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    floor.kill();
+}

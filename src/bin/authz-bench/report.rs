@@ -245,6 +245,63 @@ pub fn render(rows: &[Summary]) -> String {
 mod tests {
     use super::*;
 
+    fn run(server: &str, cpu: f64, rps: f64, tags: &[(&str, &str)]) -> Summary {
+        let mut all: BTreeMap<String, String> = tags
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        all.insert("server".into(), server.into());
+        serde_json::from_value(serde_json::json!({
+            "tags": all, "target": "t", "mode": "closed", "offered_rate": null,
+            "connections": 4, "concurrency": 32, "window_s": 1.0, "answers": 1000, "errors": 0,
+            "rps": rps, "latency_us": {"p50": 100.0, "p90": 150.0, "p99": 200.0, "p999": 300.0,
+            "max": 400.0, "mean": 110.0}, "outcomes": {"allow": 1000}, "warmup_outcomes": {},
+            "expect": ["allow"], "unexpected": 0, "send_lag_us": null,
+            "server": {"pid": 1, "cpu_s": cpu * 1e-3, "cpu_us_per_check": cpu,
+                       "memory": {"rss_kib": 10240, "hwm_kib": 20480, "threads": 3}},
+            "client_cpu_s": 0.01, "client_cpu_us_per_check": 10.0, "other_cpu_s": 0.5,
+            "machine_cpu_s": 2.0, "load_average": [1.0, 1.0, 1.0], "metrics": null, "command": "x"
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn ratios_are_of_the_medians_and_the_target_is_reported_not_asserted() {
+        let t = [("path", "jwt-role"), ("shape", "max"), ("target", "1.15")];
+        let rows = vec![
+            run("floor", 16.0, 1000.0, &t),
+            run("sidecar", 20.0, 900.0, &t),
+            run("floor", 18.0, 1000.0, &t),
+            run("sidecar", 22.0, 800.0, &t),
+        ];
+        let table = render(&rows);
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("| jwt-role |"))
+            .expect("a row for the path");
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        // Medians 17 and 21: 21 / 17 = 1.24, above 1.15.
+        assert_eq!(&cells[2..6], ["17.0", "21.0", "1.24x", "≤ 1.15x: not met"]);
+        assert_eq!(cells[8], "0.85x");
+        assert!(row.ends_with("| 2 + 2 | 25% |"), "{row}");
+    }
+
+    #[test]
+    fn memory_growth_is_per_entry() {
+        let mut before = run("sidecar", 1.0, 1.0, &[("memory", "token-cache"), ("phase", "before")]);
+        let mut after = run(
+            "sidecar",
+            1.0,
+            1.0,
+            &[("memory", "token-cache"), ("phase", "after"), ("entries", "1024")],
+        );
+        before.server.as_mut().unwrap().memory.rss_kib = 10 * 1024;
+        after.server.as_mut().unwrap().memory.rss_kib = 12 * 1024;
+        let table = render(&[before, after]);
+        let row = table.lines().find(|l| l.starts_with("| token-cache |")).unwrap();
+        assert_eq!(row, "| token-cache | 1024 | 10.0 | 12.0 | 20.0 | 2.0 | 2.00 | - |");
+    }
+
     #[test]
     fn medians_of_odd_and_even_counts() {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));

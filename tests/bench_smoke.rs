@@ -217,3 +217,21 @@ fn the_floor_reports_a_port_it_picked() {
     }
     floor.kill();
 }
+
+#[test]
+fn a_fixed_number_of_requests_is_answered_inside_the_window() {
+    // --requests fills caches: every answer must count (10 000 tokens means 10 000 answers).
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("results.jsonl");
+    let floor = floor();
+    let out = Command::new(BENCH)
+        .args(["load", "--target", &floor.grpc, "--requests", "5000"])
+        .args(["--server-pid", &floor.proc.pid().to_string(), "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let row = &lines(&json)[0];
+    assert_eq!(row["outcomes"], serde_json::json!({"allow": 5000}), "{row}");
+    assert_eq!(row["warmup_outcomes"], serde_json::json!({}), "{row}");
+}

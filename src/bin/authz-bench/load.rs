@@ -478,6 +478,9 @@ async fn worker(
         outcomes: HashMap::new(),
         outside: HashMap::new(),
     };
+    // Nothing before the start: with --requests the window begins there, and every answer
+    // must fall inside it.
+    wait_until(plan.start).await;
     loop {
         let n = counter.fetch_add(1, Ordering::Relaxed);
         if plan.requests.is_some_and(|limit| n >= limit) {

@@ -122,7 +122,11 @@ async fn floor_and_sidecar_are_measured_on_two_paths_and_reported_with_ratios() 
             let out = load(
                 server,
                 &json,
-                &[&format!("path={path}"), &format!("server={name}"), "shape=max"],
+                &[
+                    &format!("path={path}"),
+                    &format!("server={name}"),
+                    "shape=max",
+                ],
                 request,
             );
             assert!(
@@ -141,7 +145,10 @@ async fn floor_and_sidecar_are_measured_on_two_paths_and_reported_with_ratios() 
         assert_eq!(num(row, "/errors"), 0.0, "{row}");
         assert_eq!(num(row, "/unexpected"), 0.0, "{row}");
         // Every answer an allow: the status mix is exactly that.
-        assert_eq!(row["outcomes"], serde_json::json!({"allow": answers as u64}));
+        assert_eq!(
+            row["outcomes"],
+            serde_json::json!({"allow": answers as u64})
+        );
         assert!(num(row, "/rps") > 0.0);
         let (p50, p99, p999) = (
             num(row, "/latency_us/p50"),
@@ -157,8 +164,10 @@ async fn floor_and_sidecar_are_measured_on_two_paths_and_reported_with_ratios() 
     for (i, (_, _, decision)) in paths.iter().enumerate() {
         let row = &rows[2 * i + 1];
         assert!(
-            num(row, &format!("/metrics/decisions/{}", decision.replace('/', "~1")))
-                >= num(row, "/answers"),
+            num(
+                row,
+                &format!("/metrics/decisions/{}", decision.replace('/', "~1"))
+            ) >= num(row, "/answers"),
             "{row}"
         );
     }
@@ -195,7 +204,10 @@ async fn a_run_answered_with_401s_instead_of_allows_fails_and_says_so() {
     let row = &lines(&json)[0];
     let answers = num(row, "/answers");
     assert!(answers > 0.0);
-    assert_eq!(row["outcomes"], serde_json::json!({"deny:401": answers as u64}));
+    assert_eq!(
+        row["outcomes"],
+        serde_json::json!({"deny:401": answers as u64})
+    );
     assert!(num(row, "/unexpected") >= answers);
 }
 
@@ -209,10 +221,16 @@ fn the_floor_reports_a_port_it_picked() {
     loop {
         let log = floor.tail(5);
         if let Some(addr) = log.lines().find_map(|l| l.strip_prefix("listening ")) {
-            assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"), "{log}");
+            assert!(
+                addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
+                "{log}"
+            );
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "floor said nothing: {log}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "floor said nothing: {log}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     floor.kill();

@@ -63,7 +63,12 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             .as_str()
             .context("store creation answered without an id")?
             .to_string();
-        let m = call(&client, format!("{api}/stores/{store}/authorization-models"), model).await?;
+        let m = call(
+            &client,
+            format!("{api}/stores/{store}/authorization-models"),
+            model,
+        )
+        .await?;
         let model_id = m["authorization_model_id"]
             .as_str()
             .context("model write answered without authorization_model_id")?

@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use authz_sidecar::proto::pb::envoy::config::core::v3::{Address, SocketAddress, address};
 use authz_sidecar::proto::pb::envoy::config::core::v3::socket_address::PortSpecifier;
+use authz_sidecar::proto::pb::envoy::config::core::v3::{Address, SocketAddress, address};
 use authz_sidecar::proto::pb::envoy::service::auth::v3::{
     AttributeContext, CheckRequest, CheckResponse, attribute_context,
     authorization_client::AuthorizationClient, check_response::HttpResponse,
@@ -580,8 +580,8 @@ async fn connect(args: &Args) -> anyhow::Result<Vec<AuthorizationClient<Channel>
 
 fn specs(args: &Args) -> anyhow::Result<Vec<Spec>> {
     if let Some(mix) = &args.mix {
-        let text = std::fs::read_to_string(mix)
-            .with_context(|| format!("--mix {}", mix.display()))?;
+        let text =
+            std::fs::read_to_string(mix).with_context(|| format!("--mix {}", mix.display()))?;
         return text
             .lines()
             .enumerate()
@@ -761,7 +761,10 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
     let start = Instant::now() + Duration::from_millis(20);
     let (window_start, end) = match args.requests {
         Some(_) => (start, None),
-        None => (start + args.warmup, Some(start + args.warmup + args.duration)),
+        None => (
+            start + args.warmup,
+            Some(start + args.warmup + args.duration),
+        ),
     };
     let plan = Arc::new(Plan {
         start,
@@ -857,7 +860,12 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
     Ok(Summary {
         tags,
         target: args.target.clone(),
-        mode: if args.rate.is_some() { "rate" } else { "closed" }.into(),
+        mode: if args.rate.is_some() {
+            "rate"
+        } else {
+            "closed"
+        }
+        .into(),
         offered_rate: args.rate,
         connections: args.connections,
         concurrency: args.concurrency,
@@ -883,7 +891,8 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
         },
         client_cpu_s: client_cpu,
         client_cpu_us_per_check: client_cpu.and_then(per_check),
-        other_cpu_s: busy.map(|b| (b - server_cpu.unwrap_or(0.0) - client_cpu.unwrap_or(0.0)).max(0.0)),
+        other_cpu_s: busy
+            .map(|b| (b - server_cpu.unwrap_or(0.0) - client_cpu.unwrap_or(0.0)).max(0.0)),
         machine_cpu_s: window_s * machine_cpus,
         load_average: procfs::load_average(),
         metrics,
@@ -942,9 +951,9 @@ fn describe(s: &Summary) -> String {
 }
 
 pub fn main(args: Args) -> anyhow::Result<ExitCode> {
-    let threads = args.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    });
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
         .enable_all()
@@ -1028,10 +1037,10 @@ mod tests {
 
     #[test]
     fn answers_are_classified_by_what_envoy_would_do() {
-        use authz_sidecar::proto::pb::envoy::r#type::v3::HttpStatus;
         use authz_sidecar::proto::pb::envoy::service::auth::v3::{
             DeniedHttpResponse, OkHttpResponse,
         };
+        use authz_sidecar::proto::pb::envoy::r#type::v3::HttpStatus;
         let ok = CheckResponse {
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
             ..Default::default()
@@ -1045,7 +1054,10 @@ mod tests {
         };
         assert_eq!(Outcome::of(&ok).label(), "allow");
         assert_eq!(Outcome::of(&denied).label(), "deny:401");
-        assert_eq!(Outcome::Rpc(tonic::Code::Unavailable).label(), "rpc:Unavailable");
+        assert_eq!(
+            Outcome::Rpc(tonic::Code::Unavailable).label(),
+            "rpc:Unavailable"
+        );
         assert!(Outcome::Timeout.is_error() && !Outcome::of(&denied).is_error());
     }
 

@@ -28,7 +28,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "authz-bench", version, about = "Benchmark harness of authz-sidecar: floor server, load generator, report")]
+#[command(
+    name = "authz-bench",
+    version,
+    about = "Benchmark harness of authz-sidecar: floor server, load generator, report"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -39,7 +43,7 @@ enum Cmd {
     /// Serve an allow-all envoy.service.auth.v3.Authorization/Check (the floor).
     Floor(floor::Args),
     /// Drive Check at a server and report rps, latency, answers and the server's CPU per check.
-    Load(load::Args),
+    Load(Box<load::Args>),
     /// Turn `load --json` lines into markdown tables (medians, floor ratios, memory).
     Report(report::Args),
     /// Create an OpenFGA store with a model and tuples; print the store id.
@@ -53,7 +57,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         // The floor builds its runtime exactly as the sidecar's main does.
         Cmd::Floor(args) => floor::main(args),
-        Cmd::Load(args) => load::main(args),
+        Cmd::Load(args) => load::main(*args),
         Cmd::Report(args) => report::main(args),
         Cmd::FgaSetup(args) => fga::main(args),
         Cmd::FreePort => std::net::TcpListener::bind("127.0.0.1:0")

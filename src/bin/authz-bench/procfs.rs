@@ -48,12 +48,7 @@ pub fn memory(pid: &str) -> Option<Memory> {
         let Some((key, value)) = line.split_once(':') else {
             continue;
         };
-        let n = || {
-            value
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse().ok())
-        };
+        let n = || value.split_whitespace().next().and_then(|v| v.parse().ok());
         match key {
             "VmRSS" => m.rss_kib = n()?,
             "VmHWM" => m.hwm_kib = n()?,

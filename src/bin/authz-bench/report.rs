@@ -28,7 +28,11 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     let mut rows = Vec::new();
     for f in &args.files {
         let text = std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))?;
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
             rows.push(
                 serde_json::from_str::<Summary>(line)
                     .with_context(|| format!("{} line {}", f.display(), i + 1))?,
@@ -77,7 +81,8 @@ struct Side {
 }
 
 fn side(runs: &[&Summary]) -> Side {
-    let m = |f: &dyn Fn(&Summary) -> Option<f64>| median(runs.iter().filter_map(|s| f(s)).collect());
+    let m =
+        |f: &dyn Fn(&Summary) -> Option<f64>| median(runs.iter().filter_map(|s| f(s)).collect());
     Side {
         runs: runs.len(),
         cpu: m(&|s| s.server.as_ref()?.cpu_us_per_check),
@@ -136,7 +141,9 @@ pub fn render(rows: &[Summary]) -> String {
             let of = |server: &str| -> Vec<&Summary> {
                 rows.iter()
                     .filter(|s| {
-                        tag(s, "shape") == shape && tag(s, "path") == path && tag(s, "server") == server
+                        tag(s, "shape") == shape
+                            && tag(s, "path") == path
+                            && tag(s, "server") == server
                     })
                     .collect()
             };
@@ -149,11 +156,14 @@ pub fn render(rows: &[Summary]) -> String {
                 .find_map(|s| s.tags.get("target"))
                 .and_then(|t| t.parse::<f64>().ok());
             let verdict = match (target, cpu_ratio) {
-                (Some(t), Some(r)) => format!("≤ {t:.2}x: {}", if r <= t { "met" } else { "not met" }),
+                (Some(t), Some(r)) => {
+                    format!("≤ {t:.2}x: {}", if r <= t { "met" } else { "not met" })
+                }
                 (Some(t), None) => format!("≤ {t:.2}x"),
                 _ => "-".into(),
             };
-            let lat = |x: &Side| format!("{} / {} / {}", fmt(x.p50, 0), fmt(x.p99, 0), fmt(x.p999, 0));
+            let lat =
+                |x: &Side| format!("{} / {} / {}", fmt(x.p50, 0), fmt(x.p99, 0), fmt(x.p999, 0));
             let other = [f.other_share, sc.other_share]
                 .into_iter()
                 .flatten()
@@ -288,18 +298,33 @@ mod tests {
 
     #[test]
     fn memory_growth_is_per_entry() {
-        let mut before = run("sidecar", 1.0, 1.0, &[("memory", "token-cache"), ("phase", "before")]);
+        let mut before = run(
+            "sidecar",
+            1.0,
+            1.0,
+            &[("memory", "token-cache"), ("phase", "before")],
+        );
         let mut after = run(
             "sidecar",
             1.0,
             1.0,
-            &[("memory", "token-cache"), ("phase", "after"), ("entries", "1024")],
+            &[
+                ("memory", "token-cache"),
+                ("phase", "after"),
+                ("entries", "1024"),
+            ],
         );
         before.server.as_mut().unwrap().memory.rss_kib = 10 * 1024;
         after.server.as_mut().unwrap().memory.rss_kib = 12 * 1024;
         let table = render(&[before, after]);
-        let row = table.lines().find(|l| l.starts_with("| token-cache |")).unwrap();
-        assert_eq!(row, "| token-cache | 1024 | 10.0 | 12.0 | 20.0 | 2.0 | 2.00 | - |");
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("| token-cache |"))
+            .unwrap();
+        assert_eq!(
+            row,
+            "| token-cache | 1024 | 10.0 | 12.0 | 20.0 | 2.0 | 2.00 | - |"
+        );
     }
 
     #[test]

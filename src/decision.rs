@@ -60,15 +60,17 @@ pub enum Failure {
 
 impl Failure {
     /// The reason the client reads. Authentication errors say it without their key source
-    /// ([`AuthnError::public_reason`]); and whatever a backend put in its cause, an
-    /// `http(s)://` address never leaves: the invariant is kept here, where every client-facing
-    /// reason is made.
+    /// or expected issuer ([`AuthnError::public_reason`]); a backend error's cause is built
+    /// from the backend's address (`OpenFGA at http://..: connection refused`), so its
+    /// `http(s)://` addresses are replaced. The client's own text (a path, an origin) stays.
     pub fn public_reason(&self) -> String {
-        let text = match self {
+        match self {
             Self::Authn(e) => e.public_reason(),
+            Self::Authz(e @ (AuthzError::BackendUnavailable(_) | AuthzError::BackendRejected(_))) => {
+                scrub_urls(&e.to_string())
+            }
             other => other.to_string(),
-        };
-        scrub_urls(&text)
+        }
     }
 }
 
@@ -261,8 +263,20 @@ mod tests {
                 "authorization backend rejected the check: [internal], said no.",
             ),
             (
+                AuthnError::WrongIssuer {
+                    got: "https://evil".into(),
+                    want: "http://keycloak:8080/realms/r".into(),
+                }
+                .into(),
+                "wrong issuer \"https://evil\"",
+            ),
+            (
                 AuthnError::Expired { ago: 1 }.into(),
                 "token expired 1s ago",
+            ),
+            (
+                Failure::CorsOrigin("https://app.example".into()),
+                "CORS preflight from origin https://app.example is not allowed (CORS_ORIGINS)",
             ),
         ];
         for (failure, public) in cases {
@@ -272,6 +286,7 @@ mod tests {
             if let Some(c) = &d.www_authenticate {
                 assert!(!c.contains("http://"), "{c}");
             }
+            assert!(!d.reason.contains("http://"), "{}", d.reason);
         }
     }
 

@@ -330,7 +330,8 @@ async fn bad_inputs_are_denied_with_their_own_reason() {
                     parts[2]
                 ),
             )],
-            "signing key kid=nope not found in JWKS file",
+            // The client is not told where the keys come from (the log and doctor are).
+            "signing key kid=nope not found",
         ),
         (
             "64 KiB token",

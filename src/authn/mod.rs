@@ -172,8 +172,8 @@ pub enum AuthnError {
 
 impl AuthnError {
     /// The reason the client reads. The [`Display`](std::fmt::Display) text goes to the log
-    /// and `doctor` and may name where the signing keys come from (a JWKS or discovery URL,
-    /// internal to the deployment); this one never does.
+    /// and `doctor` and may name where the signing keys come from (a JWKS or discovery URL)
+    /// or the expected issuer, both possibly internal to the deployment; this one never does.
     pub fn public_reason(&self) -> String {
         match self {
             Self::UnknownKid { kid, .. } => format!("signing key kid={kid} not found"),
@@ -181,6 +181,8 @@ impl AuthnError {
                 format!("signing key kid={kid} not found: the signing keys cannot be refreshed")
             }
             Self::NoKeys { .. } => "no signing keys loaded yet".into(),
+            // The expected issuer may be an in-cluster Keycloak address.
+            Self::WrongIssuer { got, .. } => format!("wrong issuer {got:?}"),
             Self::ApiKeyStoreUnavailable(_) => "API key verification unavailable".into(),
             other => other.to_string(),
         }

@@ -655,7 +655,9 @@ impl Config {
         {
             return Err(ConfigError::invalid(
                 "api_keys.header",
-                format!("{header:?}: must name a header (letters, digits, -) other than authorization"),
+                format!(
+                    "{header:?}: must name a header (letters, digits, -) other than authorization"
+                ),
             ));
         }
         let api_key_header = ApiKeyHeaderConfig {
@@ -1125,7 +1127,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.jwt.require_typ, None);
         assert_eq!(
-            (c.api_key_header.name.as_str(), c.api_key_header.forward_to_app),
+            (
+                c.api_key_header.name.as_str(),
+                c.api_key_header.forward_to_app
+            ),
             ("apikey", true)
         );
         let keys = c.api_keys.unwrap();
@@ -1137,14 +1142,26 @@ mod tests {
     fn credential_setting_errors_name_the_key() {
         for (yaml, want) in [
             ("jwt: { jwks_file: k, require_typ: '' }", "jwt.require_typ"),
-            ("jwt: { jwks_file: k }\napi_keys: { header: authorization }", "api_keys.header"),
-            ("jwt: { jwks_file: k }\napi_keys: { header: 'x key' }", "api_keys.header"),
-            ("jwt: { jwks_file: k }\napi_keys: { header: ':path' }", "api_keys.header"),
+            (
+                "jwt: { jwks_file: k }\napi_keys: { header: authorization }",
+                "api_keys.header",
+            ),
+            (
+                "jwt: { jwks_file: k }\napi_keys: { header: 'x key' }",
+                "api_keys.header",
+            ),
+            (
+                "jwt: { jwks_file: k }\napi_keys: { header: ':path' }",
+                "api_keys.header",
+            ),
             (
                 "jwt: { jwks_file: k }\napi_keys: { file: k.yaml, bcrypt_concurrency: 0 }",
                 "api_keys.bcrypt_concurrency",
             ),
-            ("jwt: { jwks_file: k }\napi_keys: { forward: true }", "forward"),
+            (
+                "jwt: { jwks_file: k }\napi_keys: { forward: true }",
+                "forward",
+            ),
         ] {
             let e = load(yaml, &[]).unwrap_err().to_string();
             assert!(e.contains(want), "{yaml}: {e} should name {want}");

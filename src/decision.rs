@@ -66,9 +66,9 @@ impl Failure {
     pub fn public_reason(&self) -> String {
         match self {
             Self::Authn(e) => e.public_reason(),
-            Self::Authz(e @ (AuthzError::BackendUnavailable(_) | AuthzError::BackendRejected(_))) => {
-                scrub_urls(&e.to_string())
-            }
+            Self::Authz(
+                e @ (AuthzError::BackendUnavailable(_) | AuthzError::BackendRejected(_)),
+            ) => scrub_urls(&e.to_string()),
             other => other.to_string(),
         }
     }
@@ -259,7 +259,8 @@ mod tests {
                 "authorization backend unavailable: OpenFGA at [internal]: connection refused",
             ),
             (
-                AuthzError::BackendRejected("HTTPS://fga.internal/stores/x, said no.".into()).into(),
+                AuthzError::BackendRejected("HTTPS://fga.internal/stores/x, said no.".into())
+                    .into(),
                 "authorization backend rejected the check: [internal], said no.",
             ),
             (
@@ -295,7 +296,10 @@ mod tests {
         for (text, want) in [
             ("no url here", "no url here"),
             ("at http://a:1/b: refused", "at [internal]: refused"),
-            ("\"https://x/y\" and http://z.", "\"[internal]\" and [internal]."),
+            (
+                "\"https://x/y\" and http://z.",
+                "\"[internal]\" and [internal].",
+            ),
             ("ends http://", "ends [internal]"),
             ("é http://ü/ä é", "é [internal] é"),
         ] {

@@ -285,7 +285,7 @@ mod tests {
             (format!("kid\n{forged}"), "\\n"),
             (format!("a\u{2028}{forged}"), "\\u{2028}"),
             (format!("a\u{85}{forged}"), "\\u{85}"),
-            (format!("esc\u{1b}[31m"), "\\u{1b}[31m"),
+            ("esc\u{1b}[31m".to_string(), "\\u{1b}[31m"),
             ("/plain/path".into(), "path=/plain/path "),
             ("with space".into(), "path=\"with space\""),
         ];
@@ -321,7 +321,10 @@ mod tests {
                 line.trim_start().starts_with("INFO check "),
                 "{value:?} forged a line: {line}"
             );
-            assert!(line.contains(want), "{value:?}: {line} should contain {want}");
+            assert!(
+                line.contains(want),
+                "{value:?}: {line} should contain {want}"
+            );
             assert_eq!(
                 outside_quotes(line).matches("decision=").count(),
                 1,

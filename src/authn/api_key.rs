@@ -129,7 +129,9 @@ impl Index {
     }
 
     fn known_miss(&self, mac: &[u8; 32], now: u64) -> bool {
-        self.bcrypt_misses.get(mac).is_some_and(|until| now < *until)
+        self.bcrypt_misses
+            .get(mac)
+            .is_some_and(|until| now < *until)
     }
 
     fn remember_miss(&self, mac: [u8; 32], now: u64) {
@@ -744,19 +746,40 @@ mod tests {
         let sha = sha256_record_hash("k");
         let hmac = format!("hmac-sha256:{}", "ab".repeat(32));
         let rec = |hash: &str, lookup: Option<&str>| match lookup {
-            Some(l) => format!("  - {{id: x{}, hash: '{hash}', lookup: '{l}', principal: user:a}}\n", l.len() + hash.len()),
-            None => format!("  - {{id: x{}, hash: '{hash}', principal: user:a}}\n", hash.len()),
+            Some(l) => format!(
+                "  - {{id: x{}, hash: '{hash}', lookup: '{l}', principal: user:a}}\n",
+                l.len() + hash.len()
+            ),
+            None => format!(
+                "  - {{id: x{}, hash: '{hash}', principal: user:a}}\n",
+                hash.len()
+            ),
         };
         for (records, secret, want) in [
-            (rec(bh, None), false, Err("keys[0].lookup: a bcrypt record needs lookup")),
-            (rec(&sha, Some(&sha)), false, Err("keys[0].lookup: only bcrypt records")),
-            (rec(bh, Some("md5:00")), false, Err("keys[0].lookup: \"md5:00\": want sha256")),
+            (
+                rec(bh, None),
+                false,
+                Err("keys[0].lookup: a bcrypt record needs lookup"),
+            ),
+            (
+                rec(&sha, Some(&sha)),
+                false,
+                Err("keys[0].lookup: only bcrypt records"),
+            ),
+            (
+                rec(bh, Some("md5:00")),
+                false,
+                Err("keys[0].lookup: \"md5:00\": want sha256"),
+            ),
             (rec(bh, Some("sha256:00")), false, Err("64 hex digits")),
             (rec(bh, Some(&hmac)), false, Err("set API_KEY_CACHE_SECRET")),
             (rec(bh, Some(&hmac)), true, Ok(())),
             (rec(bh, Some(&sha)), false, Ok(())),
             (
-                format!("{}  - {{id: y, hash: '{bh}', lookup: '{sha}', principal: user:b}}\n", rec(bh, Some(&sha))),
+                format!(
+                    "{}  - {{id: y, hash: '{bh}', lookup: '{sha}', principal: user:b}}\n",
+                    rec(bh, Some(&sha))
+                ),
                 false,
                 Err("keys[1].lookup: same lookup as keys[0]"),
             ),
@@ -795,7 +818,10 @@ mod tests {
     }
 
     fn app_cache_hash(key: &str) -> String {
-        format!("hmac-sha256:{}", hex::encode(hmac_sha256(b"app-cache-secret", key)))
+        format!(
+            "hmac-sha256:{}",
+            hex::encode(hmac_sha256(b"app-cache-secret", key))
+        )
     }
 
     #[tokio::test]
@@ -807,12 +833,20 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, k)| {
-                let lookup = if i % 2 == 0 { app_cache_hash(k) } else { sha256_record_hash(k) };
+                let lookup = if i % 2 == 0 {
+                    app_cache_hash(k)
+                } else {
+                    sha256_record_hash(k)
+                };
                 (format!("k{i}"), bcrypt::hash(k, 4).unwrap(), lookup)
             })
             .collect();
         // The app's rotation bug: the cacheHash still names the old key, the hash is the new one.
-        records.push(("stale".into(), bcrypt::hash("mcpkey_live_new", 4).unwrap(), app_cache_hash(rotated)));
+        records.push((
+            "stale".into(),
+            bcrypt::hash("mcpkey_live_new", 4).unwrap(),
+            app_cache_hash(rotated),
+        ));
         let refs: Vec<(&str, &str, &str)> = records
             .iter()
             .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
@@ -851,9 +885,18 @@ mod tests {
         let key = "mcpkey_live_busy";
         let store = bcrypt_store(
             dir.path(),
-            &[("b", &bcrypt::hash(key, 4).unwrap(), &sha256_record_hash(key))],
+            &[(
+                "b",
+                &bcrypt::hash(key, 4).unwrap(),
+                &sha256_record_hash(key),
+            )],
         );
-        let held = store.bcrypt_slots.clone().acquire_many_owned(2).await.unwrap();
+        let held = store
+            .bcrypt_slots
+            .clone()
+            .acquire_many_owned(2)
+            .await
+            .unwrap();
         let started = std::time::Instant::now();
         let e = store.authenticate(key).await.unwrap_err();
         assert!(e.is_unavailable(), "{e}");

@@ -569,14 +569,21 @@ mod tests {
             ("nbf", json!(u64::MAX), "invalid claim nbf"),
             ("nbf", json!(MAX_NUMERIC_DATE), "not valid yet"),
             ("iat", json!(u64::MAX), "invalid claim iat"),
-            ("iat", json!(now + 3600), "token issued in the future: iat is 3600s ahead"),
+            (
+                "iat",
+                json!(now + 3600),
+                "token issued in the future: iat is 3600s ahead",
+            ),
         ];
         for (claim, value, want) in cases {
             let mut c = claims(now);
             c[claim] = value.clone();
             let t = mint(&key, Algorithm::RS256, "rsa-a", &c).unwrap();
             let e = v.authenticate(&t).await.unwrap_err().to_string();
-            assert!(e.contains(want), "{claim}={value}: {e} should contain {want}");
+            assert!(
+                e.contains(want),
+                "{claim}={value}: {e} should contain {want}"
+            );
         }
         // The largest date accepted works, and the cache check on it does not overflow.
         let mut c = claims(now);

@@ -45,7 +45,10 @@ async fn through_envoy(envoy: &Envoy, path: &str, headers: &[(&str, &str)]) -> (
     let resp = req.send().await.expect("request through Envoy");
     let status = resp.status().as_u16();
     let body = resp.text().await.unwrap_or_default();
-    (status, serde_json::from_str(&body).unwrap_or(json!({ "raw": body })))
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(json!({ "raw": body })),
+    )
 }
 
 #[tokio::test]
@@ -69,11 +72,20 @@ async fn the_api_key_never_reaches_the_app_unless_forwarding_is_configured() {
         assert_eq!(h["x-auth-method"], "api_key", "{echo}");
         assert_eq!(h["x-auth-key-id"], "ak_local_alice", "{echo}");
         assert_eq!(h["x-auth-subject"], "user:alice", "{echo}");
-        assert!(h.get("apikey").is_none(), "the alias never reaches the app: {echo}");
+        assert!(
+            h.get("apikey").is_none(),
+            "the alias never reaches the app: {echo}"
+        );
         if forwarded {
-            assert_eq!(h["x-api-key"], ALICE_KEY, "forward_to_app passes it: {echo}");
+            assert_eq!(
+                h["x-api-key"], ALICE_KEY,
+                "forward_to_app passes it: {echo}"
+            );
         } else {
-            assert!(h.get("x-api-key").is_none(), "the key reached the app: {echo}");
+            assert!(
+                h.get("x-api-key").is_none(),
+                "the key reached the app: {echo}"
+            );
         }
 
         // A public route does not check the key, and still keeps it from the app.
@@ -99,9 +111,15 @@ async fn the_api_key_never_reaches_the_app_unless_forwarding_is_configured() {
         .await;
         assert_eq!(code, 200, "{echo}");
         assert_eq!(echo["headers"]["x-auth-subject"], "user:alice", "{echo}");
-        assert!(echo["headers"].get("x-auth-failed-open").is_none(), "{echo}");
+        assert!(
+            echo["headers"].get("x-auth-failed-open").is_none(),
+            "{echo}"
+        );
         assert_eq!(
-            envoy.stat("http.ingress_http.ext_authz.error").await.unwrap_or(0),
+            envoy
+                .stat("http.ingress_http.ext_authz.error")
+                .await
+                .unwrap_or(0),
             0
         );
         drop(envoy);
@@ -114,8 +132,14 @@ async fn the_api_key_never_reaches_the_app_unless_forwarding_is_configured() {
 async fn a_keycloak_id_token_is_refused_and_an_access_token_is_not() {
     let s = Sidecar::local().await;
     for (typ, want) in [
-        (Some("ID"), Err("token typ \"ID\" is not accepted: want Bearer")),
-        (Some("Refresh"), Err("token typ \"Refresh\" is not accepted")),
+        (
+            Some("ID"),
+            Err("token typ \"ID\" is not accepted: want Bearer"),
+        ),
+        (
+            Some("Refresh"),
+            Err("token typ \"Refresh\" is not accepted"),
+        ),
         (Some("Bearer"), Ok(())),
         (None, Ok(())),
     ] {
@@ -125,7 +149,12 @@ async fn a_keycloak_id_token_is_refused_and_an_access_token_is_not() {
         }
         let auth = format!("Bearer {}", mint(claims));
         let r = s
-            .check(http("GET", "/api/agents", &[("authorization", &auth)], None))
+            .check(http(
+                "GET",
+                "/api/agents",
+                &[("authorization", &auth)],
+                None,
+            ))
             .await;
         match want {
             Ok(()) => assert_eq!(status(&r), 200, "typ {typ:?}: {r:?}"),
@@ -153,7 +182,12 @@ async fn time_claims_near_u64_max_are_refused_without_a_panic() {
         let auth = format!("Bearer {}", mint(claims));
         // A panic in the handler would reset the stream: `check` expects an answer.
         let r = s
-            .check(http("GET", "/api/agents", &[("authorization", &auth)], None))
+            .check(http(
+                "GET",
+                "/api/agents",
+                &[("authorization", &auth)],
+                None,
+            ))
             .await;
         assert_eq!(status(&r), 401, "{claim}={value}: {r:?}");
         assert!(
@@ -165,7 +199,12 @@ async fn time_claims_near_u64_max_are_refused_without_a_panic() {
     // And the server is still there for the next token.
     let auth = format!("Bearer {}", mint(local_claims("alice", &["user"])));
     let r = s
-        .check(http("GET", "/api/agents", &[("authorization", &auth)], None))
+        .check(http(
+            "GET",
+            "/api/agents",
+            &[("authorization", &auth)],
+            None,
+        ))
         .await;
     assert_eq!(status(&r), 200);
     s.stop().await.unwrap();
@@ -320,7 +359,13 @@ async fn log_of_forging_attempts(format: &str) -> String {
     let port = free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_authz-sidecar"));
     cmd.current_dir(repo())
-        .args(["serve", "--config", "deploy/local/sidecar.yaml", "--ops-addr", "off"])
+        .args([
+            "serve",
+            "--config",
+            "deploy/local/sidecar.yaml",
+            "--ops-addr",
+            "off",
+        ])
         .arg("--grpc-addr")
         .arg(format!("127.0.0.1:{port}"))
         .env("LOG_FORMAT", format)
@@ -340,7 +385,11 @@ async fn log_of_forging_attempts(format: &str) -> String {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let deadline = Instant::now() + Duration::from_secs(20);
     while !tcp_open(addr).await {
-        assert!(Instant::now() < deadline, "binary not listening: {}", proc.tail(20));
+        assert!(
+            Instant::now() < deadline,
+            "binary not listening: {}",
+            proc.tail(20)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut client = authz_sidecar::proto::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::connect(format!("http://{addr}"))
@@ -402,7 +451,10 @@ async fn log_of_forging_attempts(format: &str) -> String {
     let log = std::fs::read_to_string(proc.log_path()).unwrap();
     // This run's part: after the last spawn marker Proc writes.
     let ours = log.rsplit("=== [").next().unwrap_or_default();
-    ours.split_once('\n').map(|(_, rest)| rest).unwrap_or_default().to_string()
+    ours.split_once('\n')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[tokio::test]

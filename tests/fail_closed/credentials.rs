@@ -497,3 +497,59 @@ async fn the_json_log_stays_json_with_request_text_in_it() {
         "the decoded path is logged as data: {paths:?}"
     );
 }
+
+/// The migration stop: a keys file from before `lookup` (a bcrypt record without one) does not
+/// start a sidecar that would run every unknown key through it; it exits 2 naming the field.
+#[test]
+fn a_bcrypt_record_without_lookup_stops_startup_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("keys.yaml"),
+        format!(
+            "keys:\n  - {{ id: old, hash: '{}', principal: user:alice }}\n",
+            bcrypt::hash("mcpkey_live_old", 4).unwrap()
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("sidecar.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "jwt: {{ jwks_file: {} }}\napi_keys: {{ file: keys.yaml }}\n",
+            local_dir().join("dev-jwks.json").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_authz-sidecar"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("AUTHZ_GRPC_ADDR", "127.0.0.1:0")
+        .env("AUTHZ_OPS_ADDR", "off")
+        .env_remove("API_KEYS_FILE")
+        .env_remove("AUTH_PUBLIC_KEY_URL")
+        .env_remove("KEYCLOAK_URL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the sidecar started serving with a bcrypt record without lookup");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("authz-sidecar:"))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    assert!(
+        line.contains("keys[0].lookup: a bcrypt record needs lookup"),
+        "{line}"
+    );
+}

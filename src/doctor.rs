@@ -128,10 +128,15 @@ pub async fn run(args: DoctorArgs) -> ExitCode {
         (Some(cfg), Some(store)) => r.ok(
             "api keys",
             format!(
-                "{} keys in {} (header {})",
+                "{} keys in {} (header {}, {} the app)",
                 store.len(),
                 cfg.file.display(),
-                cfg.header
+                config.api_key_header.name,
+                if config.api_key_header.forward_to_app {
+                    "forwarded to"
+                } else {
+                    "removed before"
+                }
             ),
         ),
         _ => r.info("api keys", "no API_KEYS_FILE: API keys are refused"),
@@ -259,7 +264,7 @@ pub async fn run(args: DoctorArgs) -> ExitCode {
                 "check",
                 format!(
                     "{} {} denied {}: {}",
-                    input.method, input.path, d.http_status, d.reason
+                    input.method, input.path, d.http_status, d.detail
                 ),
             ),
         }

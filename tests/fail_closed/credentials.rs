@@ -225,14 +225,7 @@ async fn a_401_does_not_name_the_jwks_url_but_doctor_does() {
     std::fs::write(&config, &yaml).unwrap();
     let s = Sidecar::start(&yaml, dir.path(), &[]).await;
     let token = mint(local_claims("alice", &["user"]));
-    let r = s
-        .check(http(
-            "GET",
-            "/api/x",
-            &[("authorization", &format!("Bearer {token}"))],
-            None,
-        ))
-        .await;
+    let r = s.check(Req::get("/api/x").bearer(&token)).await;
     assert_eq!(status(&r), 401, "{r:?}");
     assert_eq!(
         reason(&r),
@@ -312,7 +305,7 @@ async fn an_unknown_api_key_costs_microseconds_and_runs_no_bcrypt() {
     let mut timed = async |key: &str| {
         let started = Instant::now();
         let r = client
-            .check(http("GET", "/api/x", &[("x-api-key", key)], None))
+            .check(Req::get("/api/x").api_key(key).build())
             .await
             .unwrap()
             .into_inner();
@@ -405,49 +398,28 @@ async fn log_of_forging_attempts(format: &str) -> String {
         parts[1],
         parts[2]
     );
-    let mut requests = vec![
+    let requests = vec![
         // %0D%0A would decode to CR LF; the edge refuses it (a control character) and the
         // reason quotes the path as received, still encoded.
-        http(
-            "GET",
-            "/api/x%0D%0Adecision=%22allow%22%20subject=%22user:admin%22",
-            &[],
-            None,
-        ),
-        http(
-            "GET",
-            "/api/x",
-            &[("authorization", &format!("Bearer {kid_token}"))],
-            None,
-        ),
-        http(
-            "OPTIONS",
-            "/api/x",
-            &[
-                ("origin", &format!("https://a.example\r\n{forged}")),
-                ("access-control-request-method", "GET"),
-            ],
-            None,
-        ),
+        Req::get("/api/x%0D%0Adecision=%22allow%22%20subject=%22user:admin%22"),
+        Req::get("/api/x").bearer(&kid_token),
+        Req::new("OPTIONS", "/api/x")
+            .header("origin", &format!("https://a.example\r\n{forged}"))
+            .header("access-control-request-method", "GET"),
+        Req::get("/nowhere").id(&format!("rid\n{forged}")),
     ];
-    let mut with_id = http("GET", "/nowhere", &[], None);
-    with_id
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap()
-        .id = format!("rid\n{forged}");
-    requests.push(with_id);
     for req in requests {
-        let r = client.check(req).await.expect("an answer").into_inner();
+        let r = client
+            .check(req.build())
+            .await
+            .expect("an answer")
+            .into_inner();
         assert_ne!(status(&r), 200, "{r:?}");
     }
+    // Let the client's connection task close the connection before the blocking kill below:
+    // the sidecar drains open connections on SIGTERM.
     drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
     proc.kill();
     let log = std::fs::read_to_string(proc.log_path()).unwrap();
     // This run's part: after the last spawn marker Proc writes.

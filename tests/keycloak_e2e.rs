@@ -82,7 +82,7 @@ async fn jwks_url_sidecar(kc: &Keycloak, keys_realm: &str, issuer: &str) -> Side
 }
 
 async fn get(s: &Sidecar, path: &str, token: &str) -> CheckResponse {
-    s.check(Req::get(path).bearer(&token)).await
+    s.check(Req::get(path).bearer(token)).await
 }
 
 fn kid(token: &str) -> String {

@@ -21,7 +21,8 @@
 #   AUTHZ_SIDECAR_BIN=<path>   the sidecar binary (default: `cargo build` it, target/debug)
 #
 # The first run imports the realm into a Keycloak database and keeps it in
-# <tools>/keycloak-seed/dev-stack-<hash> (~30 s once); later runs start from a copy (~10 s).
+# <tools>/keycloak-seed/dev-stack-<hash> (about a minute, once); later runs start from a copy
+# and are up in about 10 s.
 # Every process runs in its own process group and is stopped by that id (TERM, then KILL
 # after 15 s) on Ctrl-C, SIGTERM, or when one of them dies. $STACK_DIR/pids lists them.
 set -euo pipefail

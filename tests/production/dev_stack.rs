@@ -2,7 +2,7 @@
 //! the echo app) on free ports, one allowed and one denied request through Envoy with real
 //! Keycloak tokens and OpenFGA tuples, then Ctrl-C (SIGINT) stops every process it started.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,8 +11,8 @@ use serde_json::Value;
 use crate::common::process::{free_port, signal_group, tail_log};
 use crate::common::tools;
 
-/// The first run imports the realm into a Keycloak database kept under the tools dir (~40 s);
-/// later runs start from it (~15 s).
+/// The first run imports the realm into a Keycloak database kept under the tools dir (about a
+/// minute); later runs start from it (about 10 s).
 const START_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The script and what it started; on drop (a failed test), everything is SIGKILLed by
@@ -60,10 +60,16 @@ impl Drop for Stack {
 }
 
 fn process_exists(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().chars().next() != Some('Z'))
-            .unwrap_or(false)
+    // Field 3 of /proc/PID/stat is the state; a zombie (Z) has exited.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
 }
 
 async fn post(url: &str, token: &str) -> (u16, String) {
@@ -74,7 +80,10 @@ async fn post(url: &str, token: &str) -> (u16, String) {
         .send()
         .await
         .unwrap_or_else(|e| panic!("POST {url}: {e}"));
-    (resp.status().as_u16(), resp.text().await.unwrap_or_default())
+    (
+        resp.status().as_u16(),
+        resp.text().await.unwrap_or_default(),
+    )
 }
 
 #[tokio::test]
@@ -136,7 +145,10 @@ async fn the_stack_script_allows_and_denies_through_envoy_and_ctrl_c_stops_all_i
     let printed = std::fs::read_to_string(&stack.log).unwrap();
     let alice = stack.env("ALICE");
     let bob = stack.env("BOB");
-    assert!(printed.contains(&format!("ALICE={alice}")), "the script prints the tokens");
+    assert!(
+        printed.contains(&format!("ALICE={alice}")),
+        "the script prints the tokens"
+    );
     assert!(printed.contains("x-api-key: $API_KEY") && printed.contains("curl -i"));
     let envoy = stack.env("ENVOY");
     assert_eq!(envoy, format!("http://127.0.0.1:{envoy_port}"));
@@ -160,7 +172,10 @@ async fn the_stack_script_allows_and_denies_through_envoy_and_ctrl_c_stops_all_i
     let pids = stack.pids();
     let names: Vec<&str> = pids.iter().map(|(n, _)| n.as_str()).collect();
     for want in ["openfga", "keycloak", "app", "sidecar", "envoy"] {
-        assert!(names.contains(&want), "{want} not in the pids file: {names:?}");
+        assert!(
+            names.contains(&want),
+            "{want} not in the pids file: {names:?}"
+        );
     }
     let script_pid = stack.script.as_ref().unwrap().id();
     assert!(
@@ -182,7 +197,10 @@ async fn the_stack_script_allows_and_denies_through_envoy_and_ctrl_c_stops_all_i
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    eprintln!("dev stack stopped in {:.1}s", stopping.elapsed().as_secs_f64());
+    eprintln!(
+        "dev stack stopped in {:.1}s",
+        stopping.elapsed().as_secs_f64()
+    );
     stack.script = None;
     assert_eq!(status.code(), Some(130), "exit status after Ctrl-C");
     assert!(tail_log(&stack.log, 3).contains("dev-stack: stopped"));

@@ -86,9 +86,11 @@ pub fn lint_dockerfile(text: &str) -> Vec<String> {
     };
 
     // Build: the command CI runs, on the runtime's Debian release (same glibc).
-    if !build.iter().flat_map(|s| &s.instructions).any(|(k, a)| {
-        k == "RUN" && a.contains("cargo build --release --locked")
-    }) {
+    if !build
+        .iter()
+        .flat_map(|s| &s.instructions)
+        .any(|(k, a)| k == "RUN" && a.contains("cargo build --release --locked"))
+    {
         problems.push("no build stage runs `cargo build --release --locked`".into());
     }
     if !build.iter().any(|s| s.from.contains("bookworm")) || !last.from.contains("debian12") {
@@ -108,13 +110,17 @@ pub fn lint_dockerfile(text: &str) -> Vec<String> {
     }
     for kw in ["RUN", "SHELL", "ADD"] {
         if !get(kw).is_empty() {
-            problems.push(format!("runtime stage has {kw}: there is no shell to run it"));
+            problems.push(format!(
+                "runtime stage has {kw}: there is no shell to run it"
+            ));
         }
     }
     match get("USER").last() {
         Some(u) if ["65532", "65532:65532", "nonroot", "nonroot:nonroot"].contains(&u.as_str()) => {
         }
-        other => problems.push(format!("runtime USER must be nonroot (65532), got {other:?}")),
+        other => problems.push(format!(
+            "runtime USER must be nonroot (65532), got {other:?}"
+        )),
     }
     let entrypoint = match get("ENTRYPOINT").last() {
         Some(e) => match serde_json::from_str::<Vec<String>>(e) {
@@ -161,7 +167,10 @@ pub fn lint_dockerfile(text: &str) -> Vec<String> {
                  /etc/authz-sidecar/, from a build stage"
             ));
         }
-        if paths.iter().any(|p| p.contains("deploy/local") || p.ends_with(".pem")) {
+        if paths
+            .iter()
+            .any(|p| p.contains("deploy/local") || p.ends_with(".pem"))
+        {
             problems.push(format!("runtime COPY {c} copies dev keys or dev config"));
         }
     }
@@ -325,7 +334,10 @@ fn the_build_context_holds_only_what_cargo_build_reads() {
         "src/keys/leaked.pem",
         "src/target/x",
     ] {
-        assert!(docker_excludes(&ignore, never), "{never} must not reach the build context");
+        assert!(
+            docker_excludes(&ignore, never),
+            "{never} must not reach the build context"
+        );
     }
     // Everything the build stage copies is in the context.
     let text = read("Dockerfile");
@@ -411,7 +423,10 @@ fn shared_objects(bin: &Path) -> Vec<(String, Option<PathBuf>)> {
             let l = l.trim();
             let name = l.split_whitespace().next()?;
             let path = match l.split_once("=>") {
-                Some((_, rest)) => rest.split_whitespace().next().filter(|p| p.starts_with('/')),
+                Some((_, rest)) => rest
+                    .split_whitespace()
+                    .next()
+                    .filter(|p| p.starts_with('/')),
                 None => Some(name).filter(|n| n.starts_with('/')),
             };
             let base = Path::new(name).file_name()?.to_string_lossy().into_owned();
@@ -476,9 +491,7 @@ fn image_like_root(dir: &Path) {
     let mut stack = vec![dir.to_path_buf()];
     while let Some(p) = stack.pop() {
         let meta = std::fs::metadata(&p).unwrap();
-        let mode = if meta.is_dir() {
-            0o755
-        } else if meta.permissions().mode() & 0o111 != 0 {
+        let mode = if meta.is_dir() || meta.permissions().mode() & 0o111 != 0 {
             0o755
         } else {
             0o644
@@ -599,7 +612,10 @@ async fn the_binary_serves_checks_as_user_65532_on_a_read_only_root_with_only_it
         .expect("Check")
         .into_inner();
     assert_eq!(status(&allowed), 200, "{allowed:?}");
-    assert_eq!(header(&allowed, "x-auth-subject").as_deref(), Some("user:alice"));
+    assert_eq!(
+        header(&allowed, "x-auth-subject").as_deref(),
+        Some("user:alice")
+    );
     let denied = client
         .check(http("GET", "/admin/users", &[], None))
         .await

@@ -193,22 +193,18 @@ fn selectors_ports_volumes_and_probes_line_up() {
     }
     let grpc = u64::from(port_of(s(&config["server"]["grpc_addr"])));
     assert_eq!(named_port(sidecar, "grpc-authz"), grpc);
-    let clusters = envoy_cfg["static_resources"]["clusters"].as_array().unwrap();
+    let clusters = envoy_cfg["static_resources"]["clusters"]
+        .as_array()
+        .unwrap();
     let authz = clusters
         .iter()
         .find(|c| c["name"] == "authz_sidecar")
         .unwrap();
-    let ep = &authz["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-        ["socket_address"];
+    let ep = &authz["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"];
     assert_eq!(ep["port_value"].as_u64(), Some(grpc));
     assert_eq!(ep["address"], "127.0.0.1");
 
-    let args: Vec<&str> = sidecar["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(s)
-        .collect();
+    let args: Vec<&str> = sidecar["args"].as_array().unwrap().iter().map(s).collect();
     let config_path = args[args.iter().position(|a| *a == "--config").unwrap() + 1];
     let cfg_mount = sidecar["volumeMounts"]
         .as_array()
@@ -278,7 +274,10 @@ fn selectors_ports_volumes_and_probes_line_up() {
         .filter_map(|p| p["port"].as_u64())
         .collect();
     assert!(scrape.contains(&ops), "ops port {ops} open to monitoring");
-    assert!(scrape.contains(&15020), "Istio's merged metrics port 15020 open to monitoring");
+    assert!(
+        scrape.contains(&15020),
+        "Istio's merged metrics port 15020 open to monitoring"
+    );
     let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
     assert_eq!(annotations["prometheus.io/port"], ops.to_string());
 }
@@ -291,7 +290,10 @@ fn the_shutdown_timeline_fits_the_grace_period() {
     let config = yaml(&format!("{K8S}/sidecar.yaml"));
     let pre_stop = |c: &str| {
         let secs = &container(deployment, c)["lifecycle"]["preStop"]["sleep"]["seconds"];
-        Duration::from_secs(secs.as_u64().unwrap_or_else(|| panic!("{c}: preStop sleep")))
+        Duration::from_secs(
+            secs.as_u64()
+                .unwrap_or_else(|| panic!("{c}: preStop sleep")),
+        )
     };
     // The sidecar answers for as long as Envoy may still send checks.
     assert!(pre_stop("authz-sidecar") >= pre_stop("envoy"));
@@ -329,10 +331,13 @@ fn both_envoy_configs_are_one_and_answer_503_when_the_sidecar_fails() {
     let k8s = read(&format!("{K8S}/envoy.yaml"));
     let plain = read("deploy/envoy/envoy.yaml");
     let k8s_body: String = k8s.split_inclusive('\n').skip(2).collect();
-    assert_eq!(k8s_body, plain, "deploy/kubernetes/envoy.yaml = deploy/envoy/envoy.yaml");
+    assert_eq!(
+        k8s_body, plain,
+        "deploy/kubernetes/envoy.yaml = deploy/envoy/envoy.yaml"
+    );
     let cfg = yaml("deploy/envoy/envoy.yaml");
-    let filters = &cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-        ["typed_config"]["http_filters"];
+    let filters = &cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        ["http_filters"];
     let authz = filters
         .as_array()
         .unwrap()
@@ -379,7 +384,10 @@ fn kustomize_builds_both_overlays() {
             .flat_map(|r| r["ports"].as_array().unwrap().iter())
             .filter_map(|p| p["port"].as_u64())
             .collect();
-        assert!(ports.contains(&15020) && ports.contains(&9092), "{dir}: {ports:?}");
+        assert!(
+            ports.contains(&15020) && ports.contains(&9092),
+            "{dir}: {ports:?}"
+        );
         let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
         // The generated ConfigMap names (hash-suffixed) are what the pod mounts.
         for v in deployment["spec"]["template"]["spec"]["volumes"]
@@ -413,7 +421,10 @@ fn tool_pin(name: &str) -> String {
 fn stack_default(var: &str) -> u16 {
     let text = read("scripts/dev-stack.sh");
     let pat = format!("${{{var}:-");
-    let at = text.find(&pat).unwrap_or_else(|| panic!("{var} not in dev-stack.sh")) + pat.len();
+    let at = text
+        .find(&pat)
+        .unwrap_or_else(|| panic!("{var} not in dev-stack.sh"))
+        + pat.len();
     text[at..].split('}').next().unwrap().parse().unwrap()
 }
 
@@ -422,15 +433,24 @@ fn compose_runs_the_same_stack_as_the_script_with_the_pinned_versions() {
     let compose = yaml("docker-compose.yml");
     let services = compose["services"].as_object().unwrap();
     let image = |svc: &str| s(&services[svc]["image"]).to_string();
-    assert_eq!(image("openfga"), format!("openfga/openfga:{}", tool_pin("OPENFGA_VERSION")));
+    assert_eq!(
+        image("openfga"),
+        format!("openfga/openfga:{}", tool_pin("OPENFGA_VERSION"))
+    );
     assert_eq!(
         image("keycloak"),
         format!("quay.io/keycloak/keycloak:{}", tool_pin("KEYCLOAK_VERSION"))
     );
-    assert_eq!(image("envoy"), format!("envoyproxy/envoy:v{}", tool_pin("ENVOY_VERSION")));
+    assert_eq!(
+        image("envoy"),
+        format!("envoyproxy/envoy:v{}", tool_pin("ENVOY_VERSION"))
+    );
     let (_, objects) = objects();
     let k8s_envoy = s(&container(&objects["Deployment/mcp-server"], "envoy")["image"]);
-    assert!(k8s_envoy.ends_with(&image("envoy")), "{k8s_envoy} vs compose");
+    assert!(
+        k8s_envoy.ends_with(&image("envoy")),
+        "{k8s_envoy} vs compose"
+    );
 
     // The sidecar: built from the Dockerfile, the README's image name, read-only, in the
     // app's network namespace like the pod, mounting only its config and the hashed keys.
@@ -454,7 +474,12 @@ fn compose_runs_the_same_stack_as_the_script_with_the_pinned_versions() {
             mounted.insert((name.clone(), dst.to_string()), src.to_string());
         }
     }
-    let cmd: Vec<&str> = sidecar["command"].as_array().unwrap().iter().map(s).collect();
+    let cmd: Vec<&str> = sidecar["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(s)
+        .collect();
     let config = cmd[cmd.iter().position(|a| *a == "--config").unwrap() + 1];
     assert_eq!(
         mounted[&("authz-sidecar".to_string(), config.to_string())],
@@ -475,7 +500,11 @@ fn compose_runs_the_same_stack_as_the_script_with_the_pinned_versions() {
         .flat_map(|(name, svc)| {
             svc["ports"].as_array().into_iter().flatten().map(move |p| {
                 let (host, container) = s(p).split_once(':').unwrap();
-                (name.clone(), host.parse().unwrap(), container.parse().unwrap())
+                (
+                    name.clone(),
+                    host.parse().unwrap(),
+                    container.parse().unwrap(),
+                )
             })
         })
         .collect();
@@ -488,8 +517,14 @@ fn compose_runs_the_same_stack_as_the_script_with_the_pinned_versions() {
     };
     assert_eq!(host_of(8080, "app"), stack_default("STACK_ENVOY_PORT"));
     assert_eq!(host_of(9092, "app"), stack_default("STACK_OPS_PORT"));
-    assert_eq!(host_of(8080, "keycloak"), stack_default("STACK_KEYCLOAK_PORT"));
-    assert_eq!(host_of(8080, "openfga"), stack_default("STACK_OPENFGA_PORT"));
+    assert_eq!(
+        host_of(8080, "keycloak"),
+        stack_default("STACK_KEYCLOAK_PORT")
+    );
+    assert_eq!(
+        host_of(8080, "openfga"),
+        stack_default("STACK_OPENFGA_PORT")
+    );
     let mut hosts: Vec<u16> = published.iter().map(|(_, h, _)| *h).collect();
     hosts.sort();
     hosts.dedup();

@@ -21,6 +21,8 @@ struct Stack {
     script: Option<Child>,
     dir: tempfile::TempDir,
     log: PathBuf,
+    /// Set once the test saw every process gone: no pid is signalled again (it may be reused).
+    all_stopped: bool,
 }
 
 impl Stack {
@@ -53,8 +55,10 @@ impl Drop for Stack {
             signal_group(child.id(), "KILL");
             let _ = child.wait();
         }
-        for (_, pid) in self.pids() {
-            signal_group(pid, "KILL");
+        if !self.all_stopped {
+            for (_, pid) in self.pids() {
+                signal_group(pid, "KILL");
+            }
         }
     }
 }
@@ -123,6 +127,7 @@ async fn the_stack_script_allows_and_denies_through_envoy_and_ctrl_c_stops_all_i
         script: Some(child),
         dir,
         log,
+        all_stopped: false,
     };
 
     // Up: the script says so by creating $STACK_DIR/ready.
@@ -215,4 +220,5 @@ async fn the_stack_script_allows_and_denies_through_envoy_and_ctrl_c_stops_all_i
         !signal_group(script_pid, "0"),
         "a process of the script's own group is still running"
     );
+    stack.all_stopped = true;
 }

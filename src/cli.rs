@@ -1,4 +1,5 @@
-//! The command line: `serve`, `doctor`, `check-config`, `token mint` and `apikey new`.
+//! The command line: `serve`, `doctor`, `check-config`, `token mint`, `token inspect` and
+//! `apikey new`.
 //! Every command that reads a config exits 2 with one line naming the key when it is bad.
 
 use std::path::PathBuf;
@@ -92,6 +93,16 @@ pub enum TokenCmd {
         /// Mint a client-credentials (service account) token for this client id.
         #[arg(long)]
         client_id: Option<String>,
+    },
+    /// Show a token's header, claims and times (decoded, not trusted); with --config, verify it
+    /// the way the server does and print the principal or the exact failure.
+    Inspect {
+        /// The token, or - to read it from stdin (a leading "Bearer " is accepted). Prefer -:
+        /// a token on the command line lands in shell history and the process list.
+        token: Option<String>,
+        /// Verify against this config's keys, issuer, audience and service principals.
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
     },
 }
 
@@ -204,6 +215,9 @@ pub async fn main(cli: Cli) -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+        Command::Token(TokenCmd::Inspect { token, config }) => {
+            crate::inspect::run(token, config.as_deref()).await
         }
         Command::Apikey(ApiKeyCmd::New {
             principal,

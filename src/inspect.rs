@@ -168,8 +168,11 @@ fn relation(claim: &str, at: i64, now: i64) -> String {
 }
 
 fn numeric_date(v: &Value) -> Option<i64> {
-    v.as_i64()
-        .or_else(|| v.as_f64().filter(|f| f.is_finite()).map(|f| f.floor() as i64))
+    v.as_i64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.is_finite())
+            .map(|f| f.floor() as i64)
+    })
 }
 
 fn pretty(m: &Map<String, Value>) -> String {
@@ -334,7 +337,10 @@ mod tests {
         assert!(text.contains("expires in 4m 10s"), "{text}");
         assert!(text.contains("issued 4m 10s ago"), "{text}");
         assert!(text.contains("valid since 4m 10s ago"), "{text}");
-        assert!(text.contains(&format!("times (now {})", utc(now))), "{text}");
+        assert!(
+            text.contains(&format!("times (now {})", utc(now))),
+            "{text}"
+        );
         let t = token(&json!({"exp": now - (3 * 3600 + 2 * 60), "auth_time": "yesterday"}));
         let text = render(&decode(&t).unwrap(), now as u64);
         assert!(text.contains("expired 3h 2m ago"), "{text}");

@@ -62,6 +62,8 @@ pub enum Command {
     Apikey(ApiKeyCmd),
 }
 
+// Parsed once per process: the size of the biggest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum TokenCmd {
     /// Sign a token with a local private key (deploy/local/dev-signing-key.pem is dev-only).

@@ -478,7 +478,7 @@ enum Keys {
     Off,
     /// Configured, but no key could be loaded.
     Failed,
-    Ready(JwtVerifier),
+    Ready(Box<JwtVerifier>),
 }
 
 async fn check_signing_keys(r: &mut Report, c: &Configs) -> Keys {
@@ -552,7 +552,7 @@ async fn check_signing_keys(r: &mut Report, c: &Configs) -> Keys {
         None => r.warn("audience", "not checked (set JWT_AUDIENCE)"),
     }
     if loaded {
-        Keys::Ready(verifier)
+        Keys::Ready(Box::new(verifier))
     } else {
         Keys::Failed
     }

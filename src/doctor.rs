@@ -22,7 +22,7 @@ use clap::Args;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::authn::api_key::{ApiKeyStore, FileApiKeyStore};
+use crate::authn::api_key::{ApiKeyStore, FileApiKeyStore, StoreOptions};
 use crate::authn::jwks::{JwksKeySource, KeyError, KeySource};
 use crate::authn::jwt::{JwtVerifier, system_clock};
 use crate::authn::principals::Principals;
@@ -169,7 +169,7 @@ const SECTIONS: &[Section] = &[
     },
     Section {
         name: "api_keys",
-        vars: &["API_KEYS_FILE"],
+        vars: &["API_KEYS_FILE", "API_KEY_CACHE_SECRET"],
     },
     Section {
         name: "principals",
@@ -568,15 +568,24 @@ fn check_api_keys(r: &mut Report, c: &Configs) -> Result<Option<Arc<dyn ApiKeySt
         r.ok("api keys", "no API_KEYS_FILE: API keys are refused");
         return Ok(None);
     };
-    match FileApiKeyStore::open(&cfg.file, system_clock()) {
+    let options = StoreOptions {
+        bcrypt_concurrency: cfg.bcrypt_concurrency,
+        lookup_secret: cfg.lookup_secret.clone(),
+    };
+    match FileApiKeyStore::open_with(&cfg.file, system_clock(), &options) {
         Ok(store) => {
             r.ok(
                 "api keys",
                 format!(
-                    "{} keys in {} (header {})",
+                    "{} keys in {} (header {}, {} the app)",
                     store.len(),
                     cfg.file.display(),
-                    cfg.header
+                    config.api_key_header.name,
+                    if config.api_key_header.forward_to_app {
+                        "forwarded to"
+                    } else {
+                        "removed before"
+                    }
                 ),
             );
             Ok(Some(Arc::new(store)))
@@ -869,7 +878,7 @@ async fn run_check(
             "check",
             format!(
                 "{} {} denied {}: {}",
-                input.method, input.path, d.http_status, d.reason
+                input.method, input.path, d.http_status, d.detail
             ),
         ),
     }
@@ -903,4 +912,48 @@ fn finish(r: &Report, config_failed: bool) -> ExitCode {
 /// Where `doctor` looks by default (for the README).
 pub fn default_config() -> PathBuf {
     PathBuf::from("deploy/local/sidecar.yaml")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A variable `crate::config` reads but no section lists would reach every section's
+    /// resolution: this keeps the list in step with the config.
+    #[test]
+    fn every_variable_the_config_reads_belongs_to_a_section() {
+        let source = include_str!("config.rs");
+        let listed: Vec<&str> = SECTIONS
+            .iter()
+            .flat_map(|s| s.vars.iter().copied())
+            .collect();
+        let mut read = Vec::new();
+        for call in source.split("env_any(env, &[").skip(1) {
+            let names = call.split(']').next().unwrap_or_default();
+            read.extend(names.split(',').map(|n| n.trim().trim_matches('"')));
+        }
+        assert!(read.len() > 10, "the scan found the variables: {read:?}");
+        for name in read {
+            assert!(listed.contains(&name), "{name} is in no doctor section");
+        }
+    }
+
+    #[test]
+    fn a_section_resolves_against_stand_ins_for_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        // The rules need OpenFGA; the openfga section is broken (no api_url) but present.
+        let text = "openfga: { store_id: s }\nroutes: { rules: [ { path: \"/t/{id}\", check: { all: [ { relation: r, object: \"doc:{id}\" } ] } } ] }\n";
+        resolve_alone(text, dir.path(), &["routes"], true).unwrap();
+        let e = resolve_alone(text, dir.path(), &["routes"], false).unwrap_err();
+        assert!(
+            e.to_string().contains("relationship checks need OpenFGA"),
+            "{e}"
+        );
+        let e = resolve_alone(text, dir.path(), &["openfga"], false).unwrap_err();
+        assert!(e.to_string().starts_with("OPENFGA_API_URL"), "{e}");
+        // Sections left out are defaults: a broken cors section does not reach jwt.
+        let text = "cors: { allowed_origins: [\"*\"] }\njwt: { jwks_file: k.json }\n";
+        assert!(resolve_alone(text, dir.path(), &["jwt"], false).is_ok());
+        assert!(resolve_alone(text, dir.path(), &["cors"], false).is_err());
+    }
 }

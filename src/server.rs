@@ -13,12 +13,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
-use crate::authn::api_key::{ApiKeyStore, FileApiKeyStore};
+use crate::authn::api_key::{ApiKeyStore, FileApiKeyStore, StoreOptions};
 use crate::authn::jwks::{JwksKeySource, KeySource};
 use crate::authn::jwt::{Clock, JwtVerifier, system_clock};
 use crate::authn::{Authenticator, principals::Principals};
 use crate::authz::rules::RuleSet;
-use crate::config::{Config, DEFAULT_API_KEY_HEADER, KeySourceConfig, ListenAddr};
+use crate::config::{Config, KeySourceConfig, ListenAddr};
 use crate::cors::Cors;
 use crate::pipeline::{LateChecker, State};
 use crate::proto::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
@@ -129,12 +129,20 @@ pub async fn build(
         }
     };
 
-    let (api_keys, api_key_header) = match &config.api_keys {
-        None => (None, DEFAULT_API_KEY_HEADER.to_string()),
+    let api_keys = match &config.api_keys {
+        None => None,
         Some(cfg) => {
-            let store = Arc::new(FileApiKeyStore::open(&cfg.file, clock.clone())?);
+            let options = StoreOptions {
+                bcrypt_concurrency: cfg.bcrypt_concurrency,
+                lookup_secret: cfg.lookup_secret.clone(),
+            };
+            let store = Arc::new(FileApiKeyStore::open_with(
+                &cfg.file,
+                clock.clone(),
+                &options,
+            )?);
             tokio::spawn(store.clone().watch(cfg.reload_interval, shutdown.clone()));
-            (Some(store as Arc<dyn ApiKeyStore>), cfg.header.clone())
+            Some(store as Arc<dyn ApiKeyStore>)
         }
     };
 
@@ -165,8 +173,9 @@ pub async fn build(
         authn: Authenticator {
             jwt,
             api_keys,
-            api_key_header,
+            api_key_header: config.api_key_header.name.clone(),
             principals: Principals::new(&config.principals),
+            strip_from_upstream: crate::authn::api_key_headers_to_strip(&config.api_key_header),
         },
         checker,
         contextual: config
@@ -269,6 +278,11 @@ pub async fn serve(
                 metrics.ready.set(i64::from(ready));
                 if let Some(s) = stats.get() {
                     for (name, v) in s.stats() {
+                        metrics.set_backend(name, v);
+                    }
+                }
+                if let Some(keys) = &state.authn.api_keys {
+                    for (name, v) in keys.stats() {
                         metrics.set_backend(name, v);
                     }
                 }

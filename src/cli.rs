@@ -127,6 +127,14 @@ pub enum ApiKeyCmd {
     },
 }
 
+/// Writes `text` and a newline to stdout. A reader that went away (`doctor --json | head`) is
+/// not an error of ours: the rest of the output is dropped instead of panicking like
+/// `println!`.
+pub fn say(text: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
+}
+
 fn config_error(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("authz-sidecar: config error: {e}");
     ExitCode::from(2)

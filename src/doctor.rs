@@ -29,6 +29,7 @@ use crate::authn::principals::Principals;
 use crate::authz::RelationshipChecker;
 use crate::authz::openfga::OpenFgaClient;
 use crate::authz::rules::RuleSet;
+use crate::cli::say;
 use crate::config::{
     Config, ConfigError, Env, KeySourceConfig, ProcessEnv, RawConfig, RawJwt, RawOpenFga,
     discovery_url,
@@ -106,7 +107,7 @@ impl Report {
     fn add(&mut self, status: Status, check: &str, detail: impl std::fmt::Display) {
         let detail = detail.to_string();
         if !self.json {
-            println!("{:<6}{check:<14} {detail}", status.label());
+            say(format!("{:<6}{check:<14} {detail}", status.label()));
         }
         self.findings.push(Finding {
             check: check.into(),
@@ -519,7 +520,8 @@ async fn check_signing_keys(r: &mut Report, c: &Configs) -> Keys {
             r.ok(
                 "signing keys",
                 format!(
-                    "{n} keys from {} (kids: {}) in {}",
+                    "{n} key{} from {} (kids: {}) in {}",
+                    if n == 1 { "" } else { "s" },
                     source.describe(),
                     source.key_ids().join(", "),
                     millis(started.elapsed())
@@ -891,16 +893,16 @@ fn finish(r: &Report, config_failed: bool) -> ExitCode {
     let failures = r.failures();
     if r.json {
         match serde_json::to_string_pretty(&r.findings) {
-            Ok(text) => println!("{text}"),
+            Ok(text) => say(text),
             Err(e) => {
                 eprintln!("authz-sidecar: cannot write the findings as JSON: {e}");
                 return ExitCode::from(1);
             }
         }
     } else if failures == 0 {
-        println!("no problems found");
+        say("no problems found");
     } else {
-        println!("{failures} problem(s) found");
+        say(format!("{failures} problem(s) found"));
     }
     if config_failed {
         ExitCode::from(2)

@@ -19,6 +19,7 @@ use serde_json::{Map, Value};
 use crate::authn::jwks::{JwksKeySource, KeySource};
 use crate::authn::jwt::{JwtVerifier, now_secs, system_clock};
 use crate::authn::principals::Principals;
+use crate::cli::say;
 use crate::config::{Config, KeySourceConfig};
 
 /// More than any token a header could carry; stdin is read no further.
@@ -245,7 +246,7 @@ pub async fn run(token: Option<String>, config: Option<&Path>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    print!("{}", render(&decoded, now_secs()));
+    say(render(&decoded, now_secs()).trim_end());
     let Some(path) = config else {
         return ExitCode::SUCCESS;
     };
@@ -273,11 +274,11 @@ pub async fn run(token: Option<String>, config: Option<&Path>) -> ExitCode {
         eprintln!("authz-sidecar: config error: jwt.jwks_file: {e}");
         return ExitCode::from(2);
     }
-    println!(
+    say(format!(
         "verify     config {}, keys from {}",
         path.display(),
         source.describe()
-    );
+    ));
     let verifier = JwtVerifier::new(&config.jwt, source, system_clock());
     let verdict = verifier
         .authenticate(&token)
@@ -285,18 +286,18 @@ pub async fn run(token: Option<String>, config: Option<&Path>) -> ExitCode {
         .and_then(|p| Principals::new(&config.principals).admit(p));
     match verdict {
         Ok(p) => {
-            println!(
+            say(format!(
                 "valid      {} ({}), roles [{}], scopes [{}], kid {}",
                 p.subject,
                 p.kind.as_str(),
                 p.roles.join(", "),
                 p.scopes.join(" "),
                 p.key_id
-            );
+            ));
             ExitCode::SUCCESS
         }
         Err(e) => {
-            println!("invalid    {e}");
+            say(format!("invalid    {e}"));
             ExitCode::from(1)
         }
     }

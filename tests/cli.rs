@@ -558,6 +558,28 @@ fn doctor_json_is_an_array_of_findings_for_ci() {
     assert!(!out.contains(&token));
 }
 
+#[test]
+fn a_reader_that_goes_away_is_not_a_panic() {
+    let token = mint(local_claims("alice", &[]));
+    for args in [
+        vec!["doctor", "--config", "deploy/local/sidecar.yaml", "--json"],
+        vec!["token", "inspect", &token],
+    ] {
+        // `| head -1` that has already exited: every write fails with a broken pipe.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = bin()
+            .args(&args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
 #[tokio::test]
 async fn doctor_tells_whether_openfga_answers() {
     let fga = OpenFga::shared().await;

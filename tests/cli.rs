@@ -109,6 +109,33 @@ fn bad_configs_exit_2_with_one_line_naming_the_key() {
 }
 
 #[test]
+fn worker_threads_from_the_environment_are_checked_not_panicked_on() {
+    for (value, ok) in [
+        ("2", true),
+        ("", true),
+        (" 1 ", true),
+        ("0", false),
+        ("abc", false),
+    ] {
+        let out = bin()
+            .args(["check-config", "--config", "deploy/local/sidecar.yaml"])
+            .env("TOKIO_WORKER_THREADS", value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if ok {
+            assert!(out.status.success(), "{value:?}: {stderr}");
+        } else {
+            assert_eq!(out.status.code(), Some(2), "{value:?}: {stderr}");
+            assert!(
+                stderr.contains("TOKIO_WORKER_THREADS") && !stderr.contains("panicked"),
+                "{value:?}: {stderr}"
+            );
+        }
+    }
+}
+
+#[test]
 fn token_mint_and_apikey_new() {
     let out = bin()
         .args(["token", "mint", "--sub", "alice", "--roles", "admin,user"])

@@ -105,6 +105,8 @@ pub struct RawServer {
     pub ops_addr: Option<String>,
     #[serde(default, with = "humantime_serde")]
     pub drain_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub shutdown_delay: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -351,6 +353,9 @@ pub struct Config {
     pub grpc_addr: ListenAddr,
     pub ops_addr: Option<SocketAddr>,
     pub drain_timeout: Duration,
+    /// After SIGTERM: health NOT_SERVING while checks are still answered, so Envoy and the
+    /// endpoints controller stop sending before the listener closes.
+    pub shutdown_delay: Duration,
     pub log: LogConfig,
     pub jwt: JwtConfig,
     pub api_keys: Option<ApiKeysConfig>,
@@ -537,6 +542,7 @@ fn default_true() -> bool {
 pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:9191";
 pub const DEFAULT_OPS_ADDR: &str = "0.0.0.0:9092";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
 pub const DEFAULT_REFRESH_COOLDOWN: Duration = Duration::from_secs(10);
@@ -647,6 +653,15 @@ impl Config {
             .map(|(_, v)| v)
             .or(raw.server.ops_addr)
             .unwrap_or_else(|| DEFAULT_OPS_ADDR.into());
+        let shutdown_delay = match env_any(env, &["AUTHZ_SHUTDOWN_DELAY"]) {
+            Some((name, v)) => humantime::parse_duration(v.trim()).map_err(|e| {
+                ConfigError::invalid(
+                    format!("server.shutdown_delay ({name})"),
+                    format!("{v:?} is not a duration such as 5s: {e}"),
+                )
+            })?,
+            None => raw.server.shutdown_delay.unwrap_or(DEFAULT_SHUTDOWN_DELAY),
+        };
         let ops_addr = if ops_raw == "off" {
             None
         } else {
@@ -847,6 +862,7 @@ impl Config {
             grpc_addr,
             ops_addr,
             drain_timeout: raw.server.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            shutdown_delay,
             log: LogConfig { filter, json },
             jwt,
             api_keys,

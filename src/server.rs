@@ -294,6 +294,9 @@ pub async fn serve(
         });
     }
 
+    // Cancelled after the shutdown delay: the ops listener keeps answering /readyz (503,
+    // draining) until then.
+    let stop_serving = CancellationToken::new();
     let ops_task = listeners.ops.map(|l| {
         let addr = l.local_addr().ok();
         tracing::info!(addr = ?addr, "ops listener: /healthz /readyz /metrics");
@@ -302,7 +305,7 @@ pub async fn serve(
             state.clone(),
             metrics.clone(),
             draining.clone(),
-            shutdown.clone(),
+            stop_serving.clone(),
         ))
     });
 
@@ -352,10 +355,20 @@ pub async fn serve(
             result = Err(anyhow::Error::new(f));
         }
     }
-    // Health goes NOT_SERVING first so Envoy and Kubernetes stop sending, then in-flight
-    // checks finish (bounded by the drain timeout).
+    // Health goes NOT_SERVING first so Envoy and Kubernetes stop sending. On a requested
+    // shutdown the listeners stay open for the shutdown delay, answering the checks Envoy still
+    // sends while the endpoints controller and Envoy catch up (a closed listener then would
+    // fail them closed); then in-flight checks finish, bounded by the drain timeout.
     draining.cancel();
     set_health(&reporter, ServingStatus::NotServing).await;
+    if result.is_ok() && !config.shutdown_delay.is_zero() {
+        tracing::info!(
+            delay = ?config.shutdown_delay,
+            "shutdown delay: health NOT_SERVING, still answering checks"
+        );
+        tokio::time::sleep(config.shutdown_delay).await;
+    }
+    stop_serving.cancel();
     shutdown.cancel();
     grpc_shutdown.cancel();
     match tokio::time::timeout(config.drain_timeout, grpc_task).await {

@@ -35,6 +35,8 @@ fn bin() -> Command {
     ] {
         c.env_remove(v);
     }
+    // The shutdown delay has its own test below; elsewhere SIGTERM stops at once.
+    c.env("AUTHZ_SHUTDOWN_DELAY", "0s");
     c
 }
 
@@ -64,6 +66,16 @@ fn bad_configs_exit_2_with_one_line_naming_the_key() {
             "jwt: { jwks_file: k.json }",
             vec![("CORS_ORIGINS", "*")],
             "CORS_ORIGINS",
+        ),
+        (
+            "jwt: { jwks_file: k.json }",
+            vec![("AUTHZ_SHUTDOWN_DELAY", "soon")],
+            "server.shutdown_delay (AUTHZ_SHUTDOWN_DELAY)",
+        ),
+        (
+            "server: { shutdown_delay: soon }\njwt: { jwks_file: k.json }",
+            vec![("AUTHZ_SHUTDOWN_DELAY", "")],
+            "server.shutdown_delay",
         ),
         (
             "jwt: { jwks_file: k.json }",
@@ -254,6 +266,98 @@ fn sigterm_drains_and_exits_0() {
     }
     let _ = child.kill();
     panic!("sidecar did not exit after SIGTERM");
+}
+
+/// A rollout: after SIGTERM the sidecar says NOT_SERVING but keeps answering the checks Envoy
+/// still sends for `server.shutdown_delay`, on open connections and new ones, then exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_keeps_answering_checks_through_the_shutdown_delay() {
+    use common::sidecar::{Req, serving_status, status};
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (grpc, ops) = (free(), free());
+    let mut child = bin()
+        .env("AUTHZ_SHUTDOWN_DELAY", "2s")
+        .args(["serve", "--config", "deploy/local/sidecar.yaml"])
+        .arg("--grpc-addr")
+        .arg(grpc.to_string())
+        .arg("--ops-addr")
+        .arg(ops.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let readyz = format!("http://{ops}/readyz");
+    let ready_status = || {
+        let url = readyz.clone();
+        tokio::task::spawn_blocking(move || reqwest::blocking_get(&url).ok())
+    };
+    let mut ready = false;
+    for _ in 0..100 {
+        if ready_status().await.unwrap() == Some(200) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "sidecar never became ready");
+    let connect = || async {
+        authz_sidecar::proto::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::connect(format!("http://{grpc}"))
+            .await
+            .expect("the listener is open")
+    };
+    let mut open = connect().await;
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Inside the delay: told to go away, still answering.
+    assert_eq!(
+        serving_status(grpc, "envoy.service.auth.v3.Authorization").await,
+        2,
+        "NOT_SERVING during the delay"
+    );
+    assert_eq!(
+        ready_status().await.unwrap(),
+        Some(503),
+        "/readyz says draining"
+    );
+    for _ in 0..5 {
+        let r = open
+            .check(Req::get("/public/x").build())
+            .await
+            .expect("a check on an open connection is answered")
+            .into_inner();
+        assert_eq!(status(&r), 200);
+        let r = connect()
+            .await
+            .check(Req::get("/api/x").build())
+            .await
+            .expect("a check on a new connection is answered")
+            .into_inner();
+        assert_eq!(status(&r), 401);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still running inside the 2 s delay"
+    );
+    drop(open);
+    for _ in 0..100 {
+        if let Some(code) = child.try_wait().unwrap() {
+            assert_eq!(code.code(), Some(0));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    panic!("sidecar did not exit after the shutdown delay");
 }
 
 /// Runs the binary with `stdin` piped in; (exit code, stdout, stderr).

@@ -41,6 +41,9 @@ impl Sidecar {
             .collect();
         env.insert("AUTHZ_GRPC_ADDR".into(), "127.0.0.1:0".into());
         env.insert("AUTHZ_OPS_ADDR".into(), "127.0.0.1:0".into());
+        // Tests stop sidecars all the time; the shutdown delay has its own test (tests/cli.rs).
+        env.entry("AUTHZ_SHUTDOWN_DELAY".into())
+            .or_insert_with(|| "0s".into());
         let config = Config::from_yaml(yaml, base_dir, &env).expect("test config is valid");
         Self::start_config(config).await
     }

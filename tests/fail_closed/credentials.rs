@@ -361,6 +361,7 @@ async fn log_of_forging_attempts(format: &str) -> String {
         ])
         .arg("--grpc-addr")
         .arg(format!("127.0.0.1:{port}"))
+        .env("AUTHZ_SHUTDOWN_DELAY", "0s")
         .env("LOG_FORMAT", format)
         .env("LOG_LEVEL", "info");
     for v in [

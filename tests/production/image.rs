@@ -549,6 +549,7 @@ async fn the_binary_serves_checks_as_user_65532_on_a_read_only_root_with_only_it
         .arg("SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt")
         .arg(format!("AUTHZ_GRPC_ADDR=127.0.0.1:{grpc}"))
         .arg(format!("AUTHZ_OPS_ADDR=127.0.0.1:{ops}"))
+        .arg("AUTHZ_SHUTDOWN_DELAY=0s")
         .args(["unshare", "--mount", "--propagation", "private", "sh", "-c"])
         .arg(
             r#"mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && exec chroot --userspec=65532:65532 "$@""#,
@@ -649,7 +650,8 @@ async fn sidecar_threads(worker_threads: Option<usize>) -> usize {
     let mut cmd = Command::new("env");
     cmd.arg("-i")
         .arg(format!("AUTHZ_GRPC_ADDR=127.0.0.1:{grpc}"))
-        .arg(format!("AUTHZ_OPS_ADDR=127.0.0.1:{ops}"));
+        .arg(format!("AUTHZ_OPS_ADDR=127.0.0.1:{ops}"))
+        .arg("AUTHZ_SHUTDOWN_DELAY=0s");
     if let Some(n) = worker_threads {
         cmd.arg(format!("TOKIO_WORKER_THREADS={n}"));
     }

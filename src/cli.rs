@@ -1,4 +1,5 @@
-//! The command line: `serve`, `doctor`, `check-config`, `token mint` and `apikey new`.
+//! The command line: `serve`, `doctor`, `check-config`, `token mint`, `token inspect` and
+//! `apikey new`.
 //! Every command that reads a config exits 2 with one line naming the key when it is bad.
 
 use std::path::PathBuf;
@@ -61,6 +62,8 @@ pub enum Command {
     Apikey(ApiKeyCmd),
 }
 
+// Parsed once per process: the size of the biggest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum TokenCmd {
     /// Sign a token with a local private key (deploy/local/dev-signing-key.pem is dev-only).
@@ -93,6 +96,16 @@ pub enum TokenCmd {
         #[arg(long)]
         client_id: Option<String>,
     },
+    /// Show a token's header, claims and times (decoded, not trusted); with --config, verify it
+    /// the way the server does and print the principal or the exact failure.
+    Inspect {
+        /// The token, or - to read it from stdin (a leading "Bearer " is accepted). Prefer -:
+        /// a token on the command line lands in shell history and the process list.
+        token: Option<String>,
+        /// Verify against this config's keys, issuer, audience and service principals.
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -112,6 +125,14 @@ pub enum ApiKeyCmd {
         #[arg(long)]
         description: Option<String>,
     },
+}
+
+/// Writes `text` and a newline to stdout. A reader that went away (`doctor --json | head`) is
+/// not an error of ours: the rest of the output is dropped instead of panicking like
+/// `println!`.
+pub fn say(text: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
 }
 
 fn config_error(e: impl std::fmt::Display) -> ExitCode {
@@ -204,6 +225,9 @@ pub async fn main(cli: Cli) -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+        Command::Token(TokenCmd::Inspect { token, config }) => {
+            crate::inspect::run(token, config.as_deref()).await
         }
         Command::Apikey(ApiKeyCmd::New {
             principal,

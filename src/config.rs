@@ -105,6 +105,8 @@ pub struct RawServer {
     pub ops_addr: Option<String>,
     #[serde(default, with = "humantime_serde")]
     pub drain_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub shutdown_delay: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -136,6 +138,8 @@ pub struct RawJwt {
     #[serde(default, with = "humantime_serde")]
     pub fetch_timeout: Option<Duration>,
     pub token_cache_size: Option<usize>,
+    /// Keycloak's `typ` claim a token must carry when it has one (`Bearer`); `off` to skip.
+    pub require_typ: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,6 +149,12 @@ pub struct RawApiKeys {
     pub header: Option<String>,
     #[serde(default, with = "humantime_serde")]
     pub reload_interval: Option<Duration>,
+    /// Let the API key through to the app (default: removed on every allow).
+    pub forward_to_app: Option<bool>,
+    /// bcrypt verifications running at once, across all requests.
+    pub bcrypt_concurrency: Option<usize>,
+    /// The app's `API_KEY_CACHE_SECRET`: the HMAC key of `lookup: hmac-sha256:` records.
+    pub lookup_secret: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -343,9 +353,13 @@ pub struct Config {
     pub grpc_addr: ListenAddr,
     pub ops_addr: Option<SocketAddr>,
     pub drain_timeout: Duration,
+    /// After SIGTERM: health NOT_SERVING while checks are still answered, so Envoy and the
+    /// endpoints controller stop sending before the listener closes.
+    pub shutdown_delay: Duration,
     pub log: LogConfig,
     pub jwt: JwtConfig,
     pub api_keys: Option<ApiKeysConfig>,
+    pub api_key_header: ApiKeyHeaderConfig,
     pub principals: PrincipalsConfig,
     pub cors: CorsConfig,
     pub routes: RoutesConfig,
@@ -409,13 +423,29 @@ pub struct JwtConfig {
     pub refresh_cooldown: Duration,
     pub fetch_timeout: Duration,
     pub token_cache_size: usize,
+    /// Keycloak's `typ` claim, when present, must equal this (`Bearer`: access tokens, not
+    /// ID or refresh tokens). None: not checked.
+    pub require_typ: Option<String>,
 }
 
 #[derive(Debug, Clone)]
 pub struct ApiKeysConfig {
     pub file: PathBuf,
-    pub header: String,
     pub reload_interval: Duration,
+    /// At most this many bcrypt verifications run at once (they cost ~0.1-0.3 s of CPU each).
+    pub bcrypt_concurrency: usize,
+    /// HMAC key for `lookup: hmac-sha256:<hex>` records (the app's `API_KEY_CACHE_SECRET`).
+    pub lookup_secret: Option<String>,
+}
+
+/// The header that carries API keys, and whether the app gets to see it. Resolved whether or
+/// not an API keys file is configured: a key the sidecar does not check must still not reach
+/// the app unless the operator says so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyHeaderConfig {
+    /// Lower-case header name (`x-api-key`).
+    pub name: String,
+    pub forward_to_app: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -512,6 +542,7 @@ fn default_true() -> bool {
 pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:9191";
 pub const DEFAULT_OPS_ADDR: &str = "0.0.0.0:9092";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
 pub const DEFAULT_REFRESH_COOLDOWN: Duration = Duration::from_secs(10);
@@ -519,6 +550,8 @@ pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_TOKEN_CACHE_SIZE: usize = 10_000;
 pub const DEFAULT_API_KEY_HEADER: &str = "x-api-key";
 pub const DEFAULT_API_KEYS_RELOAD: Duration = Duration::from_secs(2);
+pub const DEFAULT_BCRYPT_CONCURRENCY: usize = 2;
+pub const DEFAULT_REQUIRE_TYP: &str = "Bearer";
 pub const DEFAULT_REALM: &str = "authz-sidecar";
 pub const DEFAULT_OPENFGA_TIMEOUT: Duration = Duration::from_millis(500);
 pub const DEFAULT_OPENFGA_BATCH: usize = 50;
@@ -620,6 +653,15 @@ impl Config {
             .map(|(_, v)| v)
             .or(raw.server.ops_addr)
             .unwrap_or_else(|| DEFAULT_OPS_ADDR.into());
+        let shutdown_delay = match env_any(env, &["AUTHZ_SHUTDOWN_DELAY"]) {
+            Some((name, v)) => humantime::parse_duration(v.trim()).map_err(|e| {
+                ConfigError::invalid(
+                    format!("server.shutdown_delay ({name})"),
+                    format!("{v:?} is not a duration such as 5s: {e}"),
+                )
+            })?,
+            None => raw.server.shutdown_delay.unwrap_or(DEFAULT_SHUTDOWN_DELAY),
+        };
         let ops_addr = if ops_raw == "off" {
             None
         } else {
@@ -662,33 +704,54 @@ impl Config {
         let jwt = resolve_jwt(raw.jwt, env, &rel)?;
 
         // api keys
+        let header = raw
+            .api_keys
+            .header
+            .unwrap_or_else(|| DEFAULT_API_KEY_HEADER.into())
+            .to_ascii_lowercase();
+        if header.is_empty()
+            || header == "authorization"
+            || header.starts_with(':')
+            || !header
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(ConfigError::invalid(
+                "api_keys.header",
+                format!(
+                    "{header:?}: must name a header (letters, digits, -) other than authorization"
+                ),
+            ));
+        }
+        let api_key_header = ApiKeyHeaderConfig {
+            name: header,
+            forward_to_app: raw.api_keys.forward_to_app.unwrap_or(false),
+        };
         let api_key_file = env_any(env, &["API_KEYS_FILE"])
             .map(|(_, v)| PathBuf::from(v))
             .or(raw.api_keys.file.map(&rel));
-        let api_keys = match api_key_file {
-            None => None,
-            Some(file) => {
-                let header = raw
-                    .api_keys
-                    .header
-                    .unwrap_or_else(|| DEFAULT_API_KEY_HEADER.into())
-                    .to_ascii_lowercase();
-                if header.is_empty() || header == "authorization" {
-                    return Err(ConfigError::invalid(
-                        "api_keys.header",
-                        "must name a header other than authorization",
-                    ));
-                }
-                Some(ApiKeysConfig {
-                    file,
-                    header,
-                    reload_interval: raw
-                        .api_keys
-                        .reload_interval
-                        .unwrap_or(DEFAULT_API_KEYS_RELOAD),
-                })
-            }
-        };
+        let bcrypt_concurrency = raw
+            .api_keys
+            .bcrypt_concurrency
+            .unwrap_or(DEFAULT_BCRYPT_CONCURRENCY);
+        if bcrypt_concurrency == 0 {
+            return Err(ConfigError::invalid(
+                "api_keys.bcrypt_concurrency",
+                "must be at least 1",
+            ));
+        }
+        let lookup_secret = env_any(env, &["API_KEY_CACHE_SECRET"])
+            .map(|(_, v)| v)
+            .or(raw.api_keys.lookup_secret);
+        let api_keys = api_key_file.map(|file| ApiKeysConfig {
+            file,
+            reload_interval: raw
+                .api_keys
+                .reload_interval
+                .unwrap_or(DEFAULT_API_KEYS_RELOAD),
+            bcrypt_concurrency,
+            lookup_secret,
+        });
 
         // principals
         let mut seen = std::collections::HashSet::new();
@@ -799,9 +862,11 @@ impl Config {
             grpc_addr,
             ops_addr,
             drain_timeout: raw.server.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            shutdown_delay,
             log: LogConfig { filter, json },
             jwt,
             api_keys,
+            api_key_header,
             principals,
             cors,
             routes,
@@ -880,6 +945,17 @@ fn resolve_jwt(
             "must not contain quotes or backslashes",
         ));
     }
+    let require_typ = match raw.require_typ.as_deref().map(str::trim) {
+        None => Some(DEFAULT_REQUIRE_TYP.to_string()),
+        Some("off") => None,
+        Some("") => {
+            return Err(ConfigError::invalid(
+                "jwt.require_typ",
+                "empty: name the typ tokens must carry (Bearer) or write off",
+            ));
+        }
+        Some(t) => Some(t.to_string()),
+    };
     let refresh_cooldown = raw.refresh_cooldown.unwrap_or(DEFAULT_REFRESH_COOLDOWN);
     let refresh_interval = raw.refresh_interval.unwrap_or(DEFAULT_REFRESH_INTERVAL);
     if refresh_interval.is_zero() {
@@ -901,6 +977,7 @@ fn resolve_jwt(
         refresh_cooldown,
         fetch_timeout: raw.fetch_timeout.unwrap_or(DEFAULT_FETCH_TIMEOUT),
         token_cache_size: raw.token_cache_size.unwrap_or(DEFAULT_TOKEN_CACHE_SIZE),
+        require_typ,
     })
 }
 
@@ -1131,6 +1208,66 @@ mod tests {
         );
         let e = load(&format!("{MIN}request: {{ paths: strict }}\n"), &[]).unwrap_err();
         assert!(e.to_string().contains("paths"), "{e}");
+    }
+
+    #[test]
+    fn credential_settings_resolve_with_safe_defaults() {
+        let c = load(MIN, &[]).unwrap();
+        assert_eq!(
+            c.api_key_header,
+            ApiKeyHeaderConfig {
+                name: "x-api-key".into(),
+                forward_to_app: false
+            },
+            "the key is removed before the app by default, with or without a keys file"
+        );
+        assert_eq!(c.jwt.require_typ.as_deref(), Some("Bearer"));
+        let c = load(
+            "jwt: { jwks_file: k, require_typ: off }\napi_keys: { file: keys.yaml, header: ApiKey, forward_to_app: true, bcrypt_concurrency: 4 }\n",
+            &[("API_KEY_CACHE_SECRET", "s3cret")],
+        )
+        .unwrap();
+        assert_eq!(c.jwt.require_typ, None);
+        assert_eq!(
+            (
+                c.api_key_header.name.as_str(),
+                c.api_key_header.forward_to_app
+            ),
+            ("apikey", true)
+        );
+        let keys = c.api_keys.unwrap();
+        assert_eq!(keys.bcrypt_concurrency, 4);
+        assert_eq!(keys.lookup_secret.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn credential_setting_errors_name_the_key() {
+        for (yaml, want) in [
+            ("jwt: { jwks_file: k, require_typ: '' }", "jwt.require_typ"),
+            (
+                "jwt: { jwks_file: k }\napi_keys: { header: authorization }",
+                "api_keys.header",
+            ),
+            (
+                "jwt: { jwks_file: k }\napi_keys: { header: 'x key' }",
+                "api_keys.header",
+            ),
+            (
+                "jwt: { jwks_file: k }\napi_keys: { header: ':path' }",
+                "api_keys.header",
+            ),
+            (
+                "jwt: { jwks_file: k }\napi_keys: { file: k.yaml, bcrypt_concurrency: 0 }",
+                "api_keys.bcrypt_concurrency",
+            ),
+            (
+                "jwt: { jwks_file: k }\napi_keys: { forward: true }",
+                "forward",
+            ),
+        ] {
+            let e = load(yaml, &[]).unwrap_err().to_string();
+            assert!(e.contains(want), "{yaml}: {e} should name {want}");
+        }
     }
 
     #[test]

@@ -27,7 +27,11 @@ pub struct Deny {
     pub grpc_code: tonic::Code,
     /// Machine-readable code: `invalid_token`, `insufficient_scope`, `forbidden`, ...
     pub error: &'static str,
+    /// What the client reads (body, gRPC message, `WWW-Authenticate`): never an internal URL.
     pub reason: String,
+    /// The whole reason, for the decision log and `doctor`: may name the JWKS, discovery or
+    /// OpenFGA address.
+    pub detail: String,
     pub www_authenticate: Option<String>,
     pub response_headers: Vec<(String, String)>,
     pub principal: Option<Principal>,
@@ -65,6 +69,47 @@ pub enum Failure {
     InBatch(usize, Box<Failure>),
 }
 
+impl Failure {
+    /// The reason the client reads. Authentication errors say it without their key source
+    /// or expected issuer ([`AuthnError::public_reason`]); a backend error's cause is built
+    /// from the backend's address (`OpenFGA at http://..: connection refused`), so its
+    /// `http(s)://` addresses are replaced. The client's own text (a path, an origin) stays.
+    pub fn public_reason(&self) -> String {
+        match self {
+            Self::Authn(e) => e.public_reason(),
+            Self::Authz(
+                e @ (AuthzError::BackendUnavailable(_) | AuthzError::BackendRejected(_)),
+            ) => scrub_urls(&e.to_string()),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// Replaces every `http://` or `https://` address in `text` with `[internal]`.
+pub fn scrub_urls(text: &str) -> String {
+    // ASCII lower-casing keeps byte offsets, so positions found in `lower` index `text`.
+    let lower = text.to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let mut pos = 0;
+    while let Some(start) = ["http://", "https://"]
+        .iter()
+        .filter_map(|scheme| lower[pos..].find(scheme))
+        .min()
+        .map(|i| pos + i)
+    {
+        out.push_str(&text[pos..start]);
+        let len = text[start..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`'))
+            .unwrap_or(text.len() - start);
+        // Punctuation that ends a sentence or a clause is not part of the address.
+        let url = text[start..start + len].trim_end_matches([':', ',', '.', ';', ')']);
+        out.push_str("[internal]");
+        pos = start + url.len();
+    }
+    out.push_str(&text[pos..]);
+    out
+}
+
 /// Quotes are not allowed inside an RFC 6750 auth-param; replace rather than escape, since
 /// clients differ in how they unescape.
 fn param(s: &str) -> String {
@@ -81,7 +126,8 @@ fn param(s: &str) -> String {
 
 /// The one place failures become answers.
 pub fn deny_for(failure: &Failure, realm: &str) -> Deny {
-    let reason = failure.to_string();
+    let reason = failure.public_reason();
+    let detail = failure.to_string();
     let (http_status, grpc_code, error, challenge) = match failure {
         Failure::Request(_) | Failure::Ambiguous(_) => {
             (400, tonic::Code::InvalidArgument, "invalid_request", None)
@@ -138,6 +184,7 @@ pub fn deny_for(failure: &Failure, realm: &str) -> Deny {
         grpc_code,
         error,
         reason,
+        detail,
         www_authenticate: challenge,
         response_headers: Vec::new(),
         principal: None,
@@ -199,5 +246,84 @@ mod tests {
             "r",
         );
         assert!(!d.www_authenticate.unwrap().contains("\"quoted\""));
+    }
+
+    /// The client reads a reason without internal addresses; the log and doctor read the
+    /// whole one.
+    #[test]
+    fn client_facing_reasons_name_no_internal_url() {
+        let jwks = "JWKS http://keycloak:8080/realms/r/protocol/openid-connect/certs";
+        let cases: Vec<(Failure, &str)> = vec![
+            (
+                AuthnError::KeySourceUnavailable {
+                    kid: "k".into(),
+                    origin: jwks.into(),
+                    cause: "connection refused".into(),
+                }
+                .into(),
+                "signing key kid=k not found: the signing keys cannot be refreshed",
+            ),
+            (
+                AuthnError::UnknownKid {
+                    kid: "k".into(),
+                    origin: jwks.into(),
+                }
+                .into(),
+                "signing key kid=k not found",
+            ),
+            (
+                AuthzError::BackendUnavailable(
+                    "OpenFGA at http://openfga:8080: connection refused".into(),
+                )
+                .into(),
+                "authorization backend unavailable: OpenFGA at [internal]: connection refused",
+            ),
+            (
+                AuthzError::BackendRejected("HTTPS://fga.internal/stores/x, said no.".into())
+                    .into(),
+                "authorization backend rejected the check: [internal], said no.",
+            ),
+            (
+                AuthnError::WrongIssuer {
+                    got: "https://evil".into(),
+                    want: "http://keycloak:8080/realms/r".into(),
+                }
+                .into(),
+                "wrong issuer \"https://evil\"",
+            ),
+            (
+                AuthnError::Expired { ago: 1 }.into(),
+                "token expired 1s ago",
+            ),
+            (
+                Failure::CorsOrigin("https://app.example".into()),
+                "CORS preflight from origin https://app.example is not allowed (CORS_ORIGINS)",
+            ),
+        ];
+        for (failure, public) in cases {
+            let d = deny_for(&failure, "r");
+            assert_eq!(d.reason, public);
+            assert_eq!(d.detail, failure.to_string());
+            if let Some(c) = &d.www_authenticate {
+                assert!(!c.contains("http://"), "{c}");
+            }
+            assert!(!d.reason.contains("http://"), "{}", d.reason);
+        }
+    }
+
+    #[test]
+    fn scrub_urls_keeps_the_text_around() {
+        for (text, want) in [
+            ("no url here", "no url here"),
+            ("at http://a:1/b: refused", "at [internal]: refused"),
+            (
+                "\"https://x/y\" and http://z.",
+                "\"[internal]\" and [internal].",
+            ),
+            ("ends http://", "ends [internal]"),
+            ("é http://ü/ä é", "é [internal] é"),
+        ] {
+            assert_eq!(scrub_urls(text), want, "{text}");
+        }
     }
 }

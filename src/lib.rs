@@ -15,6 +15,7 @@ pub mod cors;
 pub mod decision;
 pub mod doctor;
 pub mod http_client;
+pub mod inspect;
 pub mod ops;
 pub mod pipeline;
 pub mod proto;

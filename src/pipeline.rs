@@ -377,6 +377,7 @@ rules:
                 jwt: None,
                 api_keys: Some(Arc::new(Keys)),
                 api_key_header: "x-api-key".into(),
+                strip_from_upstream: vec!["x-api-key".into()],
                 principals: Principals::new(&PrincipalsConfig::default()),
             },
             checker: Some(late),

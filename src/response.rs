@@ -1,8 +1,10 @@
 //! The edge out: turns a [`Decision`] into Envoy's `CheckResponse`.
 //!
 //! Allow: identity headers set on the upstream request (overwriting anything the client sent
-//! under those names) and every identity header we do not set removed, so the app can trust
-//! `x-auth-*`. Deny: the HTTP status, `WWW-Authenticate`, and a JSON body saying why.
+//! under those names), every identity header we do not set removed, so the app can trust
+//! `x-auth-*`, and the API-key headers removed, so the secret never reaches the app (unless
+//! `api_keys.forward_to_app`). Deny: the HTTP status, `WWW-Authenticate`, and a JSON body
+//! saying why.
 
 use crate::decision::{Allow, Decision, Deny};
 use crate::proto::pb::envoy::config::core::v3::{
@@ -52,17 +54,19 @@ fn clean(v: &str) -> String {
     v.chars().filter(|c| !c.is_control()).collect()
 }
 
-pub fn to_proto(decision: &Decision, request_id: &str) -> CheckResponse {
+/// `strip`: request headers to remove on allow besides the identity headers we do not set
+/// (the credential headers, [`crate::authn::api_key_headers_to_strip`]).
+pub fn to_proto(decision: &Decision, request_id: &str, strip: &[String]) -> CheckResponse {
     match decision {
         Decision::Allow(a) => match a.local_reply {
             Some(status) => local_reply(status, &a.response_headers, request_id),
-            None => allow(a),
+            None => allow(a, strip),
         },
         Decision::Deny(d) => deny(d, request_id),
     }
 }
 
-fn allow(a: &Allow) -> CheckResponse {
+fn allow(a: &Allow, strip: &[String]) -> CheckResponse {
     let mut set: Vec<(&str, String)> = Vec::new();
     if let Some(p) = &a.principal {
         set.push((H_SUBJECT, clean(&p.subject)));
@@ -83,11 +87,17 @@ fn allow(a: &Allow) -> CheckResponse {
         set.push((H_FAILED_OPEN, clean(cause)));
     }
     // Removing a header we also set would race with Envoy's order of operations; overwrite
-    // those, remove the rest.
+    // those, remove the rest. The credential headers are never among those set.
     let headers_to_remove = IDENTITY_HEADERS
         .iter()
         .filter(|h| !set.iter().any(|(k, _)| k == *h))
         .map(|h| h.to_string())
+        .chain(
+            strip
+                .iter()
+                .filter(|h| !set.iter().any(|(k, _)| k == h))
+                .cloned(),
+        )
         .collect();
     CheckResponse {
         status: Some(Status {
@@ -167,5 +177,56 @@ fn deny(d: &Deny, request_id: &str) -> CheckResponse {
             body: deny_body(d, request_id),
         })),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn removed(r: &CheckResponse) -> Vec<String> {
+        match &r.http_response {
+            Some(HttpResponse::OkResponse(o)) => o.headers_to_remove.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn every_allow_removes_the_credential_headers() {
+        let strip = vec!["x-api-key".to_string(), "apikey".to_string()];
+        let public = Allow {
+            principal: None,
+            rule: "public".into(),
+            failed_open: None,
+            response_headers: Vec::new(),
+            relations: Vec::new(),
+            local_reply: None,
+        };
+        let mut with_key = public.clone();
+        let mut p = crate::authn::Principal::new(
+            crate::authn::PrincipalKind::User,
+            "alice",
+            crate::authn::AuthMethod::ApiKey,
+        );
+        p.key_id = "ak_1".into();
+        with_key.principal = Some(p);
+        for (allow, strip, want_removed) in [
+            (&public, &strip, vec!["x-api-key", "apikey"]),
+            (&with_key, &strip, vec!["x-api-key", "apikey"]),
+            (&with_key, &Vec::new(), vec![]),
+        ] {
+            let r = to_proto(&Decision::Allow(allow.clone()), "id", strip);
+            let removed = removed(&r);
+            for h in &want_removed {
+                assert!(removed.contains(&h.to_string()), "{h} in {removed:?}");
+            }
+            for h in ["x-api-key", "apikey"] {
+                if !want_removed.contains(&h) {
+                    assert!(!removed.contains(&h.to_string()), "{h} kept: {removed:?}");
+                }
+            }
+            // Identity headers still: set ones overwritten, the others removed.
+            assert!(removed.contains(&H_FAILED_OPEN.to_string()));
+        }
     }
 }

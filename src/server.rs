@@ -13,12 +13,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
-use crate::authn::api_key::{ApiKeyStore, FileApiKeyStore};
+use crate::authn::api_key::{ApiKeyStore, FileApiKeyStore, StoreOptions};
 use crate::authn::jwks::{JwksKeySource, KeySource};
 use crate::authn::jwt::{Clock, JwtVerifier, system_clock};
 use crate::authn::{Authenticator, principals::Principals};
 use crate::authz::rules::RuleSet;
-use crate::config::{Config, DEFAULT_API_KEY_HEADER, KeySourceConfig, ListenAddr};
+use crate::config::{Config, KeySourceConfig, ListenAddr};
 use crate::cors::Cors;
 use crate::pipeline::{LateChecker, State};
 use crate::proto::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
@@ -129,12 +129,20 @@ pub async fn build(
         }
     };
 
-    let (api_keys, api_key_header) = match &config.api_keys {
-        None => (None, DEFAULT_API_KEY_HEADER.to_string()),
+    let api_keys = match &config.api_keys {
+        None => None,
         Some(cfg) => {
-            let store = Arc::new(FileApiKeyStore::open(&cfg.file, clock.clone())?);
+            let options = StoreOptions {
+                bcrypt_concurrency: cfg.bcrypt_concurrency,
+                lookup_secret: cfg.lookup_secret.clone(),
+            };
+            let store = Arc::new(FileApiKeyStore::open_with(
+                &cfg.file,
+                clock.clone(),
+                &options,
+            )?);
             tokio::spawn(store.clone().watch(cfg.reload_interval, shutdown.clone()));
-            (Some(store as Arc<dyn ApiKeyStore>), cfg.header.clone())
+            Some(store as Arc<dyn ApiKeyStore>)
         }
     };
 
@@ -165,8 +173,9 @@ pub async fn build(
         authn: Authenticator {
             jwt,
             api_keys,
-            api_key_header,
+            api_key_header: config.api_key_header.name.clone(),
             principals: Principals::new(&config.principals),
+            strip_from_upstream: crate::authn::api_key_headers_to_strip(&config.api_key_header),
         },
         checker,
         contextual: config
@@ -272,6 +281,11 @@ pub async fn serve(
                         metrics.set_backend(name, v);
                     }
                 }
+                if let Some(keys) = &state.authn.api_keys {
+                    for (name, v) in keys.stats() {
+                        metrics.set_backend(name, v);
+                    }
+                }
                 if draining.is_cancelled() {
                     return;
                 }
@@ -280,6 +294,9 @@ pub async fn serve(
         });
     }
 
+    // Cancelled after the shutdown delay: the ops listener keeps answering /readyz (503,
+    // draining) until then.
+    let stop_serving = CancellationToken::new();
     let ops_task = listeners.ops.map(|l| {
         let addr = l.local_addr().ok();
         tracing::info!(addr = ?addr, "ops listener: /healthz /readyz /metrics");
@@ -288,7 +305,7 @@ pub async fn serve(
             state.clone(),
             metrics.clone(),
             draining.clone(),
-            shutdown.clone(),
+            stop_serving.clone(),
         ))
     });
 
@@ -338,10 +355,20 @@ pub async fn serve(
             result = Err(anyhow::Error::new(f));
         }
     }
-    // Health goes NOT_SERVING first so Envoy and Kubernetes stop sending, then in-flight
-    // checks finish (bounded by the drain timeout).
+    // Health goes NOT_SERVING first so Envoy and Kubernetes stop sending. On a requested
+    // shutdown the listeners stay open for the shutdown delay, answering the checks Envoy still
+    // sends while the endpoints controller and Envoy catch up (a closed listener then would
+    // fail them closed); then in-flight checks finish, bounded by the drain timeout.
     draining.cancel();
     set_health(&reporter, ServingStatus::NotServing).await;
+    if result.is_ok() && !config.shutdown_delay.is_zero() {
+        tracing::info!(
+            delay = ?config.shutdown_delay,
+            "shutdown delay: health NOT_SERVING, still answering checks"
+        );
+        tokio::time::sleep(config.shutdown_delay).await;
+    }
+    stop_serving.cancel();
     shutdown.cancel();
     grpc_shutdown.cancel();
     match tokio::time::timeout(config.drain_timeout, grpc_task).await {

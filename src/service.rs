@@ -36,7 +36,9 @@ fn method_label(d: &Decision) -> &'static str {
     p.map_or("none", |p| p.method.as_str())
 }
 
-/// The one decision line per check. Never a token or key: ids and hashes only.
+/// The one decision line per check. Never a token or key: ids and hashes only. Path, request
+/// id, reason and the rest are the client's text: the text log's field formatter
+/// ([`crate::telemetry::LogFields`]) escapes them, so none can start a line of its own.
 fn log_decision(input: &request::CheckInput, d: &Decision, micros: u128) {
     match d {
         Decision::Allow(a) => {
@@ -67,7 +69,7 @@ fn log_decision(input: &request::CheckInput, d: &Decision, micros: u128) {
                 rule = d.rule.as_deref().unwrap_or("-"),
                 status = d.http_status,
                 error = d.error,
-                reason = %d.reason,
+                reason = %d.detail,
                 subject = p.map_or("-", |p| p.subject.as_str()),
                 key_id = p.map_or("-", |p| p.key_id.as_str()),
                 latency_us = micros as u64,
@@ -100,7 +102,11 @@ impl Authorization for CheckService {
                 };
                 log_decision(&input, &decision, start.elapsed().as_micros());
                 self.metrics.record(&decision, start.elapsed(), "none");
-                return Ok(Response::new(response::to_proto(&decision, &request_id)));
+                return Ok(Response::new(response::to_proto(
+                    &decision,
+                    &request_id,
+                    &self.state.authn.strip_from_upstream,
+                )));
             }
         };
         tracing::debug!(request_id = %input.request_id, method = %input.method, path = %input.path, host = %input.host, peer = ?input.peer, "check received");
@@ -112,6 +118,7 @@ impl Authorization for CheckService {
         Ok(Response::new(response::to_proto(
             &decision,
             &input.request_id,
+            &self.state.authn.strip_from_upstream,
         )))
     }
 }

@@ -1,12 +1,14 @@
 //! The binary as operators run it: startup errors (one line, exit 2), `token mint`,
-//! `apikey new`, `doctor`, and SIGTERM draining to exit 0.
+//! `token inspect`, `apikey new`, `doctor` (text and `--json`), and SIGTERM draining to exit 0.
 
 mod common;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::sidecar::local_dir;
+use common::openfga::OpenFga;
+use common::sidecar::{local_claims, local_dir, mint, now};
+use serde_json::{Value, json};
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_authz-sidecar"));
@@ -20,11 +22,21 @@ fn bin() -> Command {
         "OPENFGA_STORE_ID",
         "API_KEYS_FILE",
         "CORS_ORIGINS",
+        "CORS_ALLOWED_ORIGINS",
         "RUST_LOG",
         "LOG_LEVEL",
+        "JWT_ISSUER",
+        "JWT_AUDIENCE",
+        "OPENFGA_STORE_NAME",
+        "OPENFGA_MODEL_ID",
+        "OPENFGA_API_TOKEN",
+        "DOCTOR_TOKEN",
+        "DOCTOR_API_KEY",
     ] {
         c.env_remove(v);
     }
+    // The shutdown delay has its own test below; elsewhere SIGTERM stops at once.
+    c.env("AUTHZ_SHUTDOWN_DELAY", "0s");
     c
 }
 
@@ -54,6 +66,16 @@ fn bad_configs_exit_2_with_one_line_naming_the_key() {
             "jwt: { jwks_file: k.json }",
             vec![("CORS_ORIGINS", "*")],
             "CORS_ORIGINS",
+        ),
+        (
+            "jwt: { jwks_file: k.json }",
+            vec![("AUTHZ_SHUTDOWN_DELAY", "soon")],
+            "server.shutdown_delay (AUTHZ_SHUTDOWN_DELAY)",
+        ),
+        (
+            "server: { shutdown_delay: soon }\njwt: { jwks_file: k.json }",
+            vec![("AUTHZ_SHUTDOWN_DELAY", "")],
+            "server.shutdown_delay",
         ),
         (
             "jwt: { jwks_file: k.json }",
@@ -95,6 +117,33 @@ fn bad_configs_exit_2_with_one_line_naming_the_key() {
             lines[0].contains(want),
             "{yaml}: {stderr} should name {want}"
         );
+    }
+}
+
+#[test]
+fn worker_threads_from_the_environment_are_checked_not_panicked_on() {
+    for (value, ok) in [
+        ("2", true),
+        ("", true),
+        (" 1 ", true),
+        ("0", false),
+        ("abc", false),
+    ] {
+        let out = bin()
+            .args(["check-config", "--config", "deploy/local/sidecar.yaml"])
+            .env("TOKIO_WORKER_THREADS", value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if ok {
+            assert!(out.status.success(), "{value:?}: {stderr}");
+        } else {
+            assert_eq!(out.status.code(), Some(2), "{value:?}: {stderr}");
+            assert!(
+                stderr.contains("TOKIO_WORKER_THREADS") && !stderr.contains("panicked"),
+                "{value:?}: {stderr}"
+            );
+        }
     }
 }
 
@@ -217,6 +266,529 @@ fn sigterm_drains_and_exits_0() {
     }
     let _ = child.kill();
     panic!("sidecar did not exit after SIGTERM");
+}
+
+/// A rollout: after SIGTERM the sidecar says NOT_SERVING but keeps answering the checks Envoy
+/// still sends for `server.shutdown_delay`, on open connections and new ones, then exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_keeps_answering_checks_through_the_shutdown_delay() {
+    use common::sidecar::{Req, serving_status, status};
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (grpc, ops) = (free(), free());
+    let mut child = bin()
+        .env("AUTHZ_SHUTDOWN_DELAY", "2s")
+        .args(["serve", "--config", "deploy/local/sidecar.yaml"])
+        .arg("--grpc-addr")
+        .arg(grpc.to_string())
+        .arg("--ops-addr")
+        .arg(ops.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let readyz = format!("http://{ops}/readyz");
+    let ready_status = || {
+        let url = readyz.clone();
+        tokio::task::spawn_blocking(move || reqwest::blocking_get(&url).ok())
+    };
+    let mut ready = false;
+    for _ in 0..100 {
+        if ready_status().await.unwrap() == Some(200) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "sidecar never became ready");
+    let connect = || async {
+        authz_sidecar::proto::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::connect(format!("http://{grpc}"))
+            .await
+            .expect("the listener is open")
+    };
+    let mut open = connect().await;
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Inside the delay: told to go away, still answering.
+    assert_eq!(
+        serving_status(grpc, "envoy.service.auth.v3.Authorization").await,
+        2,
+        "NOT_SERVING during the delay"
+    );
+    assert_eq!(
+        ready_status().await.unwrap(),
+        Some(503),
+        "/readyz says draining"
+    );
+    for _ in 0..5 {
+        let r = open
+            .check(Req::get("/public/x").build())
+            .await
+            .expect("a check on an open connection is answered")
+            .into_inner();
+        assert_eq!(status(&r), 200);
+        let r = connect()
+            .await
+            .check(Req::get("/api/x").build())
+            .await
+            .expect("a check on a new connection is answered")
+            .into_inner();
+        assert_eq!(status(&r), 401);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still running inside the 2 s delay"
+    );
+    drop(open);
+    for _ in 0..100 {
+        if let Some(code) = child.try_wait().unwrap() {
+            assert_eq!(code.code(), Some(0));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    panic!("sidecar did not exit after the shutdown delay");
+}
+
+/// Runs the binary with `stdin` piped in; (exit code, stdout, stderr).
+fn run(cmd: &mut Command, stdin: Option<&str>) -> (Option<i32>, String, String) {
+    use std::io::Write;
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        pipe.write_all(text.as_bytes()).unwrap();
+    }
+    drop(pipe);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn inspect(args: &[&str]) -> (Option<i32>, String, String) {
+    run(bin().args(["token", "inspect"]).args(args), None)
+}
+
+fn signature(token: &str) -> &str {
+    token.rsplit('.').next().unwrap()
+}
+
+fn mint_with_kid(kid: &str, claims: &Value) -> String {
+    let pem = std::fs::read(local_dir().join("dev-signing-key.pem")).unwrap();
+    authz_sidecar::authn::jwt::mint(&pem, jsonwebtoken::Algorithm::RS256, kid, claims).unwrap()
+}
+
+#[test]
+fn token_inspect_shows_header_claims_and_times_but_not_the_signature() {
+    let mut claims = local_claims("alice", &["admin"]);
+    claims["exp"] = json!(now() + 250);
+    let token = mint(claims);
+    let (code, out, err) = inspect(&[&token]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("\"kid\": \"dev-local-1\""), "{out}");
+    assert!(out.contains("\"alg\": \"RS256\""), "{out}");
+    assert!(out.contains("\"preferred_username\": \"alice\""), "{out}");
+    assert!(
+        out.contains("signature  342 base64url characters (256 bytes), not shown"),
+        "{out}"
+    );
+    assert!(
+        !out.contains(signature(&token)),
+        "the signature is never printed"
+    );
+    // exp is 250s (4m 10s) away; a second may pass before the binary reads the clock.
+    assert!(
+        out.contains("expires in 4m 10s") || out.contains("expires in 4m 9s"),
+        "{out}"
+    );
+    assert!(
+        out.contains("issued 0s ago") || out.contains("issued 1s ago"),
+        "{out}"
+    );
+    let exp =
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(now() + 250))
+            .to_string();
+    assert!(
+        out.contains(&format!("exp        {}", &exp[..16])),
+        "exp shown as UTC: {out}"
+    );
+
+    let mut claims = local_claims("alice", &[]);
+    claims["exp"] = json!(now() - (3 * 3600 + 2 * 60));
+    let (code, out, err) = inspect(&[&mint(claims)]);
+    assert_eq!(
+        code,
+        Some(0),
+        "decoding an expired token is not an error: {err}"
+    );
+    assert!(out.contains("expired 3h 2m ago"), "{out}");
+}
+
+#[test]
+fn token_inspect_with_config_verifies_like_the_server() {
+    let cfg = "deploy/local/sidecar.yaml";
+    let valid = mint(local_claims("alice", &["admin"]));
+    let (code, out, err) = inspect(&["--config", cfg, &valid]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.lines().any(|l| l
+            == "valid      user:alice (user), roles [admin], scopes [openid read:agents], kid dev-local-1"),
+        "{out}"
+    );
+
+    let mut claims = local_claims("alice", &[]);
+    claims["iss"] = json!("https://elsewhere/realms/other");
+    let (code, out, _) = inspect(&["--config", cfg, &mint(claims)]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(
+            "invalid    wrong issuer \"https://elsewhere/realms/other\": expected \"authz-sidecar-local\""
+        ),
+        "{out}"
+    );
+    // The claims are still shown: that is how the operator sees what the issuer was.
+    assert!(
+        out.contains("\"iss\": \"https://elsewhere/realms/other\""),
+        "{out}"
+    );
+
+    let rotated = mint_with_kid("rotated-away", &local_claims("alice", &[]));
+    let (code, out, _) = inspect(&["--config", cfg, &rotated]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("invalid    signing key kid=rotated-away not found in JWKS file"),
+        "{out}"
+    );
+
+    let mut claims = local_claims("alice", &[]);
+    claims["exp"] = json!(now() - 3600);
+    let (code, out, _) = inspect(&["--config", cfg, &mint(claims)]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("invalid    token expired 36"), "{out}");
+
+    // A disabled service principal is refused by the same admission as in the server.
+    let mut claims = local_claims("service-account-svc-disabled", &[]);
+    claims["client_id"] = json!("svc-disabled");
+    let (code, out, _) = inspect(&["--config", cfg, &mint(claims)]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("invalid    service principal svc-disabled disabled"),
+        "{out}"
+    );
+
+    let (code, _, err) = inspect(&["--config", "deploy/local/missing.yaml", &valid]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("config error: cannot read config file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn malformed_tokens_get_one_line_naming_what_is_wrong() {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let header = b64(r#"{"alg":"RS256","kid":"k"}"#);
+    let cases = [
+        ("abc.def".to_string(), "expected 3 dot-separated parts"),
+        ("a.b.c.d.e".to_string(), "encrypted token (JWE)"),
+        (format!("{header}.@@@.sig"), "payload is not base64url"),
+        (
+            format!("{}.{header}.sig", b64("not json")),
+            "header is not JSON",
+        ),
+        (
+            format!("{header}.{}.sig", b64("[1,2]")),
+            "payload is JSON but not an object",
+        ),
+    ];
+    for (token, want) in cases {
+        let (code, out, err) = inspect(&[&token]);
+        assert_eq!(code, Some(1), "{token}: {err}");
+        assert!(out.is_empty(), "{token}: nothing decoded is printed: {out}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "{token}: {err}");
+        assert!(
+            lines[0].starts_with("authz-sidecar: malformed token: ") && lines[0].contains(want),
+            "{token}: {err} should say {want}"
+        );
+    }
+}
+
+#[test]
+fn token_inspect_reads_stdin_with_or_without_bearer() {
+    let token = mint(local_claims("alice", &[]));
+    for (args, input) in [
+        (vec!["-"], format!("Bearer {token}\n")),
+        (vec!["-"], format!("  {token}  \n")),
+        (vec![], format!("bearer {token}")),
+    ] {
+        let (code, out, err) = run(
+            bin()
+                .args(["token", "inspect", "--config", "deploy/local/sidecar.yaml"])
+                .args(&args),
+            Some(&input),
+        );
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        assert!(out.contains("valid      user:alice"), "{args:?}: {out}");
+        assert!(!out.contains(signature(&token)));
+    }
+    let (code, _, err) = run(bin().args(["token", "inspect", "-"]), Some("\n"));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("malformed token: no token given"), "{err}");
+}
+
+/// A port nothing listens on.
+fn dead_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn doctor(cfg: &str, env: &[(&str, String)], args: &[&str]) -> (Option<i32>, String, String) {
+    let mut cmd = bin();
+    cmd.args(["doctor", "--config", cfg]).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run(&mut cmd, None)
+}
+
+fn findings(json: &str) -> Vec<(String, String, String)> {
+    let v: Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {json}"))
+        .iter()
+        .map(|f| {
+            let field = |k: &str| {
+                f[k].as_str()
+                    .unwrap_or_else(|| panic!("{k} in {f}"))
+                    .to_string()
+            };
+            (field("check"), field("status"), field("detail"))
+        })
+        .collect()
+}
+
+#[test]
+fn doctor_reports_every_independent_problem_not_just_the_first() {
+    let dead = dead_port();
+    let (code, out, _) = doctor(
+        "deploy/local/sidecar.yaml",
+        &[
+            ("CORS_ORIGINS", "*".into()),
+            ("OPENFGA_API_URL", format!("http://127.0.0.1:{dead}")),
+            ("API_KEYS_FILE", "deploy/local/missing-keys.yaml".into()),
+            (
+                "AUTH_PUBLIC_KEY_URL",
+                format!("http://127.0.0.1:{dead}/certs"),
+            ),
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(2), "a config error is exit 2: {out}");
+    for want in [
+        "FAIL  config         CORS_ORIGINS: \"*\" is refused",
+        "FAIL  config         OPENFGA_STORE_ID (openfga.store_id): store id not set",
+        "FAIL  signing keys   Keycloak/JWKS not reachable: cannot fetch keys from JWKS http://127.0.0.1:",
+        "FAIL  api keys       API_KEYS_FILE deploy/local/missing-keys.yaml",
+        "FAIL  openfga api    http://127.0.0.1:",
+        "skip  openfga        not checked: the openfga settings are invalid",
+        "skip  cors           not checked: the cors settings are invalid",
+        "ok    principals     2 service principals listed",
+        "warn  principals     service principal svc-disabled is disabled",
+        "5 problem(s) found",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+    assert_eq!(out.matches("connection refused").count(), 2, "{out}");
+
+    // KEYCLOAK_URL without a realm: the config names the realm, and Keycloak's reachability is
+    // still told (it does not depend on the realm).
+    let (code, out, _) = doctor(
+        "deploy/local/sidecar.yaml",
+        &[("KEYCLOAK_URL", format!("http://127.0.0.1:{dead}"))],
+        &[],
+    );
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("FAIL  config         KEYCLOAK_REALM"), "{out}");
+    assert!(out.contains("skip  signing keys"), "{out}");
+    assert!(
+        out.contains("FAIL  key source     Keycloak/JWKS not reachable")
+            && out.contains("connection refused"),
+        "{out}"
+    );
+    assert!(out.contains("ok    api keys       3 keys"), "{out}");
+}
+
+#[test]
+fn doctor_json_is_an_array_of_findings_for_ci() {
+    let (code, out, err) = doctor("deploy/local/sidecar.yaml", &[], &["--json"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let all = findings(&out);
+    assert!(
+        all.iter().all(|(_, s, _)| s == "ok" || s == "warn"),
+        "{all:?}"
+    );
+    assert!(
+        all.contains(&(
+            "config".into(),
+            "ok".into(),
+            "deploy/local/sidecar.yaml is valid".into()
+        )),
+        "{all:?}"
+    );
+    assert!(
+        all.iter().any(|(c, s, _)| c == "signing keys" && s == "ok"),
+        "{all:?}"
+    );
+
+    // A failing check: exit 1, the failure in the array, stdout still nothing but JSON.
+    let token = mint(local_claims("alice", &[]));
+    let (code, out, _) = doctor(
+        "deploy/local/sidecar.yaml",
+        &[("API_KEYS_FILE", "deploy/local/missing-keys.yaml".into())],
+        &["--json", "--token", &token, "--path", "/admin/x"],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    let all = findings(&out);
+    let status = |check: &str| {
+        all.iter()
+            .find(|(c, _, _)| c == check)
+            .map(|(_, s, _)| s.as_str())
+            .unwrap_or_else(|| panic!("no {check} in {all:?}"))
+    };
+    assert_eq!(status("api keys"), "fail");
+    assert_eq!(
+        status("token"),
+        "ok",
+        "the token does not depend on API keys"
+    );
+    assert_eq!(
+        status("check"),
+        "skip",
+        "the request check depends on everything"
+    );
+    assert!(!out.contains(&token));
+}
+
+#[test]
+fn a_reader_that_goes_away_is_not_a_panic() {
+    let token = mint(local_claims("alice", &[]));
+    for args in [
+        vec!["doctor", "--config", "deploy/local/sidecar.yaml", "--json"],
+        vec!["token", "inspect", &token],
+    ] {
+        // `| head -1` that has already exited: every write fails with a broken pipe.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = bin()
+            .args(&args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn doctor_tells_whether_openfga_answers() {
+    let fga = OpenFga::shared().await;
+    let (store, _) = fga.store("cli-doctor").create().await;
+    let (wrong_model, _) = fga
+        .store("cli-doctor-other-model")
+        .model(json!({"schema_version": "1.1", "type_definitions": [{"type": "user"}]}))
+        .create()
+        .await;
+    let cfg = "deploy/local/sidecar-openfga.yaml";
+    let url = fga.http_url();
+    let call = |env: Vec<(&'static str, String)>| {
+        tokio::task::spawn_blocking(move || doctor(cfg, &env, &["--wait", "2"]))
+    };
+
+    let (code, out, _) = call(vec![
+        ("OPENFGA_API_URL", url.clone()),
+        ("OPENFGA_STORE_ID", store.clone()),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!("ok    openfga api    {url}/healthz: SERVING in ")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "ok    openfga        OpenFGA {url} store cli-doctor ({store})"
+        )),
+        "{out}"
+    );
+
+    let dead = format!("http://127.0.0.1:{}", dead_port());
+    let (code, out, _) = call(vec![
+        ("OPENFGA_API_URL", dead.clone()),
+        ("OPENFGA_STORE_ID", store.clone()),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!(
+            "FAIL  openfga api    {dead} not reachable: connection refused"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("skip  openfga        store and model not checked"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ok    signing keys"),
+        "the rest is still checked: {out}"
+    );
+
+    // The issue's case: the store id is not set. OpenFGA's reachability is still told.
+    let (code, out, _) = call(vec![("OPENFGA_API_URL", url.clone())]).await.unwrap();
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("FAIL  config         OPENFGA_STORE_ID"),
+        "{out}"
+    );
+    assert!(out.contains("ok    openfga api"), "{out}");
+    assert!(out.contains("ok    signing keys"), "{out}");
+
+    // A store whose model lacks what the rules ask for: named with the rule.
+    let (code, out, _) = call(vec![
+        ("OPENFGA_API_URL", url.clone()),
+        ("OPENFGA_STORE_ID", wrong_model),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("FAIL  openfga        ") && out.contains("rule tool-execute"),
+        "{out}"
+    );
 }
 
 mod reqwest {

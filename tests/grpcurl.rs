@@ -47,6 +47,7 @@ fn readme_walkthrough_over_unix_socket_and_tcp() {
         children.push(
             Command::new(env!("CARGO_BIN_EXE_authz-sidecar"))
                 .current_dir(repo())
+                .env("AUTHZ_SHUTDOWN_DELAY", "0s")
                 .args([
                     "serve",
                     "--config",

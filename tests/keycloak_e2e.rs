@@ -82,13 +82,7 @@ async fn jwks_url_sidecar(kc: &Keycloak, keys_realm: &str, issuer: &str) -> Side
 }
 
 async fn get(s: &Sidecar, path: &str, token: &str) -> CheckResponse {
-    s.check(http(
-        "GET",
-        path,
-        &[("authorization", &format!("Bearer {token}"))],
-        None,
-    ))
-    .await
+    s.check(Req::get(path).bearer(token)).await
 }
 
 fn kid(token: &str) -> String {
@@ -213,10 +207,8 @@ async fn bob_through_the_jwks_url_path() {
     let s2 = jwks_url_sidecar(kc, REALM, &wrong).await;
     let r = get(&s2, "/api/agents", &token).await;
     assert_eq!(status(&r), 401);
-    assert_eq!(
-        reason(&r),
-        format!("wrong issuer {:?}: expected {wrong:?}", kc.issuer(REALM))
-    );
+    // The expected issuer is the operator's (log and doctor), not the client's to read.
+    assert_eq!(reason(&r), format!("wrong issuer {:?}", kc.issuer(REALM)));
     s.stop().await.unwrap();
     s2.stop().await.unwrap();
 }
@@ -342,13 +334,10 @@ async fn shared_signing_key_is_stopped_by_the_issuer_check() {
     for s in [&disc, &url] {
         let r = get(s, "/api/agents", &foreign).await;
         assert_eq!(status(&r), 401);
+        // The JWKS URL is internal: the log and doctor name it, the client does not read it.
         assert_eq!(
             reason(&r),
-            format!(
-                "signing key kid={} not found in JWKS {}",
-                kid(&foreign),
-                kc.jwks_url(REALM)
-            )
+            format!("signing key kid={} not found", kid(&foreign))
         );
     }
 
@@ -379,11 +368,7 @@ async fn shared_signing_key_is_stopped_by_the_issuer_check() {
         reasons.push((status(&r), reason(&r)));
     }
     cleanup.await;
-    let want = format!(
-        "wrong issuer {:?}: expected {:?}",
-        kc.issuer(OTHER_REALM),
-        kc.issuer(REALM)
-    );
+    let want = format!("wrong issuer {:?}", kc.issuer(OTHER_REALM));
     assert_eq!(reasons, vec![(401, want.clone()), (401, want)]);
     disc.stop().await.unwrap();
     url.stop().await.unwrap();
@@ -513,11 +498,9 @@ async fn key_rotation_and_keycloak_outage() {
             let r = get(s, "/api/x", t).await;
             assert_eq!(status(&r), 401);
             let why = reason(&r);
-            assert!(
-                why.starts_with(&format!(
-                    "signing key kid={k} not found: cannot refresh keys from JWKS {jwks_url}"
-                )) && why.contains("connection refused"),
-                "{why}"
+            assert_eq!(
+                why,
+                format!("signing key kid={k} not found: the signing keys cannot be refreshed")
             );
         }
     }
@@ -538,7 +521,14 @@ async fn key_rotation_and_keycloak_outage() {
     assert!(body.contains(&jwks_url), "{body}");
     let r = get(&cold, "/api/x", &t0).await;
     assert_eq!(status(&r), 401);
-    assert!(reason(&r).contains("connection refused"), "{}", reason(&r));
+    // The cause ("connection refused") and the URL are in /readyz and the log, not the reason.
+    assert_eq!(
+        reason(&r),
+        format!(
+            "signing key kid={} not found: the signing keys cannot be refreshed",
+            kid(&t0)
+        )
+    );
 
     // --- recovery -----------------------------------------------------------------------
     kc.start_again().await;

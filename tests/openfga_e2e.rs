@@ -537,10 +537,24 @@ async fn outage_fails_closed_then_recovers() {
         "breaker answers fast: {:?}",
         t.elapsed()
     );
+    // Still ready: an OpenFGA outage is a 503 on the routes that need it, not a pod taken out
+    // of the Service (which would fail the public and JWT-only routes too).
     assert_eq!(
         s.ops_get("/readyz").await.0,
-        503,
-        "not ready while OpenFGA is down"
+        200,
+        "ready (initialised once) while OpenFGA is down"
+    );
+    assert_eq!(
+        serving_status(s.grpc_addr, "envoy.service.auth.v3.Authorization").await,
+        1,
+        "gRPC health SERVING while OpenFGA is down"
+    );
+    let (_, metrics) = s.ops_get("/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("openfga_breaker_open") && l.trim_end().ends_with(" 1")),
+        "the outage shows in the metrics: {metrics}"
     );
 
     fga.start_again().await;

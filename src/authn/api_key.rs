@@ -1,13 +1,20 @@
 //! API keys: the [`ApiKeyStore`] trait and its file backend.
 //!
 //! The file holds hashes only (`sha256:<hex>` or a bcrypt hash). SHA-256 records are found in
-//! O(1) by the key's digest; bcrypt records are verified once (off the async threads) and then
-//! remembered by an HMAC of the key, a cache that a reload of the file starts afresh so a
-//! rotated or removed key stops working with the reload.
+//! O(1) by the key's digest. A bcrypt record carries a `lookup` digest of its key (SHA-256, or
+//! the app's `apiKey_<id>_cacheHash`, an HMAC-SHA256 under `API_KEY_CACHE_SECRET`), indexed at
+//! load time, so the invariant holds: **a request runs at most one bcrypt verification**, and
+//! a key that matches no record runs none (microseconds, whatever the number of records).
+//! bcrypt runs off the async threads, at most `api_keys.bcrypt_concurrency` at once across all
+//! requests. Verified keys are remembered by an HMAC of the key (under a per-process random
+//! key), and so are keys that failed bcrypt, for a while and in bounded number; both caches
+//! live in the index, which a reload of the file replaces, so a rotated or removed key stops
+//! working, and a new one starts, with the reload.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -32,7 +39,19 @@ pub trait ApiKeyStore: Send + Sync {
         self.len() == 0
     }
     fn describe(&self) -> String;
+    /// Counters for `/metrics` (name, value).
+    fn stats(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
+
+/// How long a request waits for a bcrypt slot before it is answered 503: a flood of keys that
+/// each need bcrypt must not queue without bound behind the pool.
+pub const BCRYPT_QUEUE_WAIT: Duration = Duration::from_millis(500);
+/// Keys that failed bcrypt are remembered this long ...
+pub const MISS_TTL_SECS: u64 = 60;
+/// ... and at most this many of them.
+pub const MISS_CACHE_MAX: usize = 10_000;
 
 /// One record of the keys file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -49,6 +68,10 @@ pub struct ApiKeyRecord {
     pub expires_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// bcrypt records only: `sha256:<hex of SHA-256(key)>` or `hmac-sha256:<hex>` (the app's
+    /// `apiKey_<id>_cacheHash`), the index that finds the one record to verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lookup: Option<String>,
 }
 
 fn yes() -> bool {
@@ -84,11 +107,68 @@ struct Entry {
 #[derive(Default)]
 struct Index {
     by_sha: HashMap<[u8; 32], Arc<Entry>>,
-    bcrypt: Vec<Arc<Entry>>,
+    /// bcrypt records by `lookup: sha256:`, and by `lookup: hmac-sha256:`. Lookups are unique
+    /// across both maps, so a key has at most one candidate.
+    bcrypt_by_sha: HashMap<[u8; 32], Arc<Entry>>,
+    bcrypt_by_hmac: HashMap<[u8; 32], Arc<Entry>>,
     /// HMAC(key) -> verified bcrypt entry. Lives in the index so a reload forgets it.
     bcrypt_hits: DashMap<[u8; 32], Arc<Entry>>,
+    /// HMAC(key) -> until (epoch seconds): keys that failed bcrypt. Bounded by MISS_CACHE_MAX.
+    bcrypt_misses: DashMap<[u8; 32], u64>,
     /// File identity for change detection: (modified, length, sha256 of content).
     stamp: Option<(SystemTime, u64, [u8; 32])>,
+}
+
+impl Index {
+    fn len(&self) -> usize {
+        self.by_sha.len() + self.bcrypt_by_sha.len() + self.bcrypt_by_hmac.len()
+    }
+
+    fn has_bcrypt(&self) -> bool {
+        !(self.bcrypt_by_sha.is_empty() && self.bcrypt_by_hmac.is_empty())
+    }
+
+    fn known_miss(&self, mac: &[u8; 32], now: u64) -> bool {
+        self.bcrypt_misses
+            .get(mac)
+            .is_some_and(|until| now < *until)
+    }
+
+    fn remember_miss(&self, mac: [u8; 32], now: u64) {
+        if self.bcrypt_misses.len() >= MISS_CACHE_MAX {
+            self.bcrypt_misses.retain(|_, until| now < *until);
+            if self.bcrypt_misses.len() >= MISS_CACHE_MAX {
+                // Still full of live entries: start over rather than grow without bound.
+                self.bcrypt_misses.clear();
+            }
+        }
+        self.bcrypt_misses
+            .insert(mac, now.saturating_add(MISS_TTL_SECS));
+    }
+}
+
+/// `sha256:<64 hex>` or `hmac-sha256:<64 hex>`.
+enum Lookup {
+    Sha256([u8; 32]),
+    HmacSha256([u8; 32]),
+}
+
+fn parse_lookup(raw: &str) -> Result<Lookup, String> {
+    let hex32 = |h: &str| {
+        hex::decode(h)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| format!("{raw:?}: the digest must be 64 hex digits"))
+    };
+    if let Some(h) = raw.strip_prefix("sha256:") {
+        Ok(Lookup::Sha256(hex32(h)?))
+    } else if let Some(h) = raw.strip_prefix("hmac-sha256:") {
+        Ok(Lookup::HmacSha256(hex32(h)?))
+    } else {
+        Err(format!(
+            "{raw:?}: want sha256:<64 hex> (SHA-256 of the key) or hmac-sha256:<64 hex> (the app's apiKey_<id>_cacheHash)"
+        ))
+    }
 }
 
 fn parse_time(s: &str) -> Result<u64, String> {
@@ -100,10 +180,13 @@ fn parse_time(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("{s:?} is before 1970"))
 }
 
-fn parse_index(text: &str) -> Result<Index, String> {
+/// `lookup_secret_set`: whether `hmac-sha256:` lookups can be computed (serving needs it;
+/// `apikey new`, which only appends, does not).
+fn parse_index(text: &str, lookup_secret_set: bool) -> Result<Index, String> {
     let file: KeysFile = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
     let mut index = Index::default();
     let mut ids = std::collections::HashSet::new();
+    let mut lookups: HashMap<[u8; 32], usize> = HashMap::new();
     for (i, r) in file.keys.into_iter().enumerate() {
         let at = |field: &str, m: String| format!("keys[{i}].{field}: {m}");
         if r.id.is_empty() {
@@ -150,6 +233,37 @@ fn parse_index(text: &str) -> Result<Index, String> {
             Some(s) => Some(parse_time(s).map_err(|m| at("expires_at", m))?),
             None => None,
         };
+        let lookup = match (&hash, &r.lookup) {
+            (Hash::Sha256(_), None) => None,
+            (Hash::Sha256(_), Some(_)) => {
+                return Err(at(
+                    "lookup",
+                    "only bcrypt records take a lookup (a sha256 hash is its own index)".into(),
+                ));
+            }
+            (Hash::Bcrypt(_), None) => {
+                return Err(at(
+                    "lookup",
+                    "a bcrypt record needs lookup: sha256:<hex of SHA-256(key)> or hmac-sha256:<the app's apiKey_<id>_cacheHash>, so a request runs at most one bcrypt (see README, API keys)".into(),
+                ));
+            }
+            (Hash::Bcrypt(_), Some(raw)) => {
+                let l = parse_lookup(raw).map_err(|m| at("lookup", m))?;
+                if matches!(l, Lookup::HmacSha256(_)) && !lookup_secret_set {
+                    return Err(at(
+                        "lookup",
+                        "hmac-sha256 lookups need the app's secret: set API_KEY_CACHE_SECRET (api_keys.lookup_secret)".into(),
+                    ));
+                }
+                let digest = match &l {
+                    Lookup::Sha256(d) | Lookup::HmacSha256(d) => *d,
+                };
+                if let Some(j) = lookups.insert(digest, i) {
+                    return Err(at("lookup", format!("same lookup as keys[{j}]")));
+                }
+                Some(l)
+            }
+        };
         let entry = Arc::new(Entry {
             hash,
             kind,
@@ -157,11 +271,19 @@ fn parse_index(text: &str) -> Result<Index, String> {
             expires_at,
             record: r,
         });
-        match &entry.hash {
-            Hash::Sha256(h) => {
-                index.by_sha.insert(*h, entry.clone());
+        // A lookup exists exactly for bcrypt records (checked above).
+        match lookup {
+            Some(Lookup::Sha256(d)) => {
+                index.bcrypt_by_sha.insert(d, entry);
             }
-            Hash::Bcrypt(_) => index.bcrypt.push(entry.clone()),
+            Some(Lookup::HmacSha256(d)) => {
+                index.bcrypt_by_hmac.insert(d, entry);
+            }
+            None => {
+                if let Hash::Sha256(h) = &entry.hash {
+                    index.by_sha.insert(*h, entry.clone());
+                }
+            }
         }
     }
     Ok(index)
@@ -171,24 +293,72 @@ fn parse_index(text: &str) -> Result<Index, String> {
 pub struct FileApiKeyStore {
     path: PathBuf,
     index: ArcSwap<Index>,
+    /// Per-process random key of the verified and failed key caches.
     hmac_key: [u8; 32],
+    /// The app's `API_KEY_CACHE_SECRET`, for `lookup: hmac-sha256:` records.
+    lookup_secret: Option<Vec<u8>>,
+    /// The bcrypt pool: one permit per verification running, across all requests.
+    bcrypt_slots: Arc<tokio::sync::Semaphore>,
+    bcrypt_concurrency: usize,
     clock: super::jwt::Clock,
+    bcrypt_runs: AtomicU64,
+    bcrypt_busy: AtomicU64,
+    miss_hits: AtomicU64,
+}
+
+/// What the store needs from `api_keys.*` besides the file.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub bcrypt_concurrency: usize,
+    pub lookup_secret: Option<String>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            bcrypt_concurrency: crate::config::DEFAULT_BCRYPT_CONCURRENCY,
+            lookup_secret: None,
+        }
+    }
 }
 
 impl FileApiKeyStore {
     /// Loads the file; a missing or invalid file is a startup error naming the problem.
     pub fn open(path: &Path, clock: super::jwt::Clock) -> Result<Self, ApiKeyFileError> {
+        Self::open_with(path, clock, &StoreOptions::default())
+    }
+
+    pub fn open_with(
+        path: &Path,
+        clock: super::jwt::Clock,
+        options: &StoreOptions,
+    ) -> Result<Self, ApiKeyFileError> {
+        let concurrency = options.bcrypt_concurrency.max(1);
         let store = Self {
             path: path.to_path_buf(),
             index: ArcSwap::from_pointee(Index::default()),
             hmac_key: rand::random(),
+            lookup_secret: options
+                .lookup_secret
+                .as_ref()
+                .map(|s| s.as_bytes().to_vec()),
+            bcrypt_slots: Arc::new(tokio::sync::Semaphore::new(concurrency)),
+            bcrypt_concurrency: concurrency,
             clock,
+            bcrypt_runs: AtomicU64::new(0),
+            bcrypt_busy: AtomicU64::new(0),
+            miss_hits: AtomicU64::new(0),
         };
         store.reload().map_err(|message| ApiKeyFileError::Invalid {
             path: path.to_path_buf(),
             message,
         })?;
         Ok(store)
+    }
+
+    /// bcrypt verifications run so far (tests and `/metrics`).
+    pub fn bcrypt_runs(&self) -> u64 {
+        self.bcrypt_runs.load(Ordering::Relaxed)
     }
 
     fn read_stamp(&self) -> Result<(SystemTime, u64, String), String> {
@@ -207,9 +377,9 @@ impl FileApiKeyStore {
         {
             return Ok(false);
         }
-        let mut index = parse_index(&text)?;
+        let mut index = parse_index(&text, self.lookup_secret.is_some())?;
         index.stamp = Some((modified, len, digest));
-        let count = index.by_sha.len() + index.bcrypt.len();
+        let count = index.len();
         self.index.store(Arc::new(index));
         tracing::info!(path = %self.path.display(), keys = count, "API keys loaded");
         Ok(true)
@@ -240,10 +410,7 @@ impl FileApiKeyStore {
     }
 
     fn hmac(&self, key: &str) -> [u8; 32] {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.hmac_key)
-            .expect("HMAC accepts any key length");
-        mac.update(key.as_bytes());
-        mac.finalize().into_bytes().into()
+        hmac_sha256(&self.hmac_key, key)
     }
 
     fn admit(&self, e: &Entry, key: &str) -> Result<Principal, AuthnError> {
@@ -269,6 +436,17 @@ impl FileApiKeyStore {
     }
 }
 
+fn hmac_sha256(key: &[u8], message: &str) -> [u8; 32] {
+    // HMAC takes keys of any length; the error branch cannot happen.
+    match <Hmac<Sha256> as Mac>::new_from_slice(key) {
+        Ok(mut mac) => {
+            mac.update(message.as_bytes());
+            mac.finalize().into_bytes().into()
+        }
+        Err(_) => [0; 32],
+    }
+}
+
 #[async_trait::async_trait]
 impl ApiKeyStore for FileApiKeyStore {
     async fn authenticate(&self, key: &str) -> Result<Principal, AuthnError> {
@@ -283,42 +461,83 @@ impl ApiKeyStore for FileApiKeyStore {
         {
             return self.admit(e, key);
         }
-        if index.bcrypt.is_empty() {
+        if !index.has_bcrypt() {
             return Err(AuthnError::ApiKeyUnknown);
         }
+        // The one candidate, by the lookup index; none: unknown, and no bcrypt ran.
+        let candidate = index.bcrypt_by_sha.get(&digest).or_else(|| {
+            let secret = self.lookup_secret.as_ref()?;
+            index.bcrypt_by_hmac.get(&hmac_sha256(secret, key))
+        });
+        let Some(entry) = candidate.cloned() else {
+            return Err(AuthnError::ApiKeyUnknown);
+        };
+        let Hash::Bcrypt(hash) = &entry.hash else {
+            return Err(AuthnError::ApiKeyUnknown);
+        };
         let mac = self.hmac(key);
         if let Some(e) = index.bcrypt_hits.get(&mac) {
             return self.admit(&e, key);
         }
-        let owned = key.to_string();
-        let idx = index.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            idx.bcrypt.iter().find_map(|e| match &e.hash {
-                Hash::Bcrypt(h) => bcrypt::verify(&owned, h)
-                    .ok()
-                    .filter(|ok| *ok)
-                    .map(|_| e.clone()),
-                Hash::Sha256(_) => None,
-            })
+        let now = (self.clock)();
+        if index.known_miss(&mac, now) {
+            self.miss_hits.fetch_add(1, Ordering::Relaxed);
+            return Err(AuthnError::ApiKeyUnknown);
+        }
+        // The permit moves into the blocking task: a caller that goes away does not free its
+        // slot while its bcrypt still runs.
+        let permit = match tokio::time::timeout(
+            BCRYPT_QUEUE_WAIT,
+            self.bcrypt_slots.clone().acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(p)) => p,
+            _ => {
+                self.bcrypt_busy.fetch_add(1, Ordering::Relaxed);
+                return Err(AuthnError::ApiKeyStoreUnavailable(format!(
+                    "{} bcrypt verifications already running (api_keys.bcrypt_concurrency); try again",
+                    self.bcrypt_concurrency
+                )));
+            }
+        };
+        self.bcrypt_runs.fetch_add(1, Ordering::Relaxed);
+        let (owned, hash) = (key.to_string(), hash.clone());
+        let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            bcrypt::verify(&owned, &hash).unwrap_or(false)
         })
         .await
         .map_err(|e| AuthnError::ApiKeyStoreUnavailable(e.to_string()))?;
-        match found {
-            Some(e) => {
-                index.bcrypt_hits.insert(mac, e.clone());
-                self.admit(&e, key)
-            }
-            None => Err(AuthnError::ApiKeyUnknown),
+        if ok {
+            index.bcrypt_hits.insert(mac, entry.clone());
+            self.admit(&entry, key)
+        } else {
+            index.remember_miss(mac, now);
+            Err(AuthnError::ApiKeyUnknown)
         }
     }
 
     fn len(&self) -> usize {
-        let i = self.index.load();
-        i.by_sha.len() + i.bcrypt.len()
+        self.index.load().len()
     }
 
     fn describe(&self) -> String {
         format!("API keys file {}", self.path.display())
+    }
+
+    fn stats(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("api_key_bcrypt_verifications", self.bcrypt_runs()),
+            (
+                "api_key_bcrypt_busy",
+                self.bcrypt_busy.load(Ordering::Relaxed),
+            ),
+            (
+                "api_key_failed_cache_hits",
+                self.miss_hits.load(Ordering::Relaxed),
+            ),
+        ]
     }
 }
 
@@ -351,7 +570,7 @@ pub fn append_new_key(
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
     if !existing.trim().is_empty() {
-        parse_index(&existing).map_err(|e| format!("{}: {e}", path.display()))?;
+        parse_index(&existing, true).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     let key = generate_key();
     let id_bytes: [u8; 6] = rand::random();
@@ -364,6 +583,7 @@ pub fn append_new_key(
         expires_at: expires_in
             .map(|d| humantime::format_rfc3339_seconds(SystemTime::now() + d).to_string()),
         description: description.map(String::from),
+        lookup: None,
     };
     let item = serde_yaml_ng::to_string(&vec![&record]).map_err(|e| e.to_string())?;
     let indented: String = item.lines().map(|l| format!("  {l}\n")).collect();
@@ -385,7 +605,7 @@ pub fn append_new_key(
         text.push('\n');
     }
     text.push_str(&indented);
-    let index = parse_index(&text)
+    let index = parse_index(&text, true)
         .map_err(|e| format!("{}: appending broke the file: {e}", path.display()))?;
     if !index
         .by_sha
@@ -422,9 +642,10 @@ mod tests {
         std::fs::write(
             &path,
             format!(
-                "keys:\n  - id: a\n    hash: {}\n    principal: user:alice\n    scopes: [read:agents]\n  - id: b\n    hash: {}\n    principal: service_principal:svc\n  - id: c\n    hash: {}\n    principal: user:bob\n    active: false\n  - id: d\n    hash: {}\n    principal: user:carol\n    expires_at: 2001-01-01T00:00:00Z\n",
+                "keys:\n  - id: a\n    hash: {}\n    principal: user:alice\n    scopes: [read:agents]\n  - id: b\n    hash: {}\n    lookup: {}\n    principal: service_principal:svc\n  - id: c\n    hash: {}\n    principal: user:bob\n    active: false\n  - id: d\n    hash: {}\n    principal: user:carol\n    expires_at: 2001-01-01T00:00:00Z\n",
                 sha256_record_hash("key-a"),
                 bhash,
+                sha256_record_hash(bkey),
                 sha256_record_hash("key-c"),
                 sha256_record_hash("key-d"),
             ),
@@ -513,8 +734,191 @@ mod tests {
                 "colour",
             ),
         ] {
-            let e = parse_index(text).err().unwrap();
+            let e = parse_index(text, false).err().unwrap();
             assert!(e.contains(want), "{e} should name {want}");
         }
+    }
+
+    #[test]
+    fn bcrypt_records_need_one_unique_lookup() {
+        let bcrypt_hash = bcrypt::hash("k", 4).unwrap();
+        let bh = bcrypt_hash.as_str();
+        let sha = sha256_record_hash("k");
+        let hmac = format!("hmac-sha256:{}", "ab".repeat(32));
+        let rec = |hash: &str, lookup: Option<&str>| match lookup {
+            Some(l) => format!(
+                "  - {{id: x{}, hash: '{hash}', lookup: '{l}', principal: user:a}}\n",
+                l.len() + hash.len()
+            ),
+            None => format!(
+                "  - {{id: x{}, hash: '{hash}', principal: user:a}}\n",
+                hash.len()
+            ),
+        };
+        for (records, secret, want) in [
+            (
+                rec(bh, None),
+                false,
+                Err("keys[0].lookup: a bcrypt record needs lookup"),
+            ),
+            (
+                rec(&sha, Some(&sha)),
+                false,
+                Err("keys[0].lookup: only bcrypt records"),
+            ),
+            (
+                rec(bh, Some("md5:00")),
+                false,
+                Err("keys[0].lookup: \"md5:00\": want sha256"),
+            ),
+            (rec(bh, Some("sha256:00")), false, Err("64 hex digits")),
+            (rec(bh, Some(&hmac)), false, Err("set API_KEY_CACHE_SECRET")),
+            (rec(bh, Some(&hmac)), true, Ok(())),
+            (rec(bh, Some(&sha)), false, Ok(())),
+            (
+                format!(
+                    "{}  - {{id: y, hash: '{bh}', lookup: '{sha}', principal: user:b}}\n",
+                    rec(bh, Some(&sha))
+                ),
+                false,
+                Err("keys[1].lookup: same lookup as keys[0]"),
+            ),
+        ] {
+            let text = format!("keys:\n{records}");
+            match (parse_index(&text, secret), want) {
+                (Ok(_), Ok(())) => {}
+                (Err(e), Err(w)) => assert!(e.contains(w), "{text}: {e} should contain {w}"),
+                (Ok(_), Err(w)) => panic!("{text}: accepted, want {w}"),
+                (Err(e), Ok(())) => panic!("{text}: {e}"),
+            }
+        }
+    }
+
+    /// A keys file the way the app's records migrate: bcrypt hash, `lookup` from
+    /// `apiKey_<id>_cacheHash` (HMAC-SHA256 under API_KEY_CACHE_SECRET) or SHA-256.
+    fn bcrypt_store(dir: &Path, records: &[(&str, &str, &str)]) -> FileApiKeyStore {
+        let path = dir.join("keys.yaml");
+        let mut text = String::from("keys:\n");
+        for (id, hash, lookup) in records {
+            text.push_str(&format!(
+                "  - {{id: {id}, hash: '{hash}', lookup: '{lookup}', principal: 'user:{id}'}}\n"
+            ));
+        }
+        std::fs::write(&path, text).unwrap();
+        let (c, _) = clock(1_700_000_000);
+        FileApiKeyStore::open_with(
+            &path,
+            c,
+            &StoreOptions {
+                bcrypt_concurrency: 2,
+                lookup_secret: Some("app-cache-secret".into()),
+            },
+        )
+        .unwrap()
+    }
+
+    fn app_cache_hash(key: &str) -> String {
+        format!(
+            "hmac-sha256:{}",
+            hex::encode(hmac_sha256(b"app-cache-secret", key))
+        )
+    }
+
+    #[tokio::test]
+    async fn a_request_runs_at_most_one_bcrypt_and_an_unknown_key_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<String> = (0..4).map(|i| format!("mcpkey_live_key{i}")).collect();
+        let rotated = "mcpkey_live_rotated_away";
+        let mut records: Vec<(String, String, String)> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let lookup = if i % 2 == 0 {
+                    app_cache_hash(k)
+                } else {
+                    sha256_record_hash(k)
+                };
+                (format!("k{i}"), bcrypt::hash(k, 4).unwrap(), lookup)
+            })
+            .collect();
+        // The app's rotation bug: the cacheHash still names the old key, the hash is the new one.
+        records.push((
+            "stale".into(),
+            bcrypt::hash("mcpkey_live_new", 4).unwrap(),
+            app_cache_hash(rotated),
+        ));
+        let refs: Vec<(&str, &str, &str)> = records
+            .iter()
+            .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+            .collect();
+        let store = bcrypt_store(dir.path(), &refs);
+        // (key, answer, bcrypt runs after it)
+        let cases: Vec<(&str, Result<&str, AuthnError>, u64)> = vec![
+            ("mcpkey_live_unknown", Err(AuthnError::ApiKeyUnknown), 0),
+            ("x", Err(AuthnError::ApiKeyUnknown), 0),
+            (&keys[0], Ok("user:k0"), 1),
+            (&keys[0], Ok("user:k0"), 1),
+            (&keys[1], Ok("user:k1"), 2),
+            (&keys[3], Ok("user:k3"), 3),
+            (rotated, Err(AuthnError::ApiKeyUnknown), 4),
+            (rotated, Err(AuthnError::ApiKeyUnknown), 4),
+            ("mcpkey_live_new", Err(AuthnError::ApiKeyUnknown), 4),
+        ];
+        for (key, want, runs) in cases {
+            let got = store.authenticate(key).await.map(|p| p.subject);
+            assert_eq!(got, want.map(String::from), "{key}");
+            assert_eq!(store.bcrypt_runs(), runs, "bcrypt runs after {key}");
+        }
+        assert_eq!(
+            store.stats(),
+            vec![
+                ("api_key_bcrypt_verifications", 4),
+                ("api_key_bcrypt_busy", 0),
+                ("api_key_failed_cache_hits", 1)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_bcrypt_pool_answers_busy_instead_of_queueing() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = "mcpkey_live_busy";
+        let store = bcrypt_store(
+            dir.path(),
+            &[(
+                "b",
+                &bcrypt::hash(key, 4).unwrap(),
+                &sha256_record_hash(key),
+            )],
+        );
+        let held = store
+            .bcrypt_slots
+            .clone()
+            .acquire_many_owned(2)
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let e = store.authenticate(key).await.unwrap_err();
+        assert!(e.is_unavailable(), "{e}");
+        assert!(e.to_string().contains("api_keys.bcrypt_concurrency"), "{e}");
+        assert!(started.elapsed() >= BCRYPT_QUEUE_WAIT);
+        assert_eq!(store.bcrypt_runs(), 0);
+        drop(held);
+        assert_eq!(store.authenticate(key).await.unwrap().key_id, "b");
+    }
+
+    #[test]
+    fn the_failed_key_cache_is_bounded_and_expires() {
+        let index = Index::default();
+        for i in 0..(MISS_CACHE_MAX + 10) {
+            let mut mac = [0u8; 32];
+            mac[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            index.remember_miss(mac, 1000);
+            assert!(index.bcrypt_misses.len() <= MISS_CACHE_MAX);
+        }
+        let mac = [7u8; 32];
+        index.remember_miss(mac, 1000);
+        assert!(index.known_miss(&mac, 1000 + MISS_TTL_SECS - 1));
+        assert!(!index.known_miss(&mac, 1000 + MISS_TTL_SECS));
     }
 }

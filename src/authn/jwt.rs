@@ -22,6 +22,10 @@ use crate::config::JwtConfig;
 /// hostile header costs nothing to refuse.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
+/// The latest NumericDate accepted in `exp`, `nbf` and `iat`: 9999-12-31T23:59:59Z. No issuer
+/// writes a later one, and the bound keeps every `claim + leeway` far from `u64::MAX`.
+pub const MAX_NUMERIC_DATE: u64 = 253_402_300_799;
+
 /// Seconds since the epoch; a function so tests can move time.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
@@ -54,6 +58,7 @@ pub struct JwtVerifier {
     algorithms: Vec<Algorithm>,
     leeway: u64,
     required_claims: Vec<String>,
+    require_typ: Option<String>,
     cache: DashMap<[u8; 32], Cached>,
     cache_size: usize,
     clock: Clock,
@@ -91,6 +96,7 @@ impl JwtVerifier {
             algorithms: cfg.algorithms.clone(),
             leeway: cfg.leeway.as_secs(),
             required_claims: cfg.required_claims.clone(),
+            require_typ: cfg.require_typ.clone(),
             cache: DashMap::new(),
             cache_size: cfg.token_cache_size,
             clock,
@@ -123,7 +129,7 @@ impl JwtVerifier {
         let now = (self.clock)();
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(hit) = self.cache.get(&digest)
-            && now <= hit.exp + self.leeway
+            && now <= hit.exp.saturating_add(self.leeway)
         {
             return Ok((*hit.principal).clone());
         }
@@ -137,7 +143,8 @@ impl JwtVerifier {
             return;
         }
         if self.cache.len() >= self.cache_size {
-            self.cache.retain(|_, c| c.exp + self.leeway >= now);
+            self.cache
+                .retain(|_, c| c.exp.saturating_add(self.leeway) >= now);
             if self.cache.len() >= self.cache_size {
                 // Still full of live tokens: start over rather than grow without bound.
                 self.cache.clear();
@@ -241,27 +248,66 @@ impl JwtVerifier {
     }
 
     fn check_claims(&self, claims: &Value, now: u64) -> Result<u64, AuthnError> {
+        // Every time claim is bounded by MAX_NUMERIC_DATE and every sum saturates: a token
+        // saying exp = 2^64 - 1 is refused with a reason, never an overflow.
         let num = |name: &str| -> Result<Option<u64>, AuthnError> {
             match claims.get(name) {
                 None | Some(Value::Null) => Ok(None),
                 Some(v) => v
                     .as_u64()
-                    .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+                    .or_else(|| {
+                        v.as_f64()
+                            .filter(|f| f.is_finite() && *f >= 0.0)
+                            .map(|f| f as u64)
+                    })
+                    .filter(|secs| *secs <= MAX_NUMERIC_DATE)
                     .map(Some)
                     .ok_or_else(|| AuthnError::InvalidClaim {
                         claim: name.into(),
-                        why: "not a NumericDate".into(),
+                        why: "not a NumericDate (seconds since 1970, at most year 9999)".into(),
                     }),
             }
         };
         let exp = num("exp")?.ok_or_else(|| AuthnError::MissingClaim("exp".into()))?;
-        if now > exp + self.leeway {
-            return Err(AuthnError::Expired { ago: now - exp });
+        if now > exp.saturating_add(self.leeway) {
+            return Err(AuthnError::Expired {
+                ago: now.saturating_sub(exp),
+            });
         }
         if let Some(nbf) = num("nbf")?
-            && nbf > now + self.leeway
+            && nbf > now.saturating_add(self.leeway)
         {
-            return Err(AuthnError::NotYetValid { in_secs: nbf - now });
+            return Err(AuthnError::NotYetValid {
+                in_secs: nbf.saturating_sub(now),
+            });
+        }
+        if let Some(iat) = num("iat")?
+            && iat > now.saturating_add(self.leeway)
+        {
+            return Err(AuthnError::IssuedInFuture {
+                in_secs: iat.saturating_sub(now),
+            });
+        }
+        // Keycloak marks what a token is for in `typ`: Bearer (access), ID, Refresh, Logout.
+        // Only an access token may authenticate a request; tokens without `typ` (other
+        // issuers, `token mint`) are not Keycloak's and pass.
+        if let Some(want) = &self.require_typ {
+            match claims.get("typ") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(got)) if got.eq_ignore_ascii_case(want) => {}
+                Some(Value::String(got)) => {
+                    return Err(AuthnError::WrongTokenType {
+                        got: got.clone(),
+                        want: want.clone(),
+                    });
+                }
+                Some(_) => {
+                    return Err(AuthnError::InvalidClaim {
+                        claim: "typ".into(),
+                        why: "not a string".into(),
+                    });
+                }
+            }
         }
         if let Some(want) = self.expected_issuer() {
             match claims.get("iss").and_then(Value::as_str) {
@@ -506,6 +552,97 @@ mod tests {
             let e = v.authenticate(&t).await.unwrap_err().to_string();
             assert!(e.contains(want), "{e} should contain {want}");
         }
+    }
+
+    /// Time claims at the edge of u64 and of sense: refused with a reason, never a panic.
+    #[tokio::test]
+    async fn absurd_time_claims_are_refused_without_overflow() {
+        let now = 1_000_000;
+        let (v, _) = at(now);
+        let key = pem("rsa-a");
+        let cases: Vec<(&str, Value, &str)> = vec![
+            ("exp", json!(u64::MAX), "invalid claim exp"),
+            ("exp", json!(u64::MAX - 10), "invalid claim exp"),
+            ("exp", json!(1e300), "invalid claim exp"),
+            ("exp", json!(-5), "invalid claim exp"),
+            ("exp", json!(MAX_NUMERIC_DATE + 1), "invalid claim exp"),
+            ("nbf", json!(u64::MAX), "invalid claim nbf"),
+            ("nbf", json!(MAX_NUMERIC_DATE), "not valid yet"),
+            ("iat", json!(u64::MAX), "invalid claim iat"),
+            (
+                "iat",
+                json!(now + 3600),
+                "token issued in the future: iat is 3600s ahead",
+            ),
+        ];
+        for (claim, value, want) in cases {
+            let mut c = claims(now);
+            c[claim] = value.clone();
+            let t = mint(&key, Algorithm::RS256, "rsa-a", &c).unwrap();
+            let e = v.authenticate(&t).await.unwrap_err().to_string();
+            assert!(
+                e.contains(want),
+                "{claim}={value}: {e} should contain {want}"
+            );
+        }
+        // The largest date accepted works, and the cache check on it does not overflow.
+        let mut c = claims(now);
+        c["exp"] = json!(MAX_NUMERIC_DATE);
+        let t = mint(&key, Algorithm::RS256, "rsa-a", &c).unwrap();
+        v.authenticate(&t).await.unwrap();
+        v.authenticate(&t).await.unwrap();
+    }
+
+    /// Keycloak's `typ`: an access token (Bearer) authenticates, an ID or refresh token does
+    /// not, a token without `typ` (another issuer, `token mint`) does.
+    #[tokio::test]
+    async fn only_access_tokens_authenticate() {
+        let now = 1_000_000;
+        let (v, _) = at(now);
+        let key = pem("rsa-a");
+        for (typ, want) in [
+            (Some(json!("Bearer")), Ok(())),
+            (Some(json!("bearer")), Ok(())),
+            (None, Ok(())),
+            (
+                Some(json!("ID")),
+                Err("token typ \"ID\" is not accepted: want Bearer"),
+            ),
+            (Some(json!("Refresh")), Err("token typ \"Refresh\"")),
+            (Some(json!(1)), Err("invalid claim typ")),
+        ] {
+            let mut c = claims(now);
+            if let Some(t) = &typ {
+                c["typ"] = t.clone();
+            }
+            let t = mint(&key, Algorithm::RS256, "rsa-a", &c).unwrap();
+            match (v.authenticate(&t).await, want) {
+                (Ok(_), Ok(())) => {}
+                (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{typ:?}: {e}"),
+                (got, want) => panic!("{typ:?}: got {got:?}, want {want:?}"),
+            }
+        }
+        // jwt.require_typ: off lets an ID token through (for issuers that mean otherwise).
+        let mut cfg = crate::config::Config::from_yaml(
+            "jwt: { jwks_file: x, require_typ: off }",
+            std::path::Path::new("/"),
+            &std::collections::BTreeMap::new(),
+        )
+        .unwrap()
+        .jwt;
+        cfg.algorithms = vec![Algorithm::RS256];
+        let doc: Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("{KEYS}/jwks.json")).unwrap())
+                .unwrap();
+        let lax = JwtVerifier::new(
+            &cfg,
+            Arc::new(StaticKeys::from_jwks(&doc).unwrap()),
+            Arc::new(move || now),
+        );
+        let mut c = claims(now);
+        c["typ"] = json!("ID");
+        let t = mint(&key, Algorithm::RS256, "rsa-a", &c).unwrap();
+        lax.authenticate(&t).await.unwrap();
     }
 
     #[tokio::test]

@@ -142,6 +142,12 @@ pub enum AuthnError {
     Expired { ago: u64 },
     #[error("token not valid yet: nbf is {in_secs}s in the future")]
     NotYetValid { in_secs: u64 },
+    #[error("token issued in the future: iat is {in_secs}s ahead")]
+    IssuedInFuture { in_secs: u64 },
+    #[error(
+        "token typ {got:?} is not accepted: want {want} (an ID or refresh token is not an access token)"
+    )]
+    WrongTokenType { got: String, want: String },
     #[error("wrong issuer {got:?}: expected {want:?}")]
     WrongIssuer { got: String, want: String },
     #[error("wrong audience {got}: expected {want:?}")]
@@ -165,6 +171,23 @@ pub enum AuthnError {
 }
 
 impl AuthnError {
+    /// The reason the client reads. The [`Display`](std::fmt::Display) text goes to the log
+    /// and `doctor` and may name where the signing keys come from (a JWKS or discovery URL)
+    /// or the expected issuer, both possibly internal to the deployment; this one never does.
+    pub fn public_reason(&self) -> String {
+        match self {
+            Self::UnknownKid { kid, .. } => format!("signing key kid={kid} not found"),
+            Self::KeySourceUnavailable { kid, .. } => {
+                format!("signing key kid={kid} not found: the signing keys cannot be refreshed")
+            }
+            Self::NoKeys { .. } => "no signing keys loaded yet".into(),
+            // The expected issuer may be an in-cluster Keycloak address.
+            Self::WrongIssuer { got, .. } => format!("wrong issuer {got:?}"),
+            Self::ApiKeyStoreUnavailable(_) => "API key verification unavailable".into(),
+            other => other.to_string(),
+        }
+    }
+
     /// 403 rather than 401: the credentials are genuine, the principal may not act.
     pub fn is_forbidden(&self) -> bool {
         matches!(
@@ -208,12 +231,34 @@ pub fn fingerprint(secret: &str) -> String {
     hex::encode(&digest[..6])
 }
 
+/// Header names other gateways read API keys from (Kong's key-auth: `apikey`), besides the
+/// configured one. The app behind may read any of them, so all are kept from it.
+pub const API_KEY_HEADER_ALIASES: [&str; 2] = ["x-api-key", "apikey"];
+
+/// The credential headers to remove from the request the app receives, on every allow: the
+/// configured API-key header (unless `api_keys.forward_to_app`) and every alias of it. An
+/// alias is removed even when forwarding, so the app only ever sees the key that was checked.
+pub fn api_key_headers_to_strip(cfg: &crate::config::ApiKeyHeaderConfig) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    if !cfg.forward_to_app {
+        out.push(cfg.name.clone());
+    }
+    for alias in API_KEY_HEADER_ALIASES {
+        if alias != cfg.name && !out.iter().any(|h| h == alias) {
+            out.push(alias.to_string());
+        }
+    }
+    out
+}
+
 /// Picks the credential from the request and verifies it.
 pub struct Authenticator {
     pub jwt: Option<jwt::JwtVerifier>,
     pub api_keys: Option<Arc<dyn api_key::ApiKeyStore>>,
     pub api_key_header: String,
     pub principals: principals::Principals,
+    /// Removed from the upstream request on allow ([`api_key_headers_to_strip`]).
+    pub strip_from_upstream: Vec<String>,
 }
 
 impl Authenticator {
@@ -280,6 +325,60 @@ mod tests {
             bearer_token("Bearer a,Bearer b"),
             Err(AuthnError::DuplicateAuthorization)
         );
+    }
+
+    #[test]
+    fn api_key_headers_never_reach_the_app_unless_forwarded() {
+        use crate::config::ApiKeyHeaderConfig;
+        let cfg = |name: &str, forward_to_app| ApiKeyHeaderConfig {
+            name: name.into(),
+            forward_to_app,
+        };
+        for (config, want) in [
+            (cfg("x-api-key", false), vec!["x-api-key", "apikey"]),
+            (cfg("x-api-key", true), vec!["apikey"]),
+            (cfg("apikey", false), vec!["apikey", "x-api-key"]),
+            (cfg("apikey", true), vec!["x-api-key"]),
+            (cfg("x-key", false), vec!["x-key", "x-api-key", "apikey"]),
+            (cfg("x-key", true), vec!["x-api-key", "apikey"]),
+        ] {
+            assert_eq!(api_key_headers_to_strip(&config), want, "{config:?}");
+        }
+    }
+
+    #[test]
+    fn public_reasons_never_name_the_key_source() {
+        let origin = "JWKS http://keycloak.internal:8080/realms/r/protocol/openid-connect/certs";
+        for (e, public) in [
+            (
+                AuthnError::UnknownKid {
+                    kid: "k1".into(),
+                    origin: origin.into(),
+                },
+                "signing key kid=k1 not found",
+            ),
+            (
+                AuthnError::KeySourceUnavailable {
+                    kid: "k1".into(),
+                    origin: origin.into(),
+                    cause: "connection refused".into(),
+                },
+                "signing key kid=k1 not found: the signing keys cannot be refreshed",
+            ),
+            (
+                AuthnError::NoKeys {
+                    origin: origin.into(),
+                    cause: "HTTP 404".into(),
+                },
+                "no signing keys loaded yet",
+            ),
+            (AuthnError::Expired { ago: 3 }, "token expired 3s ago"),
+        ] {
+            assert_eq!(e.public_reason(), public);
+            if e.to_string() != public {
+                assert!(e.to_string().contains(origin), "the detail keeps it: {e}");
+            }
+        }
     }
 
     #[test]

@@ -32,7 +32,8 @@ pub struct EnvoyOptions {
     pub pack_as_bytes: bool,
     /// ext_authz gRPC call timeout (deploy: 1 s).
     pub authz_timeout: Duration,
-    /// `status_on_error` HTTP code when the authz call fails (None: Envoy's default 403).
+    /// `status_on_error` HTTP code when the authz call fails (deploy: 503; None: Envoy's
+    /// default 403).
     pub status_on_error: Option<u16>,
     /// Active grpc.health.v1 check of the authz cluster (deploy: on; off by default in tests
     /// so that a stub authz server without a health service does not matter).
@@ -75,7 +76,7 @@ impl Default for EnvoyOptions {
             allow_partial_message: false,
             pack_as_bytes: true,
             authz_timeout: Duration::from_secs(1),
-            status_on_error: None,
+            status_on_error: Some(503),
             grpc_health_check: false,
             route_timeout: Duration::from_secs(15),
             concurrency: None,

@@ -6,6 +6,7 @@ pub mod envoy;
 pub mod keycloak;
 pub mod openfga;
 pub mod process;
+pub mod raw_http;
 pub mod sidecar;
 pub mod tools;
 pub mod upstream;

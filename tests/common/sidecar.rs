@@ -41,6 +41,9 @@ impl Sidecar {
             .collect();
         env.insert("AUTHZ_GRPC_ADDR".into(), "127.0.0.1:0".into());
         env.insert("AUTHZ_OPS_ADDR".into(), "127.0.0.1:0".into());
+        // Tests stop sidecars all the time; the shutdown delay has its own test (tests/cli.rs).
+        env.entry("AUTHZ_SHUTDOWN_DELAY".into())
+            .or_insert_with(|| "0s".into());
         let config = Config::from_yaml(yaml, base_dir, &env).expect("test config is valid");
         Self::start_config(config).await
     }
@@ -84,10 +87,10 @@ impl Sidecar {
         panic!("sidecar at {url} did not accept connections");
     }
 
-    pub async fn check(&self, req: CheckRequest) -> CheckResponse {
+    pub async fn check(&self, req: impl Into<CheckRequest>) -> CheckResponse {
         self.client()
             .await
-            .check(req)
+            .check(req.into())
             .await
             .expect("Check RPC")
             .into_inner()
@@ -136,66 +139,141 @@ impl Drop for Sidecar {
     }
 }
 
-/// An Envoy-shaped HTTP check request.
+/// An Envoy-shaped HTTP check request, built as the request reads:
+/// `Req::post("/message").bearer(&t).json(&body)`. Headers go in `headers` (a repeated one joined
+/// with `,`, as Envoy does) unless [`Req::raw_header`] asks for `header_map` (every occurrence,
+/// raw bytes, as with `encode_raw_headers`).
+#[derive(Debug, Clone)]
+pub struct Req {
+    http: attribute_context::HttpRequest,
+    raw: Option<Vec<HeaderValue>>,
+}
+
+impl Req {
+    pub fn new(method: &str, path: &str) -> Self {
+        Self {
+            http: attribute_context::HttpRequest {
+                id: "test-req".into(),
+                method: method.into(),
+                path: path.into(),
+                host: "app.local".into(),
+                scheme: "http".into(),
+                ..Default::default()
+            },
+            raw: None,
+        }
+    }
+
+    pub fn get(path: &str) -> Self {
+        Self::new("GET", path)
+    }
+
+    pub fn post(path: &str) -> Self {
+        Self::new("POST", path)
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.http
+            .headers
+            .entry(name.to_ascii_lowercase())
+            .and_modify(|e| {
+                e.push(',');
+                e.push_str(value)
+            })
+            .or_insert_with(|| value.to_string());
+        self
+    }
+
+    pub fn headers(self, headers: &[(&str, &str)]) -> Self {
+        headers.iter().fold(self, |r, (k, v)| r.header(k, v))
+    }
+
+    /// One occurrence in `header_map`, bytes as given.
+    pub fn raw_header(mut self, name: &str, value: &[u8]) -> Self {
+        self.raw.get_or_insert_with(Vec::new).push(HeaderValue {
+            key: name.to_string(),
+            raw_value: value.to_vec(),
+            ..Default::default()
+        });
+        self
+    }
+
+    pub fn bearer(self, token: &str) -> Self {
+        self.header("authorization", &format!("Bearer {token}"))
+    }
+
+    pub fn api_key(self, key: &str) -> Self {
+        self.header("x-api-key", key)
+    }
+
+    pub fn host(mut self, host: &str) -> Self {
+        self.http.host = host.into();
+        self
+    }
+
+    pub fn id(mut self, id: &str) -> Self {
+        self.http.id = id.into();
+        self
+    }
+
+    /// The body as bytes (`raw_body`, as Envoy sends it with `pack_as_bytes: true`).
+    pub fn body(mut self, body: &[u8]) -> Self {
+        self.http.raw_body = body.to_vec();
+        self
+    }
+
+    /// The body as text (`body`, as Envoy sends it with `pack_as_bytes: false`).
+    pub fn text_body(mut self, body: &str) -> Self {
+        self.http.body = body.into();
+        self
+    }
+
+    /// A JSON body with its content type.
+    pub fn json(self, body: &serde_json::Value) -> Self {
+        self.header("content-type", "application/json")
+            .body(body.to_string().as_bytes())
+    }
+
+    pub fn build(self) -> CheckRequest {
+        let mut http = self.http;
+        http.header_map = self.raw.map(|headers| HeaderMap { headers });
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(attribute_context::Request {
+                    http: Some(http),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+impl From<Req> for CheckRequest {
+    fn from(r: Req) -> Self {
+        r.build()
+    }
+}
+
+/// `Req::new(method, path).headers(headers)` with an optional text body, built.
 pub fn http(
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> CheckRequest {
-    let mut map = std::collections::HashMap::new();
-    for (k, v) in headers {
-        map.entry(k.to_ascii_lowercase())
-            .and_modify(|e: &mut String| {
-                e.push(',');
-                e.push_str(v)
-            })
-            .or_insert_with(|| v.to_string());
-    }
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(attribute_context::Request {
-                http: Some(attribute_context::HttpRequest {
-                    id: "test-req".into(),
-                    method: method.into(),
-                    path: path.into(),
-                    host: "app.local".into(),
-                    scheme: "http".into(),
-                    headers: map,
-                    body: body.unwrap_or_default().into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    }
+    Req::new(method, path)
+        .headers(headers)
+        .text_body(body.unwrap_or_default())
+        .build()
 }
 
 /// A check request carrying headers as raw bytes in `header_map` (every occurrence kept).
 pub fn http_raw(method: &str, path: &str, headers: &[(&str, &[u8])]) -> CheckRequest {
-    let mut req = http(method, path, &[], None);
-    let h = req
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap();
-    h.header_map = Some(HeaderMap {
-        headers: headers
-            .iter()
-            .map(|(k, v)| HeaderValue {
-                key: k.to_string(),
-                raw_value: v.to_vec(),
-                ..Default::default()
-            })
-            .collect(),
-    });
-    req
+    headers
+        .iter()
+        .fold(Req::new(method, path), |r, (k, v)| r.raw_header(k, v))
+        .build()
 }
 
 /// HTTP status of the answer: 200 for an allow.

@@ -75,24 +75,12 @@ fn call(tool: &str, id: u32) -> Value {
 /// `POST /message` by `user` with `body` as bytes (`raw_body`, as Envoy sends it with
 /// `pack_as_bytes: true`) and extra headers.
 fn post_message(user: &str, body: &[u8], extra: &[(&str, &str)]) -> CheckRequest {
-    let auth = bearer(user);
-    let mut headers = vec![
-        ("authorization", auth.as_str()),
-        ("content-type", "application/json"),
-    ];
-    headers.extend_from_slice(extra);
-    let mut req = http("POST", "/message", &headers, None);
-    req.attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap()
-        .raw_body = body.to_vec();
-    req
+    Req::post("/message")
+        .header("authorization", &bearer(user))
+        .header("content-type", "application/json")
+        .headers(extra)
+        .body(body)
+        .build()
 }
 
 fn error_code(r: &authz_sidecar::proto::pb::envoy::service::auth::v3::CheckResponse) -> String {
@@ -470,7 +458,8 @@ async fn through_envoy_without_body_buffering_a_body_rule_is_refused() {
         bearer("alice"),
         chunk.len()
     );
-    let (code, body) = raw_http(s.envoy.addr(), request.as_bytes()).await;
+    let reply = crate::common::raw_http::send(s.envoy.addr(), request.as_bytes()).await;
+    let (code, body) = (reply.status, reply.body);
     assert_eq!(code, 400, "{body}");
     assert!(
         body.contains("no request body reached the authorizer (none was sent, or Envoy's ext_authz lacks with_request_body)"),
@@ -508,24 +497,4 @@ async fn through_envoy_a_cors_preflight_is_answered_by_the_sidecar() {
     assert_eq!(r.status().as_u16(), 403, "a refused origin stays refused");
     assert_eq!(s.upstream.hits(), 0, "no preflight reached the app");
     s.stop().await;
-}
-
-/// Sends `request` as raw HTTP/1.1 bytes (it must say `connection: close`); (status, whole
-/// response text).
-async fn raw_http(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(request).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut out))
-        .await
-        .expect("response within 10 s")
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let code = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {text}"));
-    (code, text)
 }

@@ -8,14 +8,13 @@
 //! settings of deploy/envoy/envoy.yaml and with Envoy's defaults (no `normalize_path`). Attack
 //! paths go as raw HTTP/1.1 bytes, since an HTTP client would normalise them first.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use authz_sidecar::proto::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use authz_sidecar::proto::pb::envoy::service::auth::v3::CheckResponse;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::envoy::{Envoy, EnvoyOptions};
+use crate::common::raw_http;
 use crate::common::sidecar::*;
 use crate::common::upstream::EchoUpstream;
 
@@ -49,17 +48,6 @@ fn bob() -> String {
 
 fn alice() -> String {
     format!("Bearer {}", mint(local_claims("alice", &["user", "admin"])))
-}
-
-fn on_host(mut req: CheckRequest, host: &str) -> CheckRequest {
-    let http = req
-        .attributes
-        .as_mut()
-        .and_then(|a| a.request.as_mut())
-        .and_then(|r| r.http.as_mut())
-        .unwrap();
-    http.host = host.into();
-    req
 }
 
 /// `error` of a deny's JSON body.
@@ -152,16 +140,11 @@ async fn hosts_are_read_in_their_canonical_form_over_grpc() {
         "admin.example.com:443",
         "admin.example.com.:8443",
     ] {
-        let r = s
-            .check(on_host(http("GET", "/public/x", &[], None), host))
-            .await;
+        let r = s.check(Req::get("/public/x").host(host)).await;
         assert_eq!(status(&r), 401, "{host}: {r:?}");
     }
     let r = s
-        .check(on_host(
-            http("GET", "/public/x", &[], None),
-            "app.example.com:8080",
-        ))
+        .check(Req::get("/public/x").host("app.example.com:8080"))
         .await;
     assert_eq!(status(&r), 200);
     // Hosts without one canonical form are refused, not matched against nothing.
@@ -174,19 +157,18 @@ async fn hosts_are_read_in_their_canonical_form_over_grpc() {
         ("admin.example.com..", "empty label"),
         ("admin.example.com/x", "character outside"),
     ] {
-        let r = s
-            .check(on_host(http("GET", "/public/x", &[], None), host))
-            .await;
+        let r = s.check(Req::get("/public/x").host(host)).await;
         assert_eq!(status(&r), 400, "{host}: {r:?}");
         assert_eq!(error(&r), "invalid_request", "{host}");
         assert!(reason(&r).contains(why), "{host}: {}", reason(&r));
     }
     // A `host` header naming another host than :authority: the app may read either.
     let r = s
-        .check(on_host(
-            http("GET", "/public/x", &[("host", "admin.example.com")], None),
-            "app.example.com",
-        ))
+        .check(
+            Req::get("/public/x")
+                .header("host", "admin.example.com")
+                .host("app.example.com"),
+        )
         .await;
     assert_eq!(status(&r), 400, "{r:?}");
     assert!(
@@ -200,7 +182,7 @@ async fn hosts_are_read_in_their_canonical_form_over_grpc() {
 #[tokio::test]
 async fn opaque_encoded_slashes_keeps_them_as_data_and_refuses_the_rest() {
     let s = sidecar("request: { path_policy: opaque_encoded_slashes }\n").await;
-    let r = s.check(http("GET", "/public/a%2Fb", &[], None)).await;
+    let r = s.check(Req::get("/public/a%2Fb")).await;
     assert_eq!(status(&r), 200, "{r:?}");
     // `a%2Fb` is one segment under /public; `/admin%2Fx` is not /admin/x to such an app.
     let r = s
@@ -219,7 +201,7 @@ async fn opaque_encoded_slashes_keeps_them_as_data_and_refuses_the_rest() {
         ("/admin/../public/x", "dot segment"),
         ("/public/a%252Fb", "double percent-encoding"),
     ] {
-        let r = s.check(http("GET", path, &[], None)).await;
+        let r = s.check(Req::get(path)).await;
         assert_eq!(status(&r), 400, "{path}: {r:?}");
         assert!(reason(&r).contains(why), "{path}: {}", reason(&r));
     }
@@ -229,69 +211,6 @@ async fn opaque_encoded_slashes_keeps_them_as_data_and_refuses_the_rest() {
 // ---------------------------------------------------------------------------------------------
 // Through a real Envoy.
 // ---------------------------------------------------------------------------------------------
-
-struct Reply {
-    status: u16,
-    body: String,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or(Value::Null)
-    }
-}
-
-/// One raw HTTP/1.1 request: the request target goes on the wire byte for byte.
-async fn raw_request(
-    addr: SocketAddr,
-    target: &str,
-    host: &str,
-    headers: &[(&str, &str)],
-) -> Reply {
-    let mut req = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
-        .await
-        .expect("Envoy answers within 10 s")
-        .unwrap();
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    Reply {
-        status,
-        body: if chunked {
-            dechunk(body)
-        } else {
-            body.to_string()
-        },
-    }
-}
-
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    out
-}
 
 /// What happens to a request through one Envoy.
 #[derive(Debug, Clone, Copy)]
@@ -344,7 +263,7 @@ async fn expect(
     for (target, wants) in cases {
         for (through, want) in envoys.iter().zip(wants) {
             let hits = upstream.hits();
-            let r = raw_request(through.envoy.addr(), target, host, headers).await;
+            let r = raw_http::request(through.envoy.addr(), "GET", target, host, headers).await;
             let what = format!("{target:?} (Host {host}) through {}", through.name);
             let v = r.json();
             let got = match (r.status, v["error"].as_str(), v["path"].as_str()) {

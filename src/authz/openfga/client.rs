@@ -326,8 +326,13 @@ impl RelationshipChecker for OpenFgaClient {
         result
     }
 
+    /// Ready once resolved, which a client is from construction on. An outage later is not
+    /// unreadiness: it shows in the breaker metric and in the 503 of the checks that need
+    /// OpenFGA, while public, JWT-only and API-key routes (and `on_backend_error: allow`)
+    /// keep answering. Following the breaker here would take every pod out of the Service at
+    /// once, for a reason most of the app's routes do not have.
     fn ready(&self) -> bool {
-        self.breaker.state() != BreakerState::Open
+        true
     }
 
     fn describe(&self) -> String {

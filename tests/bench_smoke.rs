@@ -43,7 +43,9 @@ async fn sidecar() -> Server {
         .arg("--config")
         .arg(&config)
         .args(["--grpc-addr", &grpc, "--ops-addr", &ops])
-        .env("LOG_LEVEL", "warn");
+        .env("LOG_LEVEL", "warn")
+        // Stopped at the end of each test: no NOT_SERVING grace needed.
+        .env("AUTHZ_SHUTDOWN_DELAY", "0s");
     let proc = Proc::spawn("bench-sidecar", gport, &cmd);
     let url = format!("http://{ops}/readyz");
     wait_until_logged(

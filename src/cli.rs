@@ -126,7 +126,10 @@ pub async fn main(cli: Cli) -> ExitCode {
             grpc_addr,
             ops_addr,
         } => serve(config.config, grpc_addr, ops_addr).await,
-        Command::CheckConfig { config } => match Config::load(&config.config) {
+        Command::CheckConfig { config } => match Config::load(&config.config).and_then(|c| {
+            crate::authz::rules::RuleSet::from_config(&c)?;
+            Ok(c)
+        }) {
             Ok(c) => {
                 println!("config ok: {}", config.config.display());
                 println!(

@@ -95,7 +95,7 @@ pub async fn build(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Built> {
     let (fatal_tx, fatal) = tokio::sync::mpsc::channel(4);
-    let rules = RuleSet::compile(&config.routes, config.openfga.as_ref())?;
+    let rules = RuleSet::from_config(config)?;
 
     let jwt = match JwksKeySource::new(&config.jwt) {
         None => None,

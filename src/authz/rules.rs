@@ -18,7 +18,7 @@ use super::RelationRef;
 use super::TupleKey;
 use crate::authn::Principal;
 use crate::config::{
-    ConfigError, Consistency, Match, OnBackendError, OpenFgaConfig, RelationCheckConfig,
+    Config, ConfigError, Consistency, Match, OnBackendError, OpenFgaConfig, RelationCheckConfig,
     RoutesConfig, RuleConfig, Unmatched,
 };
 use crate::request::{CheckInput, RequestError};
@@ -707,6 +707,13 @@ pub struct RuleSet {
 }
 
 impl RuleSet {
+    /// The rules of a loaded config, compiled: the one function `serve`, `check-config` and
+    /// `doctor` compile rules with (the server builds every policy through it). A bad
+    /// rule is an error naming its key.
+    pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
+        Self::compile(&config.routes, config.openfga.as_ref())
+    }
+
     pub fn compile(
         cfg: &RoutesConfig,
         openfga: Option<&OpenFgaConfig>,

@@ -12,7 +12,6 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use crate::authn::jwt::system_clock;
-use crate::authz::RelationshipChecker;
 use crate::config::Config;
 use crate::decision::Decision;
 use crate::request::CheckInput;
@@ -162,7 +161,7 @@ pub async fn run(args: DoctorArgs) -> ExitCode {
     }
 
     // OpenFGA: wait for the background connection like the server does.
-    if let Some(checker) = &state.checker {
+    if let Some(checker) = state.authz.checker() {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(args.wait);
         loop {
             if checker.ready() {

@@ -3,12 +3,10 @@
 //! authorization of every part. No protobuf in here: the gRPC adapter converts
 //! at the edges, and tests, `doctor` and benchmarks call [`check`] directly.
 
-use std::sync::{Arc, OnceLock};
-
 use crate::authn::{Authenticator, Principal};
 use crate::authz::rules::{EvalContext, RuleSet};
-use crate::authz::{self, BackendError, CheckQuery, RelationshipChecker, TupleKey};
-use crate::config::{ClaimSet, ContextualTupleConfig, PathPolicy, Unmatched};
+use crate::authz::{self, Authorizer};
+use crate::config::{PathPolicy, Unmatched};
 use crate::cors::{Cors, Preflight};
 use crate::decision::{Allow, Decision, Deny, Failure, deny_for};
 use crate::request::CheckInput;
@@ -18,8 +16,7 @@ pub struct State {
     pub rules: RuleSet,
     pub cors: Cors,
     pub authn: Authenticator,
-    pub checker: Option<Arc<LateChecker>>,
-    pub contextual: Vec<ContextualTupleConfig>,
+    pub authz: Authorizer,
     pub realm: String,
     /// How request paths are read (`request.path_policy`), by the gRPC adapter.
     pub path_policy: PathPolicy,
@@ -37,87 +34,9 @@ impl State {
                 jwt.key_source().describe()
             ));
         }
-        if let Some(c) = &self.checker
-            && !c.ready()
-        {
-            missing.push(c.describe());
-        }
+        missing.extend(self.authz.readiness());
         missing
     }
-}
-
-/// A relationship checker that arrives after startup: OpenFGA may come up after the sidecar,
-/// so until it is connected every check is a 503 naming the last connection error.
-pub struct LateChecker {
-    inner: OnceLock<Arc<dyn RelationshipChecker>>,
-    pending: std::sync::Mutex<String>,
-}
-
-impl LateChecker {
-    pub fn new(pending: impl Into<String>) -> Self {
-        Self {
-            inner: OnceLock::new(),
-            pending: std::sync::Mutex::new(pending.into()),
-        }
-    }
-
-    pub fn set(&self, checker: Arc<dyn RelationshipChecker>) {
-        let _ = self.inner.set(checker);
-    }
-
-    pub fn set_pending(&self, why: impl Into<String>) {
-        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = why.into();
-    }
-
-    fn pending(&self) -> String {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
-
-#[async_trait::async_trait]
-impl RelationshipChecker for LateChecker {
-    async fn check(&self, queries: &[CheckQuery]) -> Result<Vec<bool>, BackendError> {
-        match self.inner.get() {
-            Some(c) => c.check(queries).await,
-            None => Err(BackendError::Unavailable(self.pending())),
-        }
-    }
-    fn ready(&self) -> bool {
-        self.inner.get().is_some_and(|c| c.ready())
-    }
-    fn describe(&self) -> String {
-        match self.inner.get() {
-            Some(c) if c.ready() => c.describe(),
-            Some(c) => format!("{} not ready", c.describe()),
-            None => self.pending(),
-        }
-    }
-}
-
-/// Tuples that hold for this request only: Keycloak roles and groups, so they count in
-/// OpenFGA without a sync job.
-pub fn contextual_tuples(cfg: &[ContextualTupleConfig], p: &Principal) -> Vec<TupleKey> {
-    let mut out = Vec::new();
-    for c in cfg {
-        let values: Vec<&str> = match c.from {
-            ClaimSet::Roles => p.roles.iter().map(String::as_str).collect(),
-            ClaimSet::Groups => p.groups.iter().map(|g| g.trim_start_matches('/')).collect(),
-        };
-        for v in values {
-            if v.is_empty() || v.contains(char::is_whitespace) || v.contains('#') {
-                continue;
-            }
-            out.push(TupleKey {
-                user: p.subject.clone(),
-                relation: c.relation.clone(),
-                object: c.object.replace("{value}", v),
-            });
-        }
-    }
-    out
 }
 
 fn deny(state: &State, input: &CheckInput, failure: Failure) -> Deny {
@@ -212,17 +131,8 @@ pub async fn check(state: &State, input: &CheckInput) -> Decision {
         .enumerate()
         .filter_map(|(i, p)| p.rule.filter(|r| !r.public).map(|r| (i, r, &p.ctx)))
         .collect();
-    let contextual = if governed.iter().any(|(_, r, _)| r.check.is_some()) {
-        Arc::new(contextual_tuples(&state.contextual, &principal))
-    } else {
-        Arc::new(Vec::new())
-    };
-    let checker = state
-        .checker
-        .as_ref()
-        .map(|c| c.as_ref() as &dyn RelationshipChecker);
     let parts: Vec<_> = governed.iter().map(|(_, r, ctx)| (*r, *ctx)).collect();
-    match authz::authorize_all(&parts, &principal, checker, &contextual).await {
+    match state.authz.authorize(&parts, &principal).await {
         Ok(granted) => allow(Some(principal), names, granted),
         Err((k, e)) => {
             let (i, rule, _) = governed[k];
@@ -260,9 +170,10 @@ fn rule_names(parts: &[authz::rules::Routed<'_, '_>]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     use super::*;
+    use crate::authz::{BackendError, CheckQuery, LateChecker, RelationshipChecker, TupleKey};
     use crate::authn::api_key::ApiKeyStore;
     use crate::authn::principals::Principals;
     use crate::authn::{AuthMethod, AuthnError, PrincipalKind};
@@ -380,8 +291,7 @@ rules:
                 strip_from_upstream: vec!["x-api-key".into()],
                 principals: Principals::new(&PrincipalsConfig::default()),
             },
-            checker: Some(late),
-            contextual: Vec::new(),
+            authz: Authorizer::new(Some(late), Vec::new()),
             realm: "test".into(),
         };
         (state, fga)

@@ -20,7 +20,8 @@ use crate::authn::{Authenticator, principals::Principals};
 use crate::authz::rules::RuleSet;
 use crate::config::{Config, KeySourceConfig, ListenAddr};
 use crate::cors::Cors;
-use crate::pipeline::{LateChecker, State};
+use crate::authz::{Authorizer, LateChecker, RelationshipChecker};
+use crate::pipeline::State;
 use crate::proto::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use crate::service::CheckService;
 use crate::telemetry::Metrics;
@@ -177,12 +178,14 @@ pub async fn build(
             principals: Principals::new(&config.principals),
             strip_from_upstream: crate::authn::api_key_headers_to_strip(&config.api_key_header),
         },
-        checker,
-        contextual: config
-            .openfga
-            .as_ref()
-            .map(|f| f.contextual_tuples.clone())
-            .unwrap_or_default(),
+        authz: Authorizer::new(
+            checker.map(|c| c as Arc<dyn RelationshipChecker>),
+            config
+                .openfga
+                .as_ref()
+                .map(|f| f.contextual_tuples.clone())
+                .unwrap_or_default(),
+        ),
         realm: config.jwt.realm.clone(),
         path_policy: config.request.path_policy,
     });
@@ -422,7 +425,6 @@ fn spawn_openfga(
     fatal: tokio::sync::mpsc::Sender<Fatal>,
     shutdown: CancellationToken,
 ) {
-    use crate::authz::RelationshipChecker;
     use crate::authz::cache::{DecisionCache, Invalidate};
     use crate::authz::openfga::{ChangeWatcher, OpenFgaClient};
     tokio::spawn(async move {

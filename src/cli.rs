@@ -283,7 +283,7 @@ async fn serve(path: PathBuf, grpc_addr: Option<String>, ops_addr: Option<String
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "stopped");
             eprintln!("authz-sidecar: {e:#}");
-            let fatal_config = e.downcast_ref::<crate::server::Fatal>().is_some()
+            let fatal_config = e.downcast_ref::<crate::state::Fatal>().is_some()
                 || e.downcast_ref::<crate::config::ConfigError>().is_some()
                 || e.downcast_ref::<crate::authn::api_key::ApiKeyFileError>()
                     .is_some();

@@ -75,14 +75,14 @@ pub async fn run(args: DoctorArgs) -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
-    let built = match crate::server::build(&config, system_clock(), &shutdown).await {
+    let built = match crate::state::build(&config, system_clock(), &shutdown).await {
         Ok(b) => b,
         Err(e) => {
             r.bad("startup", format!("{e:#}"));
             return ExitCode::from(2);
         }
     };
-    let state = built.state.clone();
+    let state = built.state.policy();
     let mut fatal = built.fatal;
 
     // Keys

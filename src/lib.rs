@@ -22,6 +22,7 @@ pub mod request;
 pub mod response;
 pub mod server;
 pub mod service;
+pub mod state;
 pub mod telemetry;
 
 pub use config::Config;

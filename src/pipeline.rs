@@ -11,8 +11,9 @@ use crate::cors::{Cors, Preflight};
 use crate::decision::{Allow, Decision, Deny, Failure, deny_for};
 use crate::request::CheckInput;
 
-/// Everything a check needs, built once at startup.
-pub struct State {
+/// What one check reads: everything a reload may change (built and swapped by
+/// [`crate::state`]; the backends it reaches hold `Arc`s shared by every policy).
+pub struct Policy {
     pub rules: RuleSet,
     pub cors: Cors,
     pub authn: Authenticator,
@@ -22,7 +23,7 @@ pub struct State {
     pub path_policy: PathPolicy,
 }
 
-impl State {
+impl Policy {
     /// Ready when every configured backend can answer: signing keys loaded, OpenFGA resolved.
     pub fn readiness(&self) -> Vec<String> {
         let mut missing = Vec::new();
@@ -39,7 +40,7 @@ impl State {
     }
 }
 
-fn deny(state: &State, input: &CheckInput, failure: Failure) -> Deny {
+fn deny(state: &Policy, input: &CheckInput, failure: Failure) -> Deny {
     let mut d = deny_for(&failure, &state.realm);
     d.response_headers = state.cors.response_headers(input);
     d
@@ -51,7 +52,7 @@ fn deny(state: &State, input: &CheckInput, failure: Failure) -> Deny {
 /// element: each element is routed as if it were the body, and the batch is allowed only when
 /// every element is. The caller is authenticated once; the relationship checks of all
 /// elements go to OpenFGA as one BatchCheck. A refusal names the element.
-pub async fn check(state: &State, input: &CheckInput) -> Decision {
+pub async fn check(state: &Policy, input: &CheckInput) -> Decision {
     match state.cors.preflight(input) {
         // Answered here: a preflight never reaches the app, so it cannot reach a route the
         // app would refuse (or run a handler that does not expect OPTIONS).
@@ -241,7 +242,7 @@ mod tests {
 
     /// The MCP rules of deploy/local/sidecar-openfga.yaml; alice may execute agent_chat and
     /// search, nothing else.
-    fn state() -> (State, Arc<Fga>) {
+    fn state() -> (Policy, Arc<Fga>) {
         let raw: crate::config::RawRoutes = serde_yaml_ng::from_str(
             r#"
 rules:
@@ -275,7 +276,7 @@ rules:
         });
         let late = Arc::new(LateChecker::new("not yet"));
         late.set(fga.clone());
-        let state = State {
+        let state = Policy {
             rules,
             path_policy: Default::default(),
             cors: Cors::new(&CorsConfig {

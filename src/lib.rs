@@ -14,6 +14,7 @@ pub mod config;
 pub mod cors;
 pub mod decision;
 pub mod doctor;
+pub mod failure;
 pub mod http_client;
 pub mod ops;
 pub mod pipeline;

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 
 pub use crate::config::PathPolicy;
+use crate::failure::FailureKind;
 use crate::proto::pb::envoy::service::auth::v3 as auth;
 
 /// Why a request could not be read. Each is answered with a 400 deny, never a panic.
@@ -33,6 +34,13 @@ pub enum RequestError {
     HeaderNotUtf8(String),
     #[error("header {0} appears more than once")]
     DuplicateHeader(String),
+}
+
+impl RequestError {
+    /// Every request that cannot be read is a bad request (400).
+    pub fn kind(&self) -> FailureKind {
+        FailureKind::BadRequest
+    }
 }
 
 /// A path an app could read differently from the sidecar. Strict policy refuses all of them;

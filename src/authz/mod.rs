@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use crate::authn::Principal;
 use crate::config::{Consistency, Match, OnBackendError};
+use crate::failure::FailureKind;
 use rules::{CompiledCheck, EvalContext, Rule};
 
 pub use authorizer::{Authorizer, LateChecker, contextual_tuples};
@@ -110,11 +111,12 @@ pub enum AuthzError {
 }
 
 impl AuthzError {
-    pub fn code(&self) -> &'static str {
+    /// How this failure is answered ([`crate::decision`] maps kinds to statuses).
+    pub fn kind(&self) -> FailureKind {
         match self {
-            Self::ScopeRequired(_) => "insufficient_scope",
-            Self::BackendUnavailable(_) | Self::NoChecker(_) => "unavailable",
-            _ => "forbidden",
+            Self::ScopeRequired(_) => FailureKind::InsufficientScope,
+            Self::BackendUnavailable(_) | Self::NoChecker(_) => FailureKind::Unavailable,
+            _ => FailureKind::Forbidden,
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::config::{
     Config, ConfigError, Consistency, Match, OnBackendError, OpenFgaConfig, RelationCheckConfig,
     RoutesConfig, RuleConfig, Unmatched,
 };
+use crate::failure::FailureKind;
 use crate::request::{CheckInput, RequestError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,6 +242,13 @@ pub struct Refusal {
     /// What the rule reads: `body field /method`, `query parameter thread`.
     pub reads: String,
     pub problem: Ambiguity,
+}
+
+impl Refusal {
+    /// A value read two ways is a bad request (400), never a weaker rule.
+    pub fn kind(&self) -> FailureKind {
+        FailureKind::BadRequest
+    }
 }
 
 /// Why a source could not give a value.

@@ -185,7 +185,7 @@ pub async fn main(cli: Cli) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let now = crate::authn::jwt::now_secs();
+            let now = crate::clock::now_secs();
             let mut claims = serde_json::json!({
                 "sub": sub, "iss": iss, "aud": aud, "iat": now, "exp": now + ttl.as_secs(),
                 "preferred_username": username.unwrap_or_else(|| sub.clone()),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
-use crate::authn::jwt::system_clock;
+use crate::clock::system_clock;
 use crate::config::Config;
 use crate::decision::Decision;
 use crate::request::CheckInput;

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
-use crate::authn::jwt::system_clock;
+use crate::clock::system_clock;
 use crate::config::{Config, ListenAddr};
 use crate::state::{Built, build};
 use crate::proto::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;

@@ -208,7 +208,7 @@ mod tests {
             api_keys: Some(keys.clone()),
             checker: None,
             openfga_stats: Arc::new(OnceLock::new()),
-            clock: crate::authn::jwt::system_clock(),
+            clock: crate::clock::system_clock(),
         };
         let open = config("[ { name: any-caller, path: /docs } ]");
         let admins_only = config("[ { name: admins-only, path: /docs, roles: [admin] } ]");

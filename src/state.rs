@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::authn::api_key::{ApiKeyStore, FileApiKeyStore, StoreOptions};
 use crate::authn::jwks::{JwksKeySource, KeySource};
-use crate::authn::jwt::{Clock, JwtVerifier};
+use crate::authn::jwt::JwtVerifier;
+use crate::clock::Clock;
 use crate::authn::{Authenticator, principals::Principals};
 use crate::authz::breaker::BreakerState;
 use crate::authz::cache::{DecisionCache, Invalidate};

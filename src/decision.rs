@@ -179,11 +179,24 @@ pub enum Challenge {
 pub fn answer(kind: FailureKind) -> (u16, tonic::Code, &'static str, Challenge) {
     use tonic::Code;
     match kind {
-        FailureKind::BadRequest => (400, Code::InvalidArgument, "invalid_request", Challenge::None),
-        FailureKind::NoCredentials => (401, Code::Unauthenticated, "unauthenticated", Challenge::Bare),
-        FailureKind::InvalidCredentials => {
-            (401, Code::Unauthenticated, "invalid_token", Challenge::InvalidToken)
-        }
+        FailureKind::BadRequest => (
+            400,
+            Code::InvalidArgument,
+            "invalid_request",
+            Challenge::None,
+        ),
+        FailureKind::NoCredentials => (
+            401,
+            Code::Unauthenticated,
+            "unauthenticated",
+            Challenge::Bare,
+        ),
+        FailureKind::InvalidCredentials => (
+            401,
+            Code::Unauthenticated,
+            "invalid_token",
+            Challenge::InvalidToken,
+        ),
         FailureKind::OriginRefused => (403, Code::PermissionDenied, "cors_origin", Challenge::None),
         FailureKind::Forbidden => (403, Code::PermissionDenied, "forbidden", Challenge::None),
         FailureKind::InsufficientScope => (

@@ -136,7 +136,11 @@ pub async fn check(policy: &Policy, input: &CheckInput) -> Decision {
         Err((k, e)) => {
             let (i, rule, _) = governed[k];
             let failure = in_element(element(i), e.into());
-            refuse(policy, failure, context(Some(rule.name.clone()), Some(principal)))
+            refuse(
+                policy,
+                failure,
+                context(Some(rule.name.clone()), Some(principal)),
+            )
         }
     }
 }
@@ -185,10 +189,10 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
-    use crate::authz::{BackendError, CheckQuery, LateChecker, RelationshipChecker, TupleKey};
     use crate::authn::api_key::ApiKeyStore;
     use crate::authn::principals::Principals;
     use crate::authn::{AuthMethod, AuthnError, PrincipalKind};
+    use crate::authz::{BackendError, CheckQuery, LateChecker, RelationshipChecker, TupleKey};
     use crate::config::{CorsConfig, OpenFgaConfig, PrincipalsConfig, RoutesConfig};
 
     /// `key-alice` is user:alice.

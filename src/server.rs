@@ -14,9 +14,9 @@ use tonic_health::ServingStatus;
 
 use crate::clock::system_clock;
 use crate::config::{Config, ListenAddr};
-use crate::state::{Built, build};
 use crate::proto::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use crate::service::CheckService;
+use crate::state::{Built, build};
 use crate::telemetry::Metrics;
 
 pub const AUTHORIZATION_SERVICE: &str = "envoy.service.auth.v3.Authorization";
@@ -103,7 +103,7 @@ pub async fn serve(
         let reporter = reporter.clone();
         let metrics = metrics.clone();
         let draining = draining.clone();
-        
+
         tokio::spawn(async move {
             let mut last: Option<bool> = None;
             loop {

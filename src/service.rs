@@ -10,12 +10,12 @@ use tonic::{Request, Response, Status};
 
 use crate::decision::{Decision, Failure, deny_for};
 use crate::pipeline;
-use crate::state::State;
 use crate::proto::pb::envoy::service::auth::v3::{
     CheckRequest, CheckResponse, authorization_server::Authorization,
 };
 use crate::request::{self, RequestError};
 use crate::response;
+use crate::state::State;
 use crate::telemetry::Metrics;
 
 pub struct CheckService {
@@ -29,7 +29,8 @@ impl CheckService {
     }
 }
 
-fn method_label(d: &Decision) -> &'static str {
+/// The `credential` metric label: how the caller authenticated (`jwt`, `api_key`, `none`).
+fn credential_label(d: &Decision) -> &'static str {
     let p = match d {
         Decision::Allow(a) => a.principal.as_ref(),
         Decision::Deny(d) => d.principal.as_ref(),
@@ -117,7 +118,7 @@ impl Authorization for CheckService {
         let elapsed = start.elapsed();
         log_decision(&input, &decision, elapsed.as_micros());
         self.metrics
-            .record(&decision, elapsed, method_label(&decision));
+            .record(&decision, elapsed, credential_label(&decision));
         Ok(Response::new(response::to_proto(
             &decision,
             &input.request_id,

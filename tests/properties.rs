@@ -230,7 +230,11 @@ fn path_level(method: &str, segs: &[String]) -> Level {
         Some("api") => Level::Authenticated,
         Some("message") if segs.len() == 1 && method == "POST" => Level::Authenticated,
         // An app's own routes are plain words: one the sidecar does not list is denied to all.
-        Some(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') => {
+        Some(s)
+            if !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+        {
             Level::Nobody
         }
         _ => Level::Unrouted,
@@ -271,11 +275,48 @@ fn host_level(raw_host: &str) -> Option<Level> {
 
 fn segment() -> impl Strategy<Value = &'static str> {
     prop::sample::select(vec![
-        "public", "admin", "api", "health", "message", "x", "..", ".", "", "%2e%2e", "%2E%2e",
-        ".%2e", "%2e", "..;", "..;x", "%2e%2e;", ";", "admin;x", "public;a=b", "%2f", "..%2f",
-        "..%2F", "..%5c", "%5c", "\\", "..\\", "%00", "%0d%0a", "%61dmin", "ADMIN", "Admin",
-        "%252e%252e", "%c0%ae%c0%ae", "a%2fb", "?x=/admin", "#/admin", "%3f", "%23", "%20",
-        "..%00", "%2e%2e%2f", "public%2f..%2fadmin",
+        "public",
+        "admin",
+        "api",
+        "health",
+        "message",
+        "x",
+        "..",
+        ".",
+        "",
+        "%2e%2e",
+        "%2E%2e",
+        ".%2e",
+        "%2e",
+        "..;",
+        "..;x",
+        "%2e%2e;",
+        ";",
+        "admin;x",
+        "public;a=b",
+        "%2f",
+        "..%2f",
+        "..%2F",
+        "..%5c",
+        "%5c",
+        "\\",
+        "..\\",
+        "%00",
+        "%0d%0a",
+        "%61dmin",
+        "ADMIN",
+        "Admin",
+        "%252e%252e",
+        "%c0%ae%c0%ae",
+        "a%2fb",
+        "?x=/admin",
+        "#/admin",
+        "%3f",
+        "%23",
+        "%20",
+        "..%00",
+        "%2e%2e%2f",
+        "public%2f..%2fadmin",
     ])
 }
 
@@ -296,9 +337,7 @@ fn path() -> impl Strategy<Value = String> {
 
 fn host() -> impl Strategy<Value = String> {
     (
-        prop::sample::select(vec![
-            "", "x@", "user:pw@", "admin.example.com@", "a@b@",
-        ]),
+        prop::sample::select(vec!["", "x@", "user:pw@", "admin.example.com@", "a@b@"]),
         prop::sample::select(vec![
             "admin.example.com",
             "ADMIN.example.com",
@@ -310,7 +349,9 @@ fn host() -> impl Strategy<Value = String> {
             "[::1]",
         ]),
         prop::sample::select(vec!["", ".", "..", ". ", "%2e"]),
-        prop::sample::select(vec!["", ":443", ":8080", ":", ":x", ":99999", ":443:443", " "]),
+        prop::sample::select(vec![
+            "", ":443", ":8080", ":", ":x", ":99999", ":443:443", " ",
+        ]),
     )
         .prop_map(|(user, name, dot, port)| format!("{user}{name}{dot}{port}"))
 }
@@ -355,7 +396,15 @@ fn element() -> impl Strategy<Value = Element> {
             prop::sample::select(vec!["tools/call", "tools/list", "ping"]),
             1..3,
         ),
-        prop::sample::select(vec!["", "1", "NaN", "Infinity", "1e400", "-0", "\"\\ud800\""]),
+        prop::sample::select(vec![
+            "",
+            "1",
+            "NaN",
+            "Infinity",
+            "1e400",
+            "-0",
+            "\"\\ud800\"",
+        ]),
         prop::sample::select(vec![0usize, 0, 3, 200]),
     )
         .prop_map(|(methods, side, nest)| Element {
@@ -480,7 +529,8 @@ fn raw_path() -> impl Strategy<Value = String> {
     prop::collection::vec(
         prop::sample::select(vec![
             "/", "/", "a", "admin", ".", "..", "%", "%2", "%2e", "%2E", "%2f", "%5c", "%25", "%3b",
-            "%3f", "%00", "%0a", "%c0", "%ae", "%41", "\\", ";", "?", "#", " ", "\t", "é", "%c3%a9",
+            "%3f", "%00", "%0a", "%c0", "%ae", "%41", "\\", ";", "?", "#", " ", "\t", "é",
+            "%c3%a9",
         ]),
         0..10,
     )

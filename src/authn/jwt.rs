@@ -26,7 +26,6 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// writes a later one, and the bound keeps every `claim + leeway` far from `u64::MAX`.
 pub const MAX_NUMERIC_DATE: u64 = 253_402_300_799;
 
-
 #[derive(Deserialize)]
 struct RawHeader {
     alg: Option<String>,

@@ -24,7 +24,6 @@ use super::{BackendError, CheckQuery, RelationshipChecker, TupleKey};
 use crate::clock::{MillisClock, millis, monotonic_clock};
 use crate::config::{CacheConfig, Consistency};
 
-
 /// Counters for metrics; `size` is the number of entries now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheStats {

@@ -2,8 +2,9 @@
 //! headers and JSON body) and what it demands (public, roles, scopes, relationship checks
 //! built from templates).
 //!
-//! Rules compile once at startup; every mistake in them (an unknown path parameter in a
-//! template, a bad predicate, an empty check) is a config error naming its key.
+//! Rules compile once per policy (at startup; a reload builds a new one); every mistake in
+//! them (an unknown path parameter in a template, a bad predicate, an empty check) is a config
+//! error naming its key.
 //!
 //! Routing ([`RuleSet::route`]) reads request values strictly: a body, query parameter or
 //! header that the app's parser could read differently from ours is a [`Refusal`] (400),

@@ -119,6 +119,9 @@ impl Failure {
             Self::Authz(
                 e @ (AuthzError::BackendUnavailable(_) | AuthzError::BackendRejected(_)),
             ) => scrub_urls(&e.to_string()),
+            Self::InBatch(i, inner) => {
+                format!("JSON-RPC batch element {i}: {}", inner.public_reason())
+            }
             other => other.to_string(),
         }
     }
@@ -381,6 +384,27 @@ mod tests {
             }
             assert!(!d.reason.contains("http://"), "{}", d.reason);
         }
+    }
+
+    /// A batch element's failure is answered as the element: with the element's public
+    /// reason, not its whole one.
+    #[test]
+    fn a_batch_element_reason_names_no_internal_url() {
+        let failure = Failure::InBatch(
+            1,
+            Box::new(
+                AuthzError::BackendUnavailable(
+                    "OpenFGA at http://openfga:8080: connection refused".into(),
+                )
+                .into(),
+            ),
+        );
+        let d = deny_for(&failure, "r");
+        assert_eq!(
+            d.reason,
+            "JSON-RPC batch element 1: authorization backend unavailable: OpenFGA at [internal]: connection refused"
+        );
+        assert_eq!((d.http_status, d.error), (503, "unavailable"));
     }
 
     #[test]

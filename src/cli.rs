@@ -34,6 +34,51 @@ pub struct ConfigArg {
     pub config: PathBuf,
 }
 
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// A bearer token to verify (never printed; its hash is).
+    #[arg(long, env = "DOCTOR_TOKEN")]
+    pub token: Option<String>,
+    /// An API key to verify (never printed; its hash is).
+    #[arg(long, env = "DOCTOR_API_KEY")]
+    pub api_key: Option<String>,
+    /// Run a full check of this request path (with --method), e.g. /tools/chat/execute.
+    #[arg(long)]
+    pub path: Option<String>,
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    /// JSON body for --path (MCP tools/call and other body rules).
+    #[arg(long)]
+    pub body: Option<String>,
+    /// Origin header for --path (CORS).
+    #[arg(long)]
+    pub origin: Option<String>,
+    /// Seconds to wait for OpenFGA and the key source.
+    #[arg(long, default_value_t = 5)]
+    pub wait: u64,
+    /// Print the findings as a JSON array of {check, status, detail} (for CI).
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl DoctorArgs {
+    fn options(self) -> crate::doctor::Options {
+        crate::doctor::Options {
+            config: self.config.config,
+            token: self.token,
+            api_key: self.api_key,
+            path: self.path,
+            method: self.method,
+            body: self.body,
+            origin: self.origin,
+            wait: self.wait,
+            json: self.json,
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the sidecar.
@@ -53,7 +98,7 @@ pub enum Command {
         config: ConfigArg,
     },
     /// Check every backend the config names and explain, one line each, what is wrong.
-    Doctor(crate::doctor::DoctorArgs),
+    Doctor(DoctorArgs),
     /// Tokens for local trials.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -127,13 +172,7 @@ pub enum ApiKeyCmd {
     },
 }
 
-/// Writes `text` and a newline to stdout. A reader that went away (`doctor --json | head`) is
-/// not an error of ours: the rest of the output is dropped instead of panicking like
-/// `println!`.
-pub fn say(text: impl std::fmt::Display) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stdout().lock(), "{text}");
-}
+pub use crate::console::say;
 
 fn config_error(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("authz-sidecar: config error: {e}");
@@ -147,7 +186,10 @@ pub async fn main(cli: Cli) -> ExitCode {
             grpc_addr,
             ops_addr,
         } => serve(config.config, grpc_addr, ops_addr).await,
-        Command::CheckConfig { config } => match Config::load(&config.config) {
+        Command::CheckConfig { config } => match Config::load(&config.config).and_then(|c| {
+            crate::authz::rules::RuleSet::from_config(&c)?;
+            Ok(c)
+        }) {
             Ok(c) => {
                 println!("config ok: {}", config.config.display());
                 println!(
@@ -178,7 +220,7 @@ pub async fn main(cli: Cli) -> ExitCode {
             }
             Err(e) => config_error(e),
         },
-        Command::Doctor(args) => crate::doctor::run(args).await,
+        Command::Doctor(args) => crate::doctor::run(args.options()).await,
         Command::Token(TokenCmd::Mint {
             key,
             kid,
@@ -203,7 +245,7 @@ pub async fn main(cli: Cli) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let now = crate::authn::jwt::now_secs();
+            let now = crate::clock::now_secs();
             let mut claims = serde_json::json!({
                 "sub": sub, "iss": iss, "aud": aud, "iat": now, "exp": now + ttl.as_secs(),
                 "preferred_username": username.unwrap_or_else(|| sub.clone()),
@@ -304,7 +346,7 @@ async fn serve(path: PathBuf, grpc_addr: Option<String>, ops_addr: Option<String
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "stopped");
             eprintln!("authz-sidecar: {e:#}");
-            let fatal_config = e.downcast_ref::<crate::server::Fatal>().is_some()
+            let fatal_config = e.downcast_ref::<crate::state::Fatal>().is_some()
                 || e.downcast_ref::<crate::config::ConfigError>().is_some()
                 || e.downcast_ref::<crate::authn::api_key::ApiKeyFileError>()
                     .is_some();

@@ -874,8 +874,8 @@ impl Config {
             cache,
             request,
         };
-        // Compile the rules once here so a bad rule stops startup with its key.
-        crate::authz::rules::RuleSet::compile(&config.routes, config.openfga.as_ref())?;
+        // Plain data: the rules are compiled (and a bad rule named) by
+        // `RuleSet::from_config`, the one place every command compiles them.
         Ok(config)
     }
 }

@@ -155,7 +155,8 @@ impl VisitFmt for LogVisitor<'_> {
 pub struct DecisionLabels {
     pub decision: &'static str,
     pub code: &'static str,
-    pub method: &'static str,
+    /// How the caller authenticated: `jwt`, `api_key` or `none` (not the HTTP method).
+    pub credential: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -181,7 +182,7 @@ impl Metrics {
         let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
             "decisions",
-            "Check decisions by outcome, error code and credential method",
+            "Check decisions by outcome, error code and credential kind (jwt, api_key, none)",
             decisions.clone(),
         );
         let check_seconds = Histogram::new([
@@ -221,7 +222,7 @@ impl Metrics {
         &self,
         decision: &crate::decision::Decision,
         elapsed: Duration,
-        method: &'static str,
+        credential: &'static str,
     ) {
         use crate::decision::Decision;
         let (decision, code) = match decision {
@@ -236,7 +237,7 @@ impl Metrics {
             .get_or_create(&DecisionLabels {
                 decision,
                 code,
-                method,
+                credential,
             })
             .inc();
         self.check_seconds.observe(elapsed.as_secs_f64());

@@ -300,7 +300,7 @@ pub struct FileApiKeyStore {
     /// The bcrypt pool: one permit per verification running, across all requests.
     bcrypt_slots: Arc<tokio::sync::Semaphore>,
     bcrypt_concurrency: usize,
-    clock: super::jwt::Clock,
+    clock: crate::clock::Clock,
     bcrypt_runs: AtomicU64,
     bcrypt_busy: AtomicU64,
     miss_hits: AtomicU64,
@@ -324,13 +324,13 @@ impl Default for StoreOptions {
 
 impl FileApiKeyStore {
     /// Loads the file; a missing or invalid file is a startup error naming the problem.
-    pub fn open(path: &Path, clock: super::jwt::Clock) -> Result<Self, ApiKeyFileError> {
+    pub fn open(path: &Path, clock: crate::clock::Clock) -> Result<Self, ApiKeyFileError> {
         Self::open_with(path, clock, &StoreOptions::default())
     }
 
     pub fn open_with(
         path: &Path,
-        clock: super::jwt::Clock,
+        clock: crate::clock::Clock,
         options: &StoreOptions,
     ) -> Result<Self, ApiKeyFileError> {
         let concurrency = options.bcrypt_concurrency.max(1);
@@ -627,7 +627,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    fn clock(at: u64) -> (super::super::jwt::Clock, Arc<AtomicU64>) {
+    fn clock(at: u64) -> (crate::clock::Clock, Arc<AtomicU64>) {
         let c = Arc::new(AtomicU64::new(at));
         let c2 = c.clone();
         (Arc::new(move || c2.load(Ordering::Relaxed)), c)

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
+use crate::failure::FailureKind;
 use crate::request::{CheckInput, RequestError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -201,15 +202,16 @@ impl AuthnError {
         matches!(self, Self::ApiKeyStoreUnavailable(_) | Self::NoKeys { .. })
     }
 
-    pub fn code(&self) -> &'static str {
+    /// How this failure is answered ([`crate::decision`] maps kinds to statuses).
+    pub fn kind(&self) -> FailureKind {
         if self.is_forbidden() {
-            "forbidden"
+            FailureKind::Forbidden
         } else if self.is_unavailable() {
-            "unavailable"
+            FailureKind::Unavailable
         } else if matches!(self, Self::Missing { .. }) {
-            "unauthenticated"
+            FailureKind::NoCredentials
         } else {
-            "invalid_token"
+            FailureKind::InvalidCredentials
         }
     }
 }

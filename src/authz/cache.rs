@@ -14,23 +14,15 @@ use std::collections::HashSet;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
 use tokio::sync::watch;
 
 use super::{BackendError, CheckQuery, RelationshipChecker, TupleKey};
+use crate::clock::{MillisClock, millis, monotonic_clock};
 use crate::config::{CacheConfig, Consistency};
-
-/// Milliseconds on a monotonic clock; a function so tests can move time.
-pub type MillisClock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-/// Milliseconds since the clock was made, from [`Instant`] (never goes backwards).
-pub fn monotonic_clock() -> MillisClock {
-    let start = Instant::now();
-    Arc::new(move || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX))
-}
 
 /// Counters for metrics; `size` is the number of entries now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -335,10 +327,6 @@ fn unindex(index: &DashMap<String, HashSet<Arc<Key>>>, name: &str, key: &Key) {
         set.remove(key);
     }
     index.remove_if(name, |_, set| set.is_empty());
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Removes a flight from the in-flight table when its leader finishes or is cancelled;

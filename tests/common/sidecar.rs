@@ -345,7 +345,7 @@ pub fn mint(claims: serde_json::Value) -> String {
 }
 
 pub fn now() -> u64 {
-    authz_sidecar::authn::jwt::now_secs()
+    authz_sidecar::clock::now_secs()
 }
 
 /// Claims the local config accepts, for `user`, with `roles`.

@@ -191,31 +191,52 @@ pub async fn main(cli: Cli) -> ExitCode {
             Ok(c)
         }) {
             Ok(c) => {
-                println!("config ok: {}", config.config.display());
-                println!(
+                say(format!("config ok: {}", config.config.display()));
+                say(format!(
                     "  grpc: {}  ops: {}",
                     c.grpc_addr,
                     c.ops_addr.map_or("off".into(), |a| a.to_string())
-                );
-                println!("  keys: {}", c.jwt.source.describe());
-                println!(
+                ));
+                say(format!(
+                    "  keys: {} (from {})",
+                    c.jwt.source.describe(),
+                    c.jwt.source_from
+                ));
+                let origin =
+                    |from: Option<&str>| from.map_or(String::new(), |f| format!(" (from {f})"));
+                say(format!(
+                    "  issuer: {}{}",
+                    c.jwt.issuer.as_deref().unwrap_or(match c.jwt.source {
+                        crate::config::KeySourceConfig::Discovery { .. } =>
+                            "the realm's, from OIDC discovery",
+                        _ => "not checked",
+                    }),
+                    origin(c.jwt.issuer_from)
+                ));
+                say(format!(
+                    "  audience: {}{}  realm: {}",
+                    c.jwt.audience.as_deref().unwrap_or("not checked"),
+                    origin(c.jwt.audience_from),
+                    c.jwt.realm
+                ));
+                say(format!(
                     "  api keys: {}",
                     c.api_keys
                         .as_ref()
                         .map_or("off".into(), |a| a.file.display().to_string())
-                );
-                println!(
+                ));
+                say(format!(
                     "  rules: {}  unmatched: {:?}  path policy: {}",
                     c.routes.rules.len(),
                     c.routes.unmatched,
                     c.request.path_policy.as_str()
-                );
-                println!(
+                ));
+                say(format!(
                     "  openfga: {}",
                     c.openfga
                         .as_ref()
                         .map_or("off".into(), |f| f.api_url.clone())
-                );
+                ));
                 ExitCode::SUCCESS
             }
             Err(e) => config_error(e),

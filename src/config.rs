@@ -411,8 +411,14 @@ pub fn discovery_url(base_url: &str, realm: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct JwtConfig {
     pub source: KeySourceConfig,
+    /// Where the key source came from: a variable (`KEYCLOAK_URL`) or a file key (`jwt.jwks_file`).
+    pub source_from: &'static str,
     pub issuer: Option<String>,
+    /// Where `issuer` came from (`JWT_ISSUER` or `jwt.issuer`); `None` when unset.
+    pub issuer_from: Option<&'static str>,
     pub audience: Option<String>,
+    /// Where `audience` came from (`JWT_AUDIENCE` or `jwt.audience`); `None` when unset.
+    pub audience_from: Option<&'static str>,
     pub client_id: Option<String>,
     /// `realm` in `WWW-Authenticate: Bearer realm=".."`.
     pub realm: String,
@@ -885,39 +891,53 @@ fn resolve_jwt(
     env: &dyn Env,
     rel: &dyn Fn(PathBuf) -> PathBuf,
 ) -> Result<JwtConfig, ConfigError> {
-    let jwks_url = env_any(env, &["AUTH_PUBLIC_KEY_URL"])
-        .map(|(n, v)| (n.to_string(), v))
-        .or(raw.jwks_url.map(|v| ("jwt.jwks_url".to_string(), v)));
+    // The file's own key source, if it names one: a variable that replaces it replaces the
+    // file's issuer and realm too (they belong to that source), unless JWT_ISSUER says.
+    let file_source =
+        raw.jwks_url.is_some() || raw.keycloak_url.is_some() || raw.jwks_file.is_some();
+    let jwks_url =
+        env_any(env, &["AUTH_PUBLIC_KEY_URL"]).or(raw.jwks_url.map(|v| ("jwt.jwks_url", v)));
     let kc_url = env_any(env, &["KEYCLOAK_URL", "KEYCLOAK_SERVER_URL"])
-        .map(|(n, v)| (n.to_string(), v))
-        .or(raw
-            .keycloak_url
-            .map(|v| ("jwt.keycloak_url".to_string(), v)));
+        .or(raw.keycloak_url.map(|v| ("jwt.keycloak_url", v)));
     let kc_realm = env_any(env, &["KEYCLOAK_REALM"])
         .map(|(_, v)| v)
         .or(raw.keycloak_realm);
 
-    let source = if let Some((key, url)) = jwks_url {
-        KeySourceConfig::JwksUrl(check_http_url(&key, &url)?)
+    let (source, source_from) = if let Some((key, url)) = jwks_url {
+        (KeySourceConfig::JwksUrl(check_http_url(key, &url)?), key)
     } else if let Some((key, url)) = kc_url {
-        let base_url = check_http_url(&key, &url)?;
+        let base_url = check_http_url(key, &url)?;
         let realm = kc_realm.ok_or_else(|| {
             ConfigError::invalid(
                 "KEYCLOAK_REALM (jwt.keycloak_realm)",
                 format!("{key} is set, so the realm is needed for OIDC discovery"),
             )
         })?;
-        KeySourceConfig::Discovery { base_url, realm }
+        (KeySourceConfig::Discovery { base_url, realm }, key)
     } else if let Some(file) = raw.jwks_file {
-        KeySourceConfig::File(rel(file))
+        (KeySourceConfig::File(rel(file)), "jwt.jwks_file")
     } else {
-        KeySourceConfig::None
+        (KeySourceConfig::None, "none")
     };
+    let source_replaced = file_source && !source_from.starts_with("jwt.");
 
-    let issuer = env_any(env, &["JWT_ISSUER"]).map(|(_, v)| v).or(raw.issuer);
-    let audience = env_any(env, &["JWT_AUDIENCE"])
-        .map(|(_, v)| v)
-        .or(raw.audience);
+    let (issuer, issuer_from) = match env_any(env, &["JWT_ISSUER"]) {
+        Some((name, v)) => (Some(v), Some(name)),
+        // The file's issuer named the file's key source, which a variable replaced: with
+        // discovery the realm's own issuer applies, else none (warned at startup).
+        None if source_replaced => (None, None),
+        None => match raw.issuer {
+            Some(v) => (Some(v), Some("jwt.issuer")),
+            None => (None, None),
+        },
+    };
+    let (audience, audience_from) = match env_any(env, &["JWT_AUDIENCE"]) {
+        Some((name, v)) => (Some(v), Some(name)),
+        None => match raw.audience {
+            Some(v) => (Some(v), Some("jwt.audience")),
+            None => (None, None),
+        },
+    };
 
     let names = raw.algorithms.unwrap_or_else(|| vec!["RS256".into()]);
     if names.is_empty() {
@@ -932,13 +952,18 @@ fn resolve_jwt(
     }
 
     let required_claims = raw.required_claims.unwrap_or_else(|| vec!["sub".into()]);
-    let realm = raw
-        .realm
-        .or_else(|| match &source {
-            KeySourceConfig::Discovery { realm, .. } => Some(realm.clone()),
-            _ => None,
-        })
-        .unwrap_or_else(|| DEFAULT_REALM.into());
+    // The challenge's realm names the key source's realm: the file's, unless a variable
+    // replaced the file's key source with a Keycloak realm.
+    let discovered_realm = match &source {
+        KeySourceConfig::Discovery { realm, .. } => Some(realm.clone()),
+        _ => None,
+    };
+    let realm = if source_replaced && discovered_realm.is_some() {
+        discovered_realm
+    } else {
+        raw.realm.or(discovered_realm)
+    }
+    .unwrap_or_else(|| DEFAULT_REALM.into());
     if realm.contains('"') || realm.contains('\\') {
         return Err(ConfigError::invalid(
             "jwt.realm",
@@ -967,8 +992,11 @@ fn resolve_jwt(
     Ok(JwtConfig {
         client_id: raw.client_id.or_else(|| audience.clone()),
         source,
+        source_from,
         issuer,
+        issuer_from,
         audience,
+        audience_from,
         realm,
         algorithms,
         leeway: raw.leeway.unwrap_or(DEFAULT_LEEWAY),
@@ -1268,6 +1296,36 @@ mod tests {
             let e = load(yaml, &[]).unwrap_err().to_string();
             assert!(e.contains(want), "{yaml}: {e} should name {want}");
         }
+    }
+
+    #[test]
+    fn a_variable_that_replaces_the_files_key_source_takes_its_issuer_and_realm_along() {
+        let file = "jwt: { jwks_file: k.json, issuer: local-iss, realm: local }\n";
+        let kc = [
+            ("KEYCLOAK_URL", "http://kc:8080"),
+            ("KEYCLOAK_REALM", "mcp-server"),
+        ];
+        let c = load(file, &kc).unwrap().jwt;
+        assert_eq!(
+            (c.issuer, c.issuer_from),
+            (None, None),
+            "discovery's issuer applies"
+        );
+        assert_eq!(c.realm, "mcp-server");
+        assert_eq!(c.source_from, "KEYCLOAK_URL");
+        let mut pinned = kc.to_vec();
+        pinned.push(("JWT_ISSUER", "http://kc:8080/realms/mcp-server"));
+        let c = load(file, &pinned).unwrap().jwt;
+        assert_eq!(c.issuer_from, Some("JWT_ISSUER"));
+        // The file's own source keeps the file's issuer.
+        let c = load(file, &[]).unwrap().jwt;
+        assert_eq!(
+            (c.issuer.as_deref(), c.issuer_from, c.realm.as_str()),
+            (Some("local-iss"), Some("jwt.issuer"), "local")
+        );
+        // A file that names no source: its issuer is meant for the variable's source.
+        let c = load("jwt: { issuer: kc-iss }\n", &kc).unwrap().jwt;
+        assert_eq!(c.issuer.as_deref(), Some("kc-iss"));
     }
 
     #[test]

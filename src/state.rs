@@ -128,6 +128,19 @@ pub async fn build(
                     tracing::warn!(error = %e, "signing keys not loaded yet; not ready until they are");
                 }
             }
+            if let (Some(configured), Some(discovered)) =
+                (&config.jwt.issuer, source.discovered_issuer())
+                && *configured != discovered
+            {
+                // Every token of the realm would be refused as "wrong issuer": say why now.
+                tracing::warn!(
+                    configured = %configured,
+                    configured_from = config.jwt.issuer_from.unwrap_or("-"),
+                    discovered = %discovered,
+                    discovered_from = %source.describe(),
+                    "the configured issuer differs from the one OIDC discovery found: tokens of this realm will be refused as wrong issuer"
+                );
+            }
             if config.jwt.issuer.is_none()
                 && !matches!(config.jwt.source, KeySourceConfig::Discovery { .. })
             {

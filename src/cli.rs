@@ -83,8 +83,10 @@ impl DoctorArgs {
 pub enum Command {
     /// Run the sidecar.
     Serve {
-        #[command(flatten)]
-        config: ConfigArg,
+        /// YAML config file. Required: there is no default to serve with (the embedded
+        /// default trusts a public dev key; pass deploy/local/sidecar.yaml to use it).
+        #[arg(long, short = 'c', env = "AUTHZ_CONFIG")]
+        config: PathBuf,
         /// gRPC listen address (HOST:PORT or unix:/path); overrides server.grpc_addr.
         #[arg(long, env = "AUTHZ_GRPC_ADDR")]
         grpc_addr: Option<String>,
@@ -185,7 +187,7 @@ pub async fn main(cli: Cli) -> ExitCode {
             config,
             grpc_addr,
             ops_addr,
-        } => serve(config.config, grpc_addr, ops_addr).await,
+        } => serve(config, grpc_addr, ops_addr).await,
         Command::CheckConfig { config } => match Config::load(&config.config).and_then(|c| {
             crate::authz::rules::RuleSet::from_config(&c)?;
             Ok(c)

@@ -107,6 +107,8 @@ pub struct RawServer {
     pub drain_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub shutdown_delay: Option<Duration>,
+    /// gRPC server reflection (grpcurl without proto files); off by default.
+    pub reflection: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -356,6 +358,8 @@ pub struct Config {
     /// After SIGTERM: health NOT_SERVING while checks are still answered, so Envoy and the
     /// endpoints controller stop sending before the listener closes.
     pub shutdown_delay: Duration,
+    /// gRPC server reflection (`server.reflection`).
+    pub reflection: bool,
     pub log: LogConfig,
     pub jwt: JwtConfig,
     pub api_keys: Option<ApiKeysConfig>,
@@ -869,6 +873,7 @@ impl Config {
             ops_addr,
             drain_timeout: raw.server.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             shutdown_delay,
+            reflection: raw.server.reflection.unwrap_or(false),
             log: LogConfig { filter, json },
             jwt,
             api_keys,

@@ -159,17 +159,24 @@ pub async fn serve(
         ))
     });
 
-    // Reflection lets grpcurl and other tools call Check and Health without proto files.
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("gRPC reflection: descriptor sets do not load")?;
+    // Reflection lets grpcurl and other tools call Check and Health without proto files; off
+    // unless the config asks (`server.reflection`), as it tells any caller the API.
+    let reflection = if config.reflection {
+        Some(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .build_v1()
+                .context("gRPC reflection: descriptor sets do not load")?,
+        )
+    } else {
+        None
+    };
     let grpc_shutdown = CancellationToken::new();
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_optional_service(reflection)
         .add_service(AuthorizationServer::new(CheckService::new(
             state.clone(),
             metrics.clone(),

@@ -147,6 +147,20 @@ fn worker_threads_from_the_environment_are_checked_not_panicked_on() {
     }
 }
 
+/// `serve` has no default config: the embedded default trusts a public dev key, so serving it
+/// must be asked for by name.
+#[test]
+fn serve_needs_a_config_named() {
+    let out = bin()
+        .arg("serve")
+        .env_remove("AUTHZ_CONFIG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--config"), "{stderr}");
+}
+
 #[test]
 fn token_mint_and_apikey_new() {
     let out = bin()

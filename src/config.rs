@@ -1110,6 +1110,23 @@ fn resolve_openfga(
     }))
 }
 
+/// For unit tests above this layer: the OpenFGA settings of a config whose OpenFGA is at a
+/// closed port (store `s`), as rules that ask relationship questions need.
+#[cfg(test)]
+pub(crate) fn test_openfga_config() -> OpenFgaConfig {
+    let env: BTreeMap<String, String> = [
+        ("OPENFGA_API_URL", "http://127.0.0.1:1"),
+        ("OPENFGA_STORE_ID", "s"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    Config::from_yaml("jwt: { jwks_file: k }", Path::new("/"), &env)
+        .expect("the test config is valid")
+        .openfga
+        .expect("OpenFGA is configured")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -193,7 +193,7 @@ mod tests {
     use crate::authn::principals::Principals;
     use crate::authn::{AuthMethod, AuthnError, PrincipalKind};
     use crate::authz::{BackendError, CheckQuery, LateChecker, RelationshipChecker, TupleKey};
-    use crate::config::{CorsConfig, OpenFgaConfig, PrincipalsConfig, RoutesConfig};
+    use crate::config::{CorsConfig, PrincipalsConfig, RoutesConfig};
 
     /// `key-alice` is user:alice.
     struct Keys;
@@ -241,20 +241,6 @@ mod tests {
         }
     }
 
-    fn openfga_config() -> OpenFgaConfig {
-        let env: std::collections::BTreeMap<String, String> = [
-            ("OPENFGA_API_URL", "http://127.0.0.1:1"),
-            ("OPENFGA_STORE_ID", "s"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        crate::config::Config::from_yaml("jwt: { jwks_file: k }", std::path::Path::new("/"), &env)
-            .unwrap()
-            .openfga
-            .unwrap()
-    }
-
     /// The MCP rules of deploy/local/sidecar-openfga.yaml; alice may execute agent_chat and
     /// search, nothing else.
     fn state() -> (Policy, Arc<Fga>) {
@@ -277,7 +263,7 @@ rules:
                 unmatched: Unmatched::Deny,
                 rules: raw.rules,
             },
-            Some(&openfga_config()),
+            Some(&crate::config::test_openfga_config()),
         )
         .unwrap();
         let tuple = |tool: &str| TupleKey {

@@ -144,7 +144,7 @@ mod tests {
     use super::*;
     use crate::authn::{AuthMethod, PrincipalKind};
     use crate::authz::rules::RuleSet;
-    use crate::config::{Config, RawRoutes, RoutesConfig, Unmatched};
+    use crate::config::{RawRoutes, RoutesConfig, Unmatched};
     use crate::request::CheckInput;
 
     /// Says yes to the first question and ignores the rest.
@@ -164,15 +164,6 @@ mod tests {
     }
 
     fn rules(on_backend_error: &str) -> RuleSet {
-        let env: std::collections::BTreeMap<String, String> = [
-            ("OPENFGA_API_URL", "http://127.0.0.1:1"),
-            ("OPENFGA_STORE_ID", "s"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let config =
-            Config::from_yaml("jwt: { jwks_file: k }", std::path::Path::new("/"), &env).unwrap();
         let raw: RawRoutes = serde_yaml_ng::from_str(&format!(
             r#"
 rules:
@@ -191,7 +182,7 @@ rules:
                 unmatched: Unmatched::Deny,
                 rules: raw.rules,
             },
-            config.openfga.as_ref(),
+            Some(&crate::config::test_openfga_config()),
         )
         .unwrap()
     }

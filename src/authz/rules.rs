@@ -1037,22 +1037,8 @@ mod tests {
                 unmatched: Unmatched::Deny,
                 rules: cfg.rules,
             },
-            Some(&test_openfga()),
+            Some(&crate::config::test_openfga_config()),
         )
-    }
-
-    fn test_openfga() -> OpenFgaConfig {
-        let env: std::collections::BTreeMap<String, String> = [
-            ("OPENFGA_API_URL", "http://127.0.0.1:1"),
-            ("OPENFGA_STORE_ID", "s"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        crate::config::Config::from_yaml("jwt: { jwks_file: k }", std::path::Path::new("/"), &env)
-            .unwrap()
-            .openfga
-            .unwrap()
     }
 
     fn find<'r>(rs: &'r RuleSet, input: &CheckInput) -> Option<(&'r str, Vec<(String, String)>)> {

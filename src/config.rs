@@ -776,8 +776,14 @@ impl Config {
         {
             None => {
                 for (set, key) in [
-                    (raw.api_keys.exchange_timeout.is_some(), "api_keys.exchange_timeout"),
-                    (raw.api_keys.exchange_cache_ttl.is_some(), "api_keys.exchange_cache_ttl"),
+                    (
+                        raw.api_keys.exchange_timeout.is_some(),
+                        "api_keys.exchange_timeout",
+                    ),
+                    (
+                        raw.api_keys.exchange_cache_ttl.is_some(),
+                        "api_keys.exchange_cache_ttl",
+                    ),
                 ] {
                     if set {
                         return Err(ConfigError::invalid(

@@ -162,7 +162,11 @@ const SECTIONS: &[Section] = &[
     },
     Section {
         name: "api_keys",
-        vars: &["API_KEYS_FILE", "API_KEY_CACHE_SECRET", "API_KEY_EXCHANGE_URL"],
+        vars: &[
+            "API_KEYS_FILE",
+            "API_KEY_CACHE_SECRET",
+            "API_KEY_EXCHANGE_URL",
+        ],
     },
     Section {
         name: "principals",

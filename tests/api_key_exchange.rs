@@ -63,7 +63,10 @@ async fn validate(State(s): State<Arc<ServiceState>>, headers: HeaderMap) -> Res
     }
     let key = key.filter(|_| mode != Mode::LoseKey);
     let Some(key) = key else {
-        return json_reply(StatusCode::BAD_REQUEST, json!({"detail": "API key required"}));
+        return json_reply(
+            StatusCode::BAD_REQUEST,
+            json!({"detail": "API key required"}),
+        );
     };
     let known = s.keys.lock().unwrap().get(&key).cloned();
     match (mode, known) {
@@ -251,10 +254,7 @@ async fn a_valid_key_is_exchanged_once_and_answers_as_the_tokens_principal() {
     assert_eq!(metric(&s, "api_key_exchange_errors").await, 0);
     s.stop().await.unwrap();
     let log = log_text();
-    assert!(
-        log.contains("user:carol"),
-        "the log was captured: {log}"
-    );
+    assert!(log.contains("user:carol"), "the log was captured: {log}");
     assert!(!log.contains(key), "the key reached the log");
 }
 
@@ -309,7 +309,10 @@ async fn refusals_are_401_and_outages_503_never_naming_the_service() {
                   code: u16,
                   why: &str| {
         assert_eq!((status(r), reason(r).as_str()), (code, why), "{r:?}");
-        assert!(!format!("{r:?}").contains(&internal), "{r:?} names the service");
+        assert!(
+            !format!("{r:?}").contains(&internal),
+            "{r:?} names the service"
+        );
     };
 
     // 401 from the service: 401, remembered for a while (no second call).
@@ -319,7 +322,12 @@ async fn refusals_are_401_and_outages_503_never_naming_the_service() {
     assert_eq!(service.calls(), 1);
 
     // A token that does not verify: 401 naming the check it failed.
-    service.issue_from("mcpkey_live_evil_0005", "mallory", 600, "https://evil.example");
+    service.issue_from(
+        "mcpkey_live_evil_0005",
+        "mallory",
+        600,
+        "https://evil.example",
+    );
     let r = check("mcpkey_live_evil_0005").await;
     expect(
         &r,
@@ -338,20 +346,41 @@ async fn refusals_are_401_and_outages_503_never_naming_the_service() {
     // 500, a hang beyond the timeout, a stopped service: 503, so clients keep the key.
     service.issue("mcpkey_live_good_0006", "gina", 600);
     service.set(Mode::Fail);
-    expect(&check("mcpkey_live_good_0006").await, 503, "API key verification unavailable");
+    expect(
+        &check("mcpkey_live_good_0006").await,
+        503,
+        "API key verification unavailable",
+    );
     service.set(Mode::Hang);
     let started = Instant::now();
-    expect(&check("mcpkey_live_good_0006").await, 503, "API key verification unavailable");
-    assert!(started.elapsed() < Duration::from_secs(3), "the timeout (500ms) applied");
+    expect(
+        &check("mcpkey_live_good_0006").await,
+        503,
+        "API key verification unavailable",
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the timeout (500ms) applied"
+    );
     service.stop();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    expect(&check("mcpkey_live_good_0006").await, 503, "API key verification unavailable");
+    expect(
+        &check("mcpkey_live_good_0006").await,
+        503,
+        "API key verification unavailable",
+    );
     assert_eq!(metric(&s, "api_key_exchange_errors").await, 3);
     s.stop().await.unwrap();
 
     let log = log_text();
-    assert!(log.contains("API key exchange failed"), "the log was captured");
-    assert!(log.contains(&internal), "the detail (with the address) is in the log");
+    assert!(
+        log.contains("API key exchange failed"),
+        "the log was captured"
+    );
+    assert!(
+        log.contains(&internal),
+        "the detail (with the address) is in the log"
+    );
     for key in [
         "mcpkey_live_unknown_0004",
         "mcpkey_live_evil_0005",

@@ -100,7 +100,9 @@ impl HttpKeyExchange {
 #[async_trait::async_trait]
 impl KeyExchange for HttpKeyExchange {
     async fn exchange(&self, key: &str) -> Result<Exchanged, ExchangeError> {
-        let unavailable = |cause: String| ExchangeError::Unavailable(format!("key service {}: {cause}", self.url));
+        let unavailable = |cause: String| {
+            ExchangeError::Unavailable(format!("key service {}: {cause}", self.url))
+        };
         let resp = self
             .http
             .post(&self.url)
@@ -151,7 +153,8 @@ impl KeyExchange for HttpKeyExchange {
 /// rejected; counts calls and can be slowed down.
 #[cfg(any(test, feature = "test-util"))]
 pub struct ScriptedExchange {
-    pub answers: std::sync::Mutex<std::collections::HashMap<String, Result<Exchanged, ExchangeError>>>,
+    pub answers:
+        std::sync::Mutex<std::collections::HashMap<String, Result<Exchanged, ExchangeError>>>,
     pub calls: AtomicU64,
     pub delay: std::sync::Mutex<Duration>,
 }
@@ -312,7 +315,8 @@ impl ExchangeApiKeyStore {
             })
             .await
             .clone();
-        self.inflight.remove_if(&mac, |_, f| Arc::ptr_eq(f, &flight));
+        self.inflight
+            .remove_if(&mac, |_, f| Arc::ptr_eq(f, &flight));
         answer
     }
 }
@@ -543,14 +547,18 @@ mod tests {
         }
     }
 
-    fn setup(cache_ttl: u64) -> (Arc<ScriptedExchange>, ExchangeApiKeyStore, JwtVerifier, Arc<AtomicU64>) {
+    fn setup(
+        cache_ttl: u64,
+    ) -> (
+        Arc<ScriptedExchange>,
+        ExchangeApiKeyStore,
+        JwtVerifier,
+        Arc<AtomicU64>,
+    ) {
         let (c, now) = clock();
         let service = Arc::new(ScriptedExchange::default());
-        let store = ExchangeApiKeyStore::new(
-            service.clone(),
-            Duration::from_secs(cache_ttl),
-            c.clone(),
-        );
+        let store =
+            ExchangeApiKeyStore::new(service.clone(), Duration::from_secs(cache_ttl), c.clone());
         (service, store, verifier(c), now)
     }
 
@@ -624,17 +632,35 @@ mod tests {
             let d = crate::decision::deny_for(&e.clone().into(), "r");
             (d.http_status, d.reason)
         };
-        let unknown = store.authenticate_with("rejected", Some(&jwt)).await.unwrap_err();
-        assert_eq!(fail(unknown), (401, "API key rejected by the key service".into()));
-        let nokey = store.authenticate_with("nokey", Some(&jwt)).await.unwrap_err();
+        let unknown = store
+            .authenticate_with("rejected", Some(&jwt))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            fail(unknown),
+            (401, "API key rejected by the key service".into())
+        );
+        let nokey = store
+            .authenticate_with("nokey", Some(&jwt))
+            .await
+            .unwrap_err();
         assert_eq!(
             fail(nokey),
             (401, "the key service received no API key (HTTP 400)".into())
         );
-        let down = store.authenticate_with("down", Some(&jwt)).await.unwrap_err();
-        assert!(down.to_string().contains("http://app.internal/v"), "detail: {down}");
+        let down = store
+            .authenticate_with("down", Some(&jwt))
+            .await
+            .unwrap_err();
+        assert!(
+            down.to_string().contains("http://app.internal/v"),
+            "detail: {down}"
+        );
         assert_eq!(fail(down), (503, "API key verification unavailable".into()));
-        let evil = store.authenticate_with("evil", Some(&jwt)).await.unwrap_err();
+        let evil = store
+            .authenticate_with("evil", Some(&jwt))
+            .await
+            .unwrap_err();
         assert_eq!(
             fail(evil.clone()),
             (
@@ -642,11 +668,20 @@ mod tests {
                 "token from the key service does not verify: wrong issuer \"https://evil\"".into()
             )
         );
-        assert!(evil.to_string().contains("expected \"https://kc/realms/r\""));
-        let stale = store.authenticate_with("stale", Some(&jwt)).await.unwrap_err();
+        assert!(
+            evil.to_string()
+                .contains("expected \"https://kc/realms/r\"")
+        );
+        let stale = store
+            .authenticate_with("stale", Some(&jwt))
+            .await
+            .unwrap_err();
         assert_eq!(
             fail(stale),
-            (401, "token from the key service does not verify: token expired 1s ago".into())
+            (
+                401,
+                "token from the key service does not verify: token expired 1s ago".into()
+            )
         );
         // An outage is not remembered: the next request asks again.
         let calls = service.calls();
@@ -692,11 +727,18 @@ mod tests {
         let (c, _) = clock();
         let file = Arc::new(super::super::api_key::FileApiKeyStore::open(&path, c).unwrap());
         service.answer("remote", Ok(token("alice", T0 + 60, "https://kc/realms/r")));
-        service.answer("in-file", Ok(token("wrong", T0 + 60, "https://kc/realms/r")));
+        service.answer(
+            "in-file",
+            Ok(token("wrong", T0 + 60, "https://kc/realms/r")),
+        );
         let both = compose(Some(file), Some(Arc::new(store))).unwrap();
         let who = |key: &'static str| {
             let (both, jwt) = (both.clone(), &jwt);
-            async move { both.authenticate_with(key, Some(jwt)).await.map(|p| p.subject) }
+            async move {
+                both.authenticate_with(key, Some(jwt))
+                    .await
+                    .map(|p| p.subject)
+            }
         };
         assert_eq!(who("in-file").await, Ok("user:filed".into()));
         assert_eq!(who("remote").await, Ok("user:alice".into()));
@@ -705,7 +747,11 @@ mod tests {
             Err(AuthnError::ApiKeyInactive { id: "f2".into() })
         );
         assert_eq!(who("neither").await, Err(AuthnError::ApiKeyRejected));
-        assert_eq!(service.calls(), 2, "only remote and neither reached the service");
+        assert_eq!(
+            service.calls(),
+            2,
+            "only remote and neither reached the service"
+        );
         let names: Vec<_> = both.stats().into_iter().map(|(n, _)| n).collect();
         assert!(names.contains(&"api_key_bcrypt_verifications"));
         assert!(names.contains(&"api_key_exchange_requests"));
@@ -735,7 +781,10 @@ mod tests {
         let key = "mcpkey_live_secretsecretsecret";
         service.answer(key, Ok(token("alice", T0 + 60, "https://kc/realms/r")));
         store.authenticate_with(key, Some(&jwt)).await.unwrap();
-        store.authenticate_with("mcpkey_live_other", Some(&jwt)).await.unwrap_err();
+        store
+            .authenticate_with("mcpkey_live_other", Some(&jwt))
+            .await
+            .unwrap_err();
         let want = hmac_sha256(&store.hmac_key, key);
         assert!(store.tokens.contains_key(&want));
         assert!(!store.tokens.contains_key(&<[u8; 32]>::from(

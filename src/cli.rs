@@ -227,6 +227,9 @@ pub async fn main(cli: Cli) -> ExitCode {
                         .as_ref()
                         .map_or("off".into(), |a| a.file.display().to_string())
                 ));
+                if let Some(x) = &c.api_key_exchange {
+                    say(format!("  api key service: {} (after the file)", x.url));
+                }
                 say(format!(
                     "  rules: {}  unmatched: {:?}  path policy: {}",
                     c.routes.rules.len(),

@@ -157,6 +157,14 @@ pub struct RawApiKeys {
     pub bcrypt_concurrency: Option<usize>,
     /// The app's `API_KEY_CACHE_SECRET`: the HMAC key of `lookup: hmac-sha256:` records.
     pub lookup_secret: Option<String>,
+    /// The app's key service (`POST .../api-keys/validate`), asked about keys the file
+    /// does not hold.
+    pub exchange_url: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub exchange_timeout: Option<Duration>,
+    /// An exchanged token is remembered until its `exp`, and never longer than this.
+    #[serde(default, with = "humantime_serde")]
+    pub exchange_cache_ttl: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -363,6 +371,8 @@ pub struct Config {
     pub log: LogConfig,
     pub jwt: JwtConfig,
     pub api_keys: Option<ApiKeysConfig>,
+    /// The app's key service, the second API-key source (after the file).
+    pub api_key_exchange: Option<ApiKeyExchangeConfig>,
     pub api_key_header: ApiKeyHeaderConfig,
     pub principals: PrincipalsConfig,
     pub cors: CorsConfig,
@@ -446,6 +456,18 @@ pub struct ApiKeysConfig {
     pub bcrypt_concurrency: usize,
     /// HMAC key for `lookup: hmac-sha256:<hex>` records (the app's `API_KEY_CACHE_SECRET`).
     pub lookup_secret: Option<String>,
+}
+
+/// The app's key service: `POST <url>` with `X-API-Key` answers `{access_token, expires_in}`
+/// (400: no key; 401: invalid or expired key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyExchangeConfig {
+    /// The endpoint itself, e.g. `http://app:8000/api/v1/api-keys/validate`.
+    pub url: String,
+    pub timeout: Duration,
+    /// Upper bound on how long an exchanged token is reused (it never outlives its `exp`):
+    /// a key the service stops accepting keeps working at most this long.
+    pub cache_ttl: Duration,
 }
 
 /// The header that carries API keys, and whether the app gets to see it. Resolved whether or
@@ -561,6 +583,10 @@ pub const DEFAULT_TOKEN_CACHE_SIZE: usize = 10_000;
 pub const DEFAULT_API_KEY_HEADER: &str = "x-api-key";
 pub const DEFAULT_API_KEYS_RELOAD: Duration = Duration::from_secs(2);
 pub const DEFAULT_BCRYPT_CONCURRENCY: usize = 2;
+/// The gateway plugin the exchange replaces waits 5 s for the key service ...
+pub const DEFAULT_API_KEY_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// ... and reuses a token 300 s.
+pub const DEFAULT_API_KEY_EXCHANGE_CACHE_TTL: Duration = Duration::from_secs(300);
 pub const DEFAULT_REQUIRE_TYP: &str = "Bearer";
 pub const DEFAULT_REALM: &str = "authz-sidecar";
 pub const DEFAULT_OPENFGA_TIMEOUT: Duration = Duration::from_millis(500);
@@ -753,6 +779,60 @@ impl Config {
         let lookup_secret = env_any(env, &["API_KEY_CACHE_SECRET"])
             .map(|(_, v)| v)
             .or(raw.api_keys.lookup_secret);
+        const EXCHANGE_URL: &str = "API_KEY_EXCHANGE_URL (api_keys.exchange_url)";
+        let api_key_exchange = match env_any(env, &["API_KEY_EXCHANGE_URL"])
+            .map(|(_, v)| v)
+            .or(raw.api_keys.exchange_url)
+        {
+            None => {
+                for (set, key) in [
+                    (
+                        raw.api_keys.exchange_timeout.is_some(),
+                        "api_keys.exchange_timeout",
+                    ),
+                    (
+                        raw.api_keys.exchange_cache_ttl.is_some(),
+                        "api_keys.exchange_cache_ttl",
+                    ),
+                ] {
+                    if set {
+                        return Err(ConfigError::invalid(
+                            key,
+                            "only applies with api_keys.exchange_url (API_KEY_EXCHANGE_URL)",
+                        ));
+                    }
+                }
+                None
+            }
+            Some(url) => {
+                let url = check_http_url(EXCHANGE_URL, &url)?;
+                // Exchanged tokens are verified like any bearer token.
+                if matches!(jwt.source, KeySourceConfig::None) {
+                    return Err(ConfigError::invalid(
+                        EXCHANGE_URL,
+                        "the key service's tokens are verified like any bearer token: configure a JWT key source (jwt.jwks_file, AUTH_PUBLIC_KEY_URL or KEYCLOAK_URL + KEYCLOAK_REALM)",
+                    ));
+                }
+                let timeout = raw
+                    .api_keys
+                    .exchange_timeout
+                    .unwrap_or(DEFAULT_API_KEY_EXCHANGE_TIMEOUT);
+                if timeout.is_zero() {
+                    return Err(ConfigError::invalid(
+                        "api_keys.exchange_timeout",
+                        "must be more than 0s",
+                    ));
+                }
+                Some(ApiKeyExchangeConfig {
+                    url,
+                    timeout,
+                    cache_ttl: raw
+                        .api_keys
+                        .exchange_cache_ttl
+                        .unwrap_or(DEFAULT_API_KEY_EXCHANGE_CACHE_TTL),
+                })
+            }
+        };
         let api_keys = api_key_file.map(|file| ApiKeysConfig {
             file,
             reload_interval: raw
@@ -858,7 +938,10 @@ impl Config {
         };
         let request = RequestConfig { path_policy };
 
-        if matches!(jwt.source, KeySourceConfig::None) && api_keys.is_none() {
+        if matches!(jwt.source, KeySourceConfig::None)
+            && api_keys.is_none()
+            && api_key_exchange.is_none()
+        {
             let every_rule_public = routes.rules.iter().all(|r| r.public);
             if !every_rule_public || routes.unmatched == Unmatched::Authenticated {
                 return Err(ConfigError::invalid(
@@ -877,6 +960,7 @@ impl Config {
             log: LogConfig { filter, json },
             jwt,
             api_keys,
+            api_key_exchange,
             api_key_header,
             principals,
             cors,
@@ -1288,6 +1372,56 @@ mod tests {
         let keys = c.api_keys.unwrap();
         assert_eq!(keys.bcrypt_concurrency, 4);
         assert_eq!(keys.lookup_secret.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn the_key_service_is_a_second_api_key_source_with_plugin_defaults() {
+        assert_eq!(load(MIN, &[]).unwrap().api_key_exchange, None);
+        let c = load(
+            "jwt: { jwks_file: k }\napi_keys: { exchange_url: 'http://app:8000/api/v1/api-keys/validate/' }",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.api_key_exchange,
+            Some(ApiKeyExchangeConfig {
+                url: "http://app:8000/api/v1/api-keys/validate".into(),
+                timeout: Duration::from_secs(5),
+                cache_ttl: Duration::from_secs(300),
+            })
+        );
+        assert!(c.api_keys.is_none(), "the service alone is enough");
+        let c = load(
+            "jwt: { jwks_file: k }\napi_keys: { file: k.yaml, exchange_url: 'http://a/v', exchange_timeout: 2s, exchange_cache_ttl: 0s }",
+            &[("API_KEY_EXCHANGE_URL", "https://b/v")],
+        )
+        .unwrap();
+        let x = c.api_key_exchange.unwrap();
+        assert_eq!(
+            (x.url.as_str(), x.timeout, x.cache_ttl),
+            ("https://b/v", Duration::from_secs(2), Duration::ZERO)
+        );
+        for (yaml, want) in [
+            (
+                "api_keys: { exchange_url: 'http://a/v' }\nroutes: { unmatched: deny }",
+                "API_KEY_EXCHANGE_URL (api_keys.exchange_url): the key service's tokens are verified like any bearer token",
+            ),
+            (
+                "jwt: { jwks_file: k }\napi_keys: { exchange_url: 'ftp://a/v' }",
+                "API_KEY_EXCHANGE_URL (api_keys.exchange_url)",
+            ),
+            (
+                "jwt: { jwks_file: k }\napi_keys: { exchange_url: 'http://a/v', exchange_timeout: 0s }",
+                "api_keys.exchange_timeout",
+            ),
+            (
+                "jwt: { jwks_file: k }\napi_keys: { exchange_cache_ttl: 60s }",
+                "api_keys.exchange_cache_ttl: only applies with api_keys.exchange_url",
+            ),
+        ] {
+            let e = load(yaml, &[]).unwrap_err().to_string();
+            assert!(e.contains(want), "{yaml}: {e} should contain {want}");
+        }
     }
 
     #[test]

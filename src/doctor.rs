@@ -162,7 +162,11 @@ const SECTIONS: &[Section] = &[
     },
     Section {
         name: "api_keys",
-        vars: &["API_KEYS_FILE", "API_KEY_CACHE_SECRET"],
+        vars: &[
+            "API_KEYS_FILE",
+            "API_KEY_CACHE_SECRET",
+            "API_KEY_EXCHANGE_URL",
+        ],
     },
     Section {
         name: "principals",
@@ -563,8 +567,22 @@ fn check_api_keys(r: &mut Report, c: &Configs) -> Result<Option<Arc<dyn ApiKeySt
         r.skip("api keys", Configs::invalid("api_keys"));
         return Err("the api_keys settings are invalid (see config)".into());
     };
+    if let Some(x) = &config.api_key_exchange {
+        // Not called here: doctor has no key to exchange, and the service's answer to none is 400.
+        r.ok(
+            "api key service",
+            format!(
+                "keys the file does not hold go to {} (timeout {}, tokens reused at most {}); not probed",
+                x.url,
+                humantime::format_duration(x.timeout),
+                humantime::format_duration(x.cache_ttl)
+            ),
+        );
+    }
     let Some(cfg) = &config.api_keys else {
-        r.ok("api keys", "no API_KEYS_FILE: API keys are refused");
+        if config.api_key_exchange.is_none() {
+            r.ok("api keys", "no API_KEYS_FILE: API keys are refused");
+        }
         return Ok(None);
     };
     let options = StoreOptions {

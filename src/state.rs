@@ -21,6 +21,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::authn::api_key::{ApiKeyStore, FileApiKeyStore, StoreOptions};
+use crate::authn::api_key_exchange::{self, ExchangeApiKeyStore};
 use crate::authn::jwks::{JwksKeySource, KeySource};
 use crate::authn::jwt::JwtVerifier;
 use crate::authn::{Authenticator, principals::Principals};
@@ -169,6 +170,12 @@ pub async fn build(
             Some(store as Arc<dyn ApiKeyStore>)
         }
     };
+    // The app's key service, asked about keys the file does not hold.
+    let exchange = config
+        .api_key_exchange
+        .as_ref()
+        .map(|cfg| Arc::new(ExchangeApiKeyStore::http(cfg, clock.clone())));
+    let api_keys = api_key_exchange::compose(api_keys, exchange);
 
     let openfga_stats = Arc::new(OnceLock::new());
     let checker = match &config.openfga {

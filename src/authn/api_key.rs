@@ -33,6 +33,17 @@ pub const KEY_PREFIX_LIVE: &str = "mcpkey_live_";
 pub trait ApiKeyStore: Send + Sync {
     /// Verifies the presented key and returns its principal.
     async fn authenticate(&self, key: &str) -> Result<Principal, AuthnError>;
+    /// [`authenticate`](Self::authenticate) with the current policy's bearer-token verifier:
+    /// a store whose keys stand for tokens (the app's key service,
+    /// [`super::api_key_exchange`]) verifies them with it, so they pass exactly the checks a
+    /// bearer token passes, under the JWT settings in force now.
+    async fn authenticate_with(
+        &self,
+        key: &str,
+        _jwt: Option<&super::jwt::JwtVerifier>,
+    ) -> Result<Principal, AuthnError> {
+        self.authenticate(key).await
+    }
     /// Number of records (for the startup log and doctor).
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
@@ -436,7 +447,7 @@ impl FileApiKeyStore {
     }
 }
 
-fn hmac_sha256(key: &[u8], message: &str) -> [u8; 32] {
+pub(crate) fn hmac_sha256(key: &[u8], message: &str) -> [u8; 32] {
     // HMAC takes keys of any length; the error branch cannot happen.
     match <Hmac<Sha256> as Mac>::new_from_slice(key) {
         Ok(mut mac) => {

@@ -107,6 +107,8 @@ pub struct RawServer {
     pub drain_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub shutdown_delay: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub reload_interval: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -356,6 +358,9 @@ pub struct Config {
     /// After SIGTERM: health NOT_SERVING while checks are still answered, so Envoy and the
     /// endpoints controller stop sending before the listener closes.
     pub shutdown_delay: Duration,
+    /// How often the config file's content hash is compared with the running one (a change
+    /// reloads); zero: the file is not watched, SIGHUP still reloads.
+    pub reload_interval: Duration,
     pub log: LogConfig,
     pub jwt: JwtConfig,
     pub api_keys: Option<ApiKeysConfig>,
@@ -543,6 +548,7 @@ pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:9191";
 pub const DEFAULT_OPS_ADDR: &str = "0.0.0.0:9092";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
 pub const DEFAULT_REFRESH_COOLDOWN: Duration = Duration::from_secs(10);
@@ -621,8 +627,15 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
+        Self::from_file_text(path, &text, env)
+    }
+
+    /// The file at `path` whose content is `text` (already read, so a reload decides on and
+    /// hashes the same bytes): relative paths resolve against its directory, parse errors
+    /// name it.
+    pub fn from_file_text(path: &Path, text: &str, env: &dyn Env) -> Result<Self, ConfigError> {
         let base = path.parent().unwrap_or_else(|| Path::new("."));
-        Self::from_yaml(&text, base, env).map_err(|e| match e {
+        Self::from_yaml(text, base, env).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
@@ -661,6 +674,15 @@ impl Config {
                 )
             })?,
             None => raw.server.shutdown_delay.unwrap_or(DEFAULT_SHUTDOWN_DELAY),
+        };
+        let reload_interval = match env_any(env, &["AUTHZ_RELOAD_INTERVAL"]) {
+            Some((name, v)) => humantime::parse_duration(v.trim()).map_err(|e| {
+                ConfigError::invalid(
+                    format!("server.reload_interval ({name})"),
+                    format!("{v:?} is not a duration such as 2s (0s: do not watch the file): {e}"),
+                )
+            })?,
+            None => raw.server.reload_interval.unwrap_or(DEFAULT_RELOAD_INTERVAL),
         };
         let ops_addr = if ops_raw == "off" {
             None
@@ -863,6 +885,7 @@ impl Config {
             ops_addr,
             drain_timeout: raw.server.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             shutdown_delay,
+            reload_interval,
             log: LogConfig { filter, json },
             jwt,
             api_keys,

@@ -313,8 +313,9 @@ async fn serve(path: PathBuf, grpc_addr: Option<String>, ops_addr: Option<String
     };
     // Flags are the same overrides as the environment variables, applied last, at startup
     // and on every reload alike.
-    let source = crate::reload::ConfigSource::new(path.clone())
-        .with_overrides(move |config| apply_flags(config, grpc_addr.as_deref(), ops_addr.as_deref()));
+    let source = crate::reload::ConfigSource::new(path.clone()).with_overrides(move |config| {
+        apply_flags(config, grpc_addr.as_deref(), ops_addr.as_deref())
+    });
     let (hash, config) = source.load();
     let config = match config {
         Ok(c) => c,

@@ -682,7 +682,10 @@ impl Config {
                     format!("{v:?} is not a duration such as 2s (0s: do not watch the file): {e}"),
                 )
             })?,
-            None => raw.server.reload_interval.unwrap_or(DEFAULT_RELOAD_INTERVAL),
+            None => raw
+                .server
+                .reload_interval
+                .unwrap_or(DEFAULT_RELOAD_INTERVAL),
         };
         let ops_addr = if ops_raw == "off" {
             None

@@ -268,7 +268,11 @@ impl Reloader {
     }
 
     /// Answers [`ReloadHandle`] requests until `shutdown`.
-    pub async fn serve_requests(self: Arc<Self>, mut requests: Requests, shutdown: CancellationToken) {
+    pub async fn serve_requests(
+        self: Arc<Self>,
+        mut requests: Requests,
+        shutdown: CancellationToken,
+    ) {
         loop {
             let (cause, reply) = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -344,12 +348,24 @@ pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str>
             keys.push(key);
         }
     };
-    changed(&mut keys, "server.grpc_addr", running.grpc_addr != new.grpc_addr);
-    changed(&mut keys, "server.ops_addr", running.ops_addr != new.ops_addr);
-    changed(&mut keys, "server.drain_timeout",
+    changed(
+        &mut keys,
+        "server.grpc_addr",
+        running.grpc_addr != new.grpc_addr,
+    );
+    changed(
+        &mut keys,
+        "server.ops_addr",
+        running.ops_addr != new.ops_addr,
+    );
+    changed(
+        &mut keys,
+        "server.drain_timeout",
         running.drain_timeout != new.drain_timeout,
     );
-    changed(&mut keys, "server.shutdown_delay",
+    changed(
+        &mut keys,
+        "server.shutdown_delay",
         running.shutdown_delay != new.shutdown_delay,
     );
     changed(&mut keys, "log.level", running.log.filter != new.log.filter);
@@ -357,25 +373,41 @@ pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str>
 
     let (a, b) = (&running.jwt, &new.jwt);
     changed(&mut keys, key_source_key(&b.source), a.source != b.source);
-    changed(&mut keys, "jwt.refresh_interval",
+    changed(
+        &mut keys,
+        "jwt.refresh_interval",
         a.refresh_interval != b.refresh_interval,
     );
-    changed(&mut keys, "jwt.refresh_cooldown",
+    changed(
+        &mut keys,
+        "jwt.refresh_cooldown",
         a.refresh_cooldown != b.refresh_cooldown,
     );
-    changed(&mut keys, "jwt.fetch_timeout", a.fetch_timeout != b.fetch_timeout);
+    changed(
+        &mut keys,
+        "jwt.fetch_timeout",
+        a.fetch_timeout != b.fetch_timeout,
+    );
 
     match (&running.api_keys, &new.api_keys) {
         (Some(a), Some(b)) => {
             let before = keys.len();
             changed(&mut keys, "api_keys.file", a.file != b.file);
-            changed(&mut keys, "api_keys.reload_interval",
+            changed(
+                &mut keys,
+                "api_keys.reload_interval",
                 a.reload_interval != b.reload_interval,
             );
-            changed(&mut keys, "api_keys.bcrypt_concurrency",
+            changed(
+                &mut keys,
+                "api_keys.bcrypt_concurrency",
                 a.bcrypt_concurrency != b.bcrypt_concurrency,
             );
-            changed(&mut keys, "api_keys.lookup_secret", a.lookup_secret != b.lookup_secret);
+            changed(
+                &mut keys,
+                "api_keys.lookup_secret",
+                a.lookup_secret != b.lookup_secret,
+            );
             // Any other API-key store setting: named by its section.
             let other = keys.len() == before && !same(a, b);
             changed(&mut keys, "api_keys", other);
@@ -391,15 +423,29 @@ pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str>
             changed(&mut keys, "openfga.model_id", a.model_id != b.model_id);
             changed(&mut keys, "openfga.api_token", a.api_token != b.api_token);
             changed(&mut keys, "openfga.timeout", a.timeout != b.timeout);
-            changed(&mut keys, "openfga.consistency", !same(&a.consistency, &b.consistency));
-            changed(&mut keys, "openfga.max_batch_size", a.max_batch_size != b.max_batch_size);
-            changed(&mut keys, "openfga.changelog_interval",
+            changed(
+                &mut keys,
+                "openfga.consistency",
+                !same(&a.consistency, &b.consistency),
+            );
+            changed(
+                &mut keys,
+                "openfga.max_batch_size",
+                a.max_batch_size != b.max_batch_size,
+            );
+            changed(
+                &mut keys,
+                "openfga.changelog_interval",
                 a.changelog_interval != b.changelog_interval,
             );
-            changed(&mut keys, "openfga.breaker_failures",
+            changed(
+                &mut keys,
+                "openfga.breaker_failures",
                 a.breaker_failures != b.breaker_failures,
             );
-            changed(&mut keys, "openfga.breaker_open_for",
+            changed(
+                &mut keys,
+                "openfga.breaker_open_for",
                 a.breaker_open_for != b.breaker_open_for,
             );
             // Any other connection setting; contextual tuples reload.
@@ -416,9 +462,17 @@ pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str>
 
     let (a, b) = (&running.cache, &new.cache);
     changed(&mut keys, "cache.enabled", a.enabled != b.enabled);
-    changed(&mut keys, "cache.allowed_ttl", a.allowed_ttl != b.allowed_ttl);
+    changed(
+        &mut keys,
+        "cache.allowed_ttl",
+        a.allowed_ttl != b.allowed_ttl,
+    );
     changed(&mut keys, "cache.denied_ttl", a.denied_ttl != b.denied_ttl);
-    changed(&mut keys, "cache.max_entries", a.max_entries != b.max_entries);
+    changed(
+        &mut keys,
+        "cache.max_entries",
+        a.max_entries != b.max_entries,
+    );
     keys
 }
 
@@ -466,7 +520,8 @@ mod tests {
         Config::from_yaml(yaml, Path::new("/"), &BTreeMap::new()).unwrap()
     }
 
-    const BASE: &str = "jwt: { jwks_file: k.json, issuer: a }\nroutes: { rules: [ { path: /x } ] }\n";
+    const BASE: &str =
+        "jwt: { jwks_file: k.json, issuer: a }\nroutes: { rules: [ { path: /x } ] }\n";
 
     #[test]
     fn routes_and_jwt_settings_reload_without_a_restart() {

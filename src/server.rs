@@ -15,8 +15,8 @@ use tonic_health::ServingStatus;
 
 use crate::clock::system_clock;
 use crate::config::{Config, ListenAddr};
-use crate::reload::{ConfigSource, ContentHash, Reloader, Requests};
 use crate::proto::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use crate::reload::{ConfigSource, ContentHash, Reloader, Requests};
 use crate::service::CheckService;
 use crate::state::{Built, build};
 use crate::telemetry::Metrics;
@@ -96,9 +96,9 @@ pub async fn run_with(
 ) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let built = build(&config, system_clock(), &shutdown).await?;
-    metrics.config_last_success.set(
-        i64::try_from(crate::clock::now_secs()).unwrap_or(i64::MAX),
-    );
+    metrics
+        .config_last_success
+        .set(i64::try_from(crate::clock::now_secs()).unwrap_or(i64::MAX));
     if let Some(reload) = reload {
         let reloader = Arc::new(Reloader::new(
             reload.source,

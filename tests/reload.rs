@@ -106,7 +106,14 @@ async fn a_route_made_public_in_the_file_is_served_within_the_interval() {
         metric(&s, "authz_sidecar_config_last_reload_successful").await,
         1.0
     );
-    assert!(metric(&s, "authz_sidecar_config_last_reload_success_timestamp_seconds").await > 0.0);
+    assert!(
+        metric(
+            &s,
+            "authz_sidecar_config_last_reload_success_timestamp_seconds"
+        )
+        .await
+            > 0.0
+    );
     s.stop().await.unwrap();
 }
 
@@ -117,12 +124,20 @@ async fn a_reload_request_applies_the_file_when_watching_is_off() {
     let s = Sidecar::start_file(&path, &[]).await;
     dir.write(&yaml("reload_interval: 0s", DOCS_PUBLIC));
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert_eq!(docs(&s).await, 401, "not watched: nothing changes by itself");
+    assert_eq!(
+        docs(&s).await,
+        401,
+        "not watched: nothing changes by itself"
+    );
 
     let outcome = s.reload().await;
     assert!(outcome.applied(), "{outcome:?}");
     assert!(outcome.restart_needed().is_empty(), "{outcome:?}");
-    assert_eq!(docs(&s).await, 200, "the reload request (SIGHUP) applied it");
+    assert_eq!(
+        docs(&s).await,
+        200,
+        "the reload request (SIGHUP) applied it"
+    );
     s.stop().await.unwrap();
 }
 
@@ -151,7 +166,10 @@ async fn a_broken_config_is_refused_and_the_old_policy_keeps_answering() {
         let error = outcome.result.clone().unwrap_err();
         assert!(error.contains(names), "{bad}: {error} should name {names}");
         assert!(!error.contains('\n'), "one line: {error}");
-        assert!(outcome.hash.is_some(), "the refused bytes are named by hash");
+        assert!(
+            outcome.hash.is_some(),
+            "the refused bytes are named by hash"
+        );
         assert_eq!(docs(&s).await, 200, "{bad}: the old policy keeps answering");
     }
     assert_eq!(
@@ -290,7 +308,14 @@ const POLICY_B: &str = r#"- { name: docs, path: "/docs/**", public: true }
 /// (status, reason): the answer, as far as a caller can tell two apart.
 fn answer(r: &authz_sidecar::proto::pb::envoy::service::auth::v3::CheckResponse) -> (u16, String) {
     let code = status(r);
-    (code, if code == 200 { String::new() } else { reason(r) })
+    (
+        code,
+        if code == 200 {
+            String::new()
+        } else {
+            reason(r)
+        },
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,7 +346,10 @@ async fn under_steady_load_twenty_reloads_give_only_the_two_policies_answers() {
     assert!(s.reload().await.applied());
     let under_b = ask_all(&mut client).await;
     for i in 0..4 {
-        assert_ne!(under_a[i], under_b[i], "request {i} tells the policies apart");
+        assert_ne!(
+            under_a[i], under_b[i],
+            "request {i} tells the policies apart"
+        );
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -382,7 +410,10 @@ async fn under_steady_load_twenty_reloads_give_only_the_two_policies_answers() {
         }
     }
     assert!(start.elapsed() < Duration::from_secs(15));
-    let (sent, answered) = (sent.load(Ordering::Relaxed), answered.load(Ordering::Relaxed));
+    let (sent, answered) = (
+        sent.load(Ordering::Relaxed),
+        answered.load(Ordering::Relaxed),
+    );
     assert_eq!(sent, answered, "no check dropped");
     assert!(answered > 200, "steady load: only {answered} checks");
     assert!(
@@ -395,7 +426,10 @@ async fn under_steady_load_twenty_reloads_give_only_the_two_policies_answers() {
     );
 }
 
-type AuthClient = authz_sidecar::proto::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient<tonic::transport::Channel>;
+type AuthClient =
+    authz_sidecar::proto::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient<
+        tonic::transport::Channel,
+    >;
 type CheckRequestFn = Box<
     dyn Fn(&str) -> authz_sidecar::proto::pb::envoy::service::auth::v3::CheckRequest + Send + Sync,
 >;
@@ -465,7 +499,14 @@ async fn sighup_reloads_the_binary_and_does_not_kill_it() {
     }
     assert!(ready, "sidecar never became ready");
     let mut client = AuthClient::connect(format!("http://{grpc}")).await.unwrap();
-    let docs = async |c: &mut AuthClient| status(&c.check(Req::get("/docs/guide").build()).await.unwrap().into_inner());
+    let docs = async |c: &mut AuthClient| {
+        status(
+            &c.check(Req::get("/docs/guide").build())
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+    };
     assert_eq!(docs(&mut client).await, 401);
 
     // The route made public, and a drain timeout that needs a restart.
@@ -490,8 +531,16 @@ async fn sighup_reloads_the_binary_and_does_not_kill_it() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let text = std::fs::read_to_string(&log).unwrap();
-    let line = text.lines().find(|l| l.contains("config reloaded")).unwrap();
-    assert!(line.contains("result=\"ok\"") && line.contains("cause=sighup") && line.contains("config_hash=sha256:"), "{line}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("config reloaded"))
+        .unwrap();
+    assert!(
+        line.contains("result=\"ok\"")
+            && line.contains("cause=sighup")
+            && line.contains("config_hash=sha256:"),
+        "{line}"
+    );
     assert!(
         text.contains("restart needed for: server.drain_timeout"),
         "the restart-only key is named:\n{text}"

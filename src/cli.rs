@@ -329,29 +329,27 @@ pub async fn main(cli: Cli) -> ExitCode {
 }
 
 async fn serve(path: PathBuf, grpc_addr: Option<String>, ops_addr: Option<String>) -> ExitCode {
-    // Flags are the same overrides as the environment variables, applied last.
-    let mut config = match Config::load(&path) {
+    // SIGHUP reloads from here on, instead of ending the process (its default action).
+    let hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("authz-sidecar: cannot handle SIGHUP: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // Flags are the same overrides as the environment variables, applied last, at startup
+    // and on every reload alike.
+    let source = crate::reload::ConfigSource::new(path.clone()).with_overrides(move |config| {
+        apply_flags(config, grpc_addr.as_deref(), ops_addr.as_deref())
+    });
+    let (hash, config) = source.load();
+    let config = match config {
         Ok(c) => c,
         Err(e) => return config_error(e),
     };
-    if let Some(a) = grpc_addr.filter(|a| !a.is_empty()) {
-        match crate::config::ListenAddr::parse("--grpc-addr", &a) {
-            Ok(l) => config.grpc_addr = l,
-            Err(e) => return config_error(e),
-        }
-    }
-    if let Some(a) = ops_addr.filter(|a| !a.is_empty()) {
-        config.ops_addr = if a == "off" {
-            None
-        } else {
-            match a.parse() {
-                Ok(s) => Some(s),
-                Err(_) => return config_error(format!("--ops-addr: {a:?} is not HOST:PORT")),
-            }
-        };
-    }
     crate::telemetry::init_logging(&config.log);
-    tracing::info!(config = %path.display(), version = env!("CARGO_PKG_VERSION"), keys = %config.jwt.source.describe(), "starting");
+    let hash_label = hash.map(|h| h.to_string()).unwrap_or_default();
+    tracing::info!(config = %path.display(), config_hash = %hash_label, version = env!("CARGO_PKG_VERSION"), keys = %config.jwt.source.describe(), "starting");
     let listeners = match crate::server::Listeners::bind(&config).await {
         Ok(l) => l,
         Err(e) => {
@@ -367,7 +365,14 @@ async fn serve(path: PathBuf, grpc_addr: Option<String>, ops_addr: Option<String
             shutdown.cancel();
         });
     }
-    match crate::server::run(config, listeners, shutdown).await {
+    let (handle, requests) = crate::reload::channel();
+    tokio::spawn(reload_on_sighup(hangups, handle));
+    let reload = crate::server::Reload {
+        source,
+        hash,
+        requests,
+    };
+    match crate::server::run_with(config, Some(reload), listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "stopped");
@@ -377,6 +382,40 @@ async fn serve(path: PathBuf, grpc_addr: Option<String>, ops_addr: Option<String
                 || e.downcast_ref::<crate::authn::api_key::ApiKeyFileError>()
                     .is_some();
             ExitCode::from(if fatal_config { 2 } else { 1 })
+        }
+    }
+}
+
+/// `--grpc-addr` and `--ops-addr` over the file and the environment.
+fn apply_flags(
+    config: &mut Config,
+    grpc_addr: Option<&str>,
+    ops_addr: Option<&str>,
+) -> Result<(), crate::config::ConfigError> {
+    if let Some(a) = grpc_addr.filter(|a| !a.is_empty()) {
+        config.grpc_addr = crate::config::ListenAddr::parse("--grpc-addr", a)?;
+    }
+    if let Some(a) = ops_addr.filter(|a| !a.is_empty()) {
+        config.ops_addr = if a == "off" {
+            None
+        } else {
+            Some(a.parse().map_err(|_| {
+                crate::config::ConfigError::invalid("--ops-addr", format!("{a:?} is not HOST:PORT"))
+            })?)
+        };
+    }
+    Ok(())
+}
+
+/// Each SIGHUP asks for a reload; the reload logs its own result line.
+async fn reload_on_sighup(
+    mut hangups: tokio::signal::unix::Signal,
+    handle: crate::reload::ReloadHandle,
+) {
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the config");
+        if handle.reload(crate::reload::Cause::Sighup).await.is_none() {
+            return;
         }
     }
 }

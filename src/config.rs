@@ -109,6 +109,8 @@ pub struct RawServer {
     pub shutdown_delay: Option<Duration>,
     /// gRPC server reflection (grpcurl without proto files); off by default.
     pub reflection: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub reload_interval: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -368,6 +370,9 @@ pub struct Config {
     pub shutdown_delay: Duration,
     /// gRPC server reflection (`server.reflection`).
     pub reflection: bool,
+    /// How often the config file's content hash is compared with the running one (a change
+    /// reloads); zero: the file is not watched, SIGHUP still reloads.
+    pub reload_interval: Duration,
     pub log: LogConfig,
     pub jwt: JwtConfig,
     pub api_keys: Option<ApiKeysConfig>,
@@ -575,6 +580,7 @@ pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:9191";
 pub const DEFAULT_OPS_ADDR: &str = "0.0.0.0:9092";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
 pub const DEFAULT_REFRESH_COOLDOWN: Duration = Duration::from_secs(10);
@@ -657,8 +663,15 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
+        Self::from_file_text(path, &text, env)
+    }
+
+    /// The file at `path` whose content is `text` (already read, so a reload decides on and
+    /// hashes the same bytes): relative paths resolve against its directory, parse errors
+    /// name it.
+    pub fn from_file_text(path: &Path, text: &str, env: &dyn Env) -> Result<Self, ConfigError> {
         let base = path.parent().unwrap_or_else(|| Path::new("."));
-        Self::from_yaml(&text, base, env).map_err(|e| match e {
+        Self::from_yaml(text, base, env).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
@@ -697,6 +710,18 @@ impl Config {
                 )
             })?,
             None => raw.server.shutdown_delay.unwrap_or(DEFAULT_SHUTDOWN_DELAY),
+        };
+        let reload_interval = match env_any(env, &["AUTHZ_RELOAD_INTERVAL"]) {
+            Some((name, v)) => humantime::parse_duration(v.trim()).map_err(|e| {
+                ConfigError::invalid(
+                    format!("server.reload_interval ({name})"),
+                    format!("{v:?} is not a duration such as 2s (0s: do not watch the file): {e}"),
+                )
+            })?,
+            None => raw
+                .server
+                .reload_interval
+                .unwrap_or(DEFAULT_RELOAD_INTERVAL),
         };
         let ops_addr = if ops_raw == "off" {
             None
@@ -957,6 +982,7 @@ impl Config {
             drain_timeout: raw.server.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             shutdown_delay,
             reflection: raw.server.reflection.unwrap_or(false),
+            reload_interval,
             log: LogConfig { filter, json },
             jwt,
             api_keys,

@@ -143,7 +143,12 @@ struct Section {
 const SECTIONS: &[Section] = &[
     Section {
         name: "server",
-        vars: &["AUTHZ_GRPC_ADDR", "AUTHZ_OPS_ADDR", "AUTHZ_SHUTDOWN_DELAY"],
+        vars: &[
+            "AUTHZ_GRPC_ADDR",
+            "AUTHZ_OPS_ADDR",
+            "AUTHZ_SHUTDOWN_DELAY",
+            "AUTHZ_RELOAD_INTERVAL",
+        ],
     },
     Section {
         name: "log",

@@ -10,7 +10,8 @@
 //! Imports point down only; no module imports one above it, so there are no circles. From the
 //! top:
 //!
-//! 1. `main` → [`cli`] → [`doctor`] → [`inspect`] → [`server`] (listeners, serving, drain) → [`ops`]
+//! 1. `main` → [`cli`] → [`doctor`] → [`inspect`] → [`server`] (listeners, serving, drain) →
+//!    [`reload`] (config file and SIGHUP) → [`ops`]
 //! 2. [`service`] (gRPC adapter: loads the current policy once per request) → [`telemetry`] →
 //!    [`response`] (proto edge out)
 //! 3. [`state`] (composition root: `Backends` built once, `Policy` swappable)
@@ -43,6 +44,7 @@ pub mod inspect;
 pub mod ops;
 pub mod pipeline;
 pub mod proto;
+pub mod reload;
 pub mod request;
 pub mod response;
 pub mod server;
@@ -62,6 +64,7 @@ mod layers {
         "doctor",
         "inspect",
         "server",
+        "reload",
         "ops",
         "service",
         "telemetry",

@@ -2,7 +2,8 @@
 //! listener (`/healthz`, `/readyz`, `/metrics`), health that follows readiness, and the drain
 //! on shutdown. What it serves is built by [`crate::state`] (the composition root).
 //!
-//! [`run`] takes its listeners from the caller, so tests bind `127.0.0.1:0` and pass them in.
+//! [`run`] takes its listeners from the caller, so tests bind `127.0.0.1:0` and pass them in;
+//! [`run_with`] also reloads the config from its file ([`crate::reload`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use tonic_health::ServingStatus;
 use crate::clock::system_clock;
 use crate::config::{Config, ListenAddr};
 use crate::proto::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use crate::reload::{ConfigSource, ContentHash, Reloader, Requests};
 use crate::service::CheckService;
 use crate::state::{Built, build};
 use crate::telemetry::Metrics;
@@ -72,8 +74,46 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    run_with(config, None, listeners, shutdown).await
+}
+
+/// Where a running server reloads its config from.
+pub struct Reload {
+    /// The file the config was read from, read again the same way on a reload.
+    pub source: ConfigSource,
+    /// The hash of the bytes the starting config was read from.
+    pub hash: Option<ContentHash>,
+    /// Reload requests (SIGHUP).
+    pub requests: Requests,
+}
+
+/// [`run`], reloading the config on [`Reload::requests`] and when its file changes.
+pub async fn run_with(
+    config: Config,
+    reload: Option<Reload>,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let built = build(&config, system_clock(), &shutdown).await?;
+    metrics
+        .config_last_success
+        .set(i64::try_from(crate::clock::now_secs()).unwrap_or(i64::MAX));
+    if let Some(reload) = reload {
+        let reloader = Arc::new(Reloader::new(
+            reload.source,
+            config.clone(),
+            reload.hash,
+            built.state.clone(),
+            metrics.clone(),
+        ));
+        tokio::spawn(
+            reloader
+                .clone()
+                .serve_requests(reload.requests, shutdown.clone()),
+        );
+        tokio::spawn(reloader.watch(shutdown.clone()));
+    }
     serve(config, built, metrics, listeners, shutdown).await
 }
 

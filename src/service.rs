@@ -209,6 +209,7 @@ mod tests {
             api_keys: Some(keys.clone()),
             checker: None,
             openfga_stats: Arc::new(OnceLock::new()),
+            model_gate: Default::default(),
             clock: crate::clock::system_clock(),
         };
         let open = config("[ { name: any-caller, path: /docs } ]");

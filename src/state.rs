@@ -13,8 +13,13 @@
 //! on that one to the end; a swap changes what the next request sees, never a request in
 //! flight. Changing a backend (key source, API-key file, OpenFGA store, cache size) needs a
 //! restart.
+//!
+//! Invariant: every policy that serves has had its rules checked against the OpenFGA model
+//! (when OpenFGA is configured). [`State::apply`] checks a new policy's rules against the
+//! connected model before the swap; before OpenFGA connects, it leaves them for the connection
+//! to check, as it checks the first policy's ([`ModelGate`]).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -27,7 +32,7 @@ use crate::authn::jwt::JwtVerifier;
 use crate::authn::{Authenticator, principals::Principals};
 use crate::authz::breaker::BreakerState;
 use crate::authz::cache::{DecisionCache, Invalidate};
-use crate::authz::openfga::{ChangeWatcher, OpenFgaClient};
+use crate::authz::openfga::{ChangeWatcher, OpenFgaClient, OpenFgaError};
 use crate::authz::rules::RuleSet;
 use crate::authz::{Authorizer, LateChecker, RelationRef, RelationshipChecker};
 use crate::clock::Clock;
@@ -54,7 +59,46 @@ pub struct Backends {
     pub checker: Option<Arc<LateChecker>>,
     /// OpenFGA client and cache counters, once connected.
     pub openfga_stats: Arc<OnceLock<Arc<dyn BackendStats>>>,
+    /// Where the serving policy's rules are checked against the OpenFGA model.
+    pub model_gate: Arc<ModelGate>,
     pub clock: Clock,
+}
+
+/// The relation references of the serving policy's rules and the OpenFGA model they must
+/// exist in. One lock orders the two ways rules meet the model: the connection checks the
+/// references left here, and [`State::apply`] checks (or leaves) a new policy's and swaps it
+/// under the same lock, so no policy's rules go unchecked whichever comes first.
+#[derive(Default)]
+pub struct ModelGate(Mutex<Gate>);
+
+#[derive(Default)]
+enum Gate {
+    /// No OpenFGA configured: nothing to check.
+    #[default]
+    Off,
+    /// Not connected yet: the references the connection will check.
+    Pending(Vec<RelationRef>),
+    /// Connected: check against this client's current model.
+    Connected(Arc<OpenFgaClient>),
+}
+
+impl ModelGate {
+    fn pending(refs: Vec<RelationRef>) -> Self {
+        Self(Mutex::new(Gate::Pending(refs)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Gate> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Why a new policy was refused; the running one keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Model(#[from] OpenFgaError),
 }
 
 /// What the server runs: the current policy (swappable) over the backends (built once).
@@ -86,6 +130,21 @@ impl State {
     /// keep the one they loaded. Returns the policy it replaced.
     pub fn swap_policy(&self, new: Policy) -> Arc<Policy> {
         self.policy.swap(Arc::new(new))
+    }
+
+    /// A reload: builds the policy of `config` (rules compiled), checks its rules against the
+    /// OpenFGA model when connected, and swaps it in; on any error the running policy stays.
+    /// Before OpenFGA connects the rules are left for the connection to check, as the first
+    /// policy's are (a mismatch then stops the process, as at startup).
+    pub fn apply(&self, config: &Config) -> Result<Arc<Policy>, PolicyError> {
+        let new = self.build_policy(config)?;
+        let mut gate = self.backends.model_gate.lock();
+        match &mut *gate {
+            Gate::Off => {}
+            Gate::Pending(refs) => *refs = new.rules.relation_refs(),
+            Gate::Connected(client) => client.validate(&new.rules.relation_refs())?,
+        }
+        Ok(self.swap_policy(new))
     }
 
     /// What is still missing before every configured backend can answer (empty when ready).
@@ -178,6 +237,10 @@ pub async fn build(
     let api_keys = api_key_exchange::compose(api_keys, exchange);
 
     let openfga_stats = Arc::new(OnceLock::new());
+    let model_gate = Arc::new(match &config.openfga {
+        None => ModelGate::default(),
+        Some(_) => ModelGate::pending(rules.relation_refs()),
+    });
     let checker = match &config.openfga {
         None => None,
         Some(fga) => {
@@ -188,7 +251,7 @@ pub async fn build(
             spawn_openfga(
                 fga.clone(),
                 config.cache.clone(),
-                rules.relation_refs(),
+                model_gate.clone(),
                 late.clone(),
                 openfga_stats.clone(),
                 fatal_tx.clone(),
@@ -203,6 +266,7 @@ pub async fn build(
         api_keys,
         checker,
         openfga_stats,
+        model_gate,
         clock,
     };
     let policy = assemble(config, rules, &backends);
@@ -307,7 +371,7 @@ impl BackendStats for OpenFgaStats {
 fn spawn_openfga(
     cfg: OpenFgaConfig,
     cache_cfg: CacheConfig,
-    refs: Vec<RelationRef>,
+    gate: Arc<ModelGate>,
     late: Arc<LateChecker>,
     stats: Arc<OnceLock<Arc<dyn BackendStats>>>,
     fatal: tokio::sync::mpsc::Sender<Fatal>,
@@ -338,19 +402,36 @@ fn spawn_openfga(
                 }
             }
         };
-        if let Err(e) = client.validate(&refs) {
-            let _ = fatal.send(Fatal(e.to_string())).await;
-            return;
-        }
+        let client = Arc::new(client);
+        // The serving policy's rules (the first, or a reload's that came before the
+        // connection), checked and the gate switched under one lock (see ModelGate).
+        let checked = {
+            let mut gate = gate.lock();
+            let refs = match &*gate {
+                Gate::Pending(refs) => refs.clone(),
+                _ => Vec::new(),
+            };
+            let checked = client.validate(&refs).map(|()| refs.len());
+            if checked.is_ok() {
+                *gate = Gate::Connected(client.clone());
+            }
+            checked
+        };
+        let rules_checked = match checked {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = fatal.send(Fatal(e.to_string())).await;
+                return;
+            }
+        };
         tracing::info!(
             url = %client.api_url(),
             store = %client.store_id(),
             model = %client.model_id(),
             pinned = client.model_pinned(),
-            rules_checked = refs.len(),
+            rules_checked,
             "OpenFGA connected"
         );
-        let client = Arc::new(client);
         let cache = cache_cfg
             .enabled
             .then(|| Arc::new(DecisionCache::new(client.clone(), &cache_cfg)));

@@ -151,6 +151,11 @@ impl Sidecar {
         }
     }
 
+    /// What SIGTERM does, without waiting: the shutdown delay and the drain run on.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
     /// Stops and returns what `run` returned.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();

@@ -7,7 +7,8 @@
 //! these is refused with its one-line error, and the running one keeps serving.
 //!
 //! Invariant: what [`State`]'s backends own (listeners, key source, API-key store, OpenFGA
-//! connection, decision cache, logging) is fixed for the life of the process. A reload that
+//! connection, decision cache and its size, logging) is fixed for the life of the process; the
+//! cache's TTLs are the exception (set on the cache by [`State::apply`]). A reload that
 //! changes one of those keys applies everything else, keeps the running value of those, and
 //! names them in one warning line ("restart needed for: ...").
 //!
@@ -471,13 +472,8 @@ pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str>
     }
 
     let (a, b) = (&running.cache, &new.cache);
+    // The TTLs reload (`State::apply` sets them on the cache); the cache itself does not.
     changed(&mut keys, "cache.enabled", a.enabled != b.enabled);
-    changed(
-        &mut keys,
-        "cache.allowed_ttl",
-        a.allowed_ttl != b.allowed_ttl,
-    );
-    changed(&mut keys, "cache.denied_ttl", a.denied_ttl != b.denied_ttl);
     changed(
         &mut keys,
         "cache.max_entries",
@@ -518,7 +514,8 @@ pub fn keep_restart_only(running: &Config, mut new: Config) -> Config {
         }
         f
     });
-    new.cache = running.cache.clone();
+    new.cache.enabled = running.cache.enabled;
+    new.cache.max_entries = running.cache.max_entries;
     new
 }
 
@@ -544,12 +541,12 @@ mod tests {
     }
 
     #[test]
-    fn listeners_key_source_store_and_cache_are_named_as_restart_only() {
+    fn listeners_key_source_store_and_cache_size_are_named_as_restart_only() {
         let running = config(&format!(
             "{BASE}openfga: {{ api_url: \"http://a:8080\", store_id: s1 }}\n"
         ));
         let new = config(
-            "server: { grpc_addr: \"127.0.0.1:1\" }\njwt: { jwks_url: \"http://k/jwks\", issuer: a }\nroutes: { rules: [ { path: /x } ] }\nopenfga: { api_url: \"http://a:8080\", store_id: s2 }\ncache: { allowed_ttl: 5s }\n",
+            "server: { grpc_addr: \"127.0.0.1:1\" }\njwt: { jwks_url: \"http://k/jwks\", issuer: a }\nroutes: { rules: [ { path: /x } ] }\nopenfga: { api_url: \"http://a:8080\", store_id: s2 }\ncache: { allowed_ttl: 5s, max_entries: 7 }\n",
         );
         assert_eq!(
             restart_only_changes(&running, &new),
@@ -557,12 +554,14 @@ mod tests {
                 "server.grpc_addr",
                 "jwt.jwks_url",
                 "openfga.store_id",
-                "cache.allowed_ttl"
+                "cache.max_entries"
             ]
         );
         let applied = keep_restart_only(&running, new);
         assert!(restart_only_changes(&running, &applied).is_empty());
         assert_eq!(applied.jwt.issuer.as_deref(), Some("a"));
+        // The cache's TTLs reload (State::apply sets them on the cache).
+        assert_eq!(applied.cache.allowed_ttl, Duration::from_secs(5));
     }
 
     #[test]

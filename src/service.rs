@@ -210,6 +210,7 @@ mod tests {
             checker: None,
             openfga_stats: Arc::new(OnceLock::new()),
             model_gate: Default::default(),
+            cache_ttls: Default::default(),
             clock: crate::clock::system_clock(),
         };
         let open = config("[ { name: any-caller, path: /docs } ]");

@@ -61,6 +61,8 @@ pub struct Backends {
     pub openfga_stats: Arc<OnceLock<Arc<dyn BackendStats>>>,
     /// Where the serving policy's rules are checked against the OpenFGA model.
     pub model_gate: Arc<ModelGate>,
+    /// The decision cache's TTLs: the serving config's, applied to the cache once it exists.
+    pub cache_ttls: Arc<CacheTtls>,
     pub clock: Clock,
 }
 
@@ -89,6 +91,38 @@ impl ModelGate {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Gate> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The decision cache's TTLs, which a reload may change although the cache itself is built
+/// once, at the OpenFGA connection. One lock orders the two: a reload before the connection
+/// leaves its TTLs here for the cache, one after sets them on it.
+#[derive(Default)]
+pub struct CacheTtls(Mutex<(Option<(Duration, Duration)>, Option<Arc<DecisionCache>>)>);
+
+impl CacheTtls {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, (Option<(Duration, Duration)>, Option<Arc<DecisionCache>>)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A config's TTLs: the cache's from now on (or from when it exists).
+    pub fn set(&self, allowed: Duration, denied: Duration) {
+        let mut slot = self.lock();
+        slot.0 = Some((allowed, denied));
+        if let Some(cache) = &slot.1 {
+            cache.set_ttls(allowed, denied);
+        }
+    }
+
+    /// The cache, now built: it takes the TTLs of the latest config set here.
+    fn attach(&self, cache: Arc<DecisionCache>) {
+        let mut slot = self.lock();
+        if let Some((allowed, denied)) = slot.0 {
+            cache.set_ttls(allowed, denied);
+        }
+        slot.1 = Some(cache);
     }
 }
 
@@ -144,6 +178,9 @@ impl State {
             Gate::Pending(refs) => *refs = new.rules.relation_refs(),
             Gate::Connected(client) => client.validate(&new.rules.relation_refs())?,
         }
+        self.backends
+            .cache_ttls
+            .set(config.cache.allowed_ttl, config.cache.denied_ttl);
         Ok(self.swap_policy(new))
     }
 
@@ -237,6 +274,7 @@ pub async fn build(
     let api_keys = api_key_exchange::compose(api_keys, exchange);
 
     let openfga_stats = Arc::new(OnceLock::new());
+    let cache_ttls = Arc::new(CacheTtls::default());
     let model_gate = Arc::new(match &config.openfga {
         None => ModelGate::default(),
         Some(_) => ModelGate::pending(rules.relation_refs()),
@@ -251,6 +289,7 @@ pub async fn build(
             spawn_openfga(
                 fga.clone(),
                 config.cache.clone(),
+                cache_ttls.clone(),
                 model_gate.clone(),
                 late.clone(),
                 openfga_stats.clone(),
@@ -267,6 +306,7 @@ pub async fn build(
         checker,
         openfga_stats,
         model_gate,
+        cache_ttls,
         clock,
     };
     let policy = assemble(config, rules, &backends);
@@ -371,6 +411,7 @@ impl BackendStats for OpenFgaStats {
 fn spawn_openfga(
     cfg: OpenFgaConfig,
     cache_cfg: CacheConfig,
+    cache_ttls: Arc<CacheTtls>,
     gate: Arc<ModelGate>,
     late: Arc<LateChecker>,
     stats: Arc<OnceLock<Arc<dyn BackendStats>>>,
@@ -435,6 +476,9 @@ fn spawn_openfga(
         let cache = cache_cfg
             .enabled
             .then(|| Arc::new(DecisionCache::new(client.clone(), &cache_cfg)));
+        if let Some(cache) = &cache {
+            cache_ttls.attach(cache.clone());
+        }
         // One task follows the changelog (for the cache) and the latest model (unless pinned).
         ChangeWatcher::new(
             client.clone(),

@@ -235,6 +235,64 @@ async fn a_rule_naming_a_relation_the_openfga_model_lacks_is_refused() {
     s.stop().await.unwrap();
 }
 
+/// The decision cache is built once, but its TTLs reload: with `allowed_ttl: 0s` answers are
+/// no longer kept, so each check asks OpenFGA again.
+#[tokio::test]
+async fn the_decision_caches_ttls_reload() {
+    let fga = OpenFga::shared().await;
+    let (store, _) = fga
+        .store("reload-ttl")
+        .tuples(&[
+            ("user:alice", "executor", "tool:a"),
+            ("user:alice", "executor", "tool:b"),
+        ])
+        .create()
+        .await;
+    let dir = Dir::new();
+    let config = |ttl: &str| {
+        yaml(
+            "reload_interval: 0s",
+            r#"- { name: tools, path: "/tools/{tool}", check: { all: [ { relation: executor, object: "tool:{tool}" } ] } }"#,
+        )
+        .replace("routes:", &format!("openfga: {{}}\ncache: {{ allowed_ttl: {ttl} }}\nroutes:"))
+    };
+    let path = dir.write(&config("1h"));
+    let s = Sidecar::start_file(
+        &path,
+        &[
+            ("OPENFGA_API_URL", &fga.http_url()),
+            ("OPENFGA_STORE_ID", &store),
+        ],
+    )
+    .await;
+    s.wait_ready(Duration::from_secs(10)).await;
+    let alice = mint(local_claims("alice", &[]));
+    let tool = |t: &str| Req::get(&format!("/tools/{t}")).bearer(&alice);
+    let requests = "authz_sidecar_backend{name=\"openfga_requests\"}";
+    // Backend figures are copied to /metrics on a 200 ms loop.
+    let settled = || tokio::time::sleep(Duration::from_millis(450));
+    assert_eq!(status(&s.check(tool("a")).await), 200);
+    assert_eq!(status(&s.check(tool("a")).await), 200);
+    settled().await;
+    let before = metric(&s, requests).await;
+    assert_eq!(status(&s.check(tool("a")).await), 200);
+    settled().await;
+    assert_eq!(metric(&s, requests).await, before, "cached for an hour");
+
+    dir.write(&config("0s"));
+    assert!(s.reload().await.applied());
+    for _ in 0..3 {
+        assert_eq!(status(&s.check(tool("b")).await), 200);
+    }
+    settled().await;
+    assert_eq!(
+        metric(&s, requests).await,
+        before + 3.0,
+        "with allowed_ttl 0s every check asks OpenFGA"
+    );
+    s.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn restart_only_changes_are_named_and_not_applied_while_the_rest_is() {
     let dir = Dir::new();

@@ -70,8 +70,10 @@ type Flight = Option<Result<bool, BackendError>>;
 
 pub struct DecisionCache {
     inner: Arc<dyn RelationshipChecker>,
-    allowed_ttl: u64,
-    denied_ttl: u64,
+    /// Milliseconds; reloadable ([`DecisionCache::set_ttls`]): answers stored from then on
+    /// use the new values, answers already stored keep the expiry they were stored with.
+    allowed_ttl: AtomicU64,
+    denied_ttl: AtomicU64,
     max_entries: usize,
     clock: MillisClock,
     hasher: std::collections::hash_map::RandomState,
@@ -101,8 +103,8 @@ impl DecisionCache {
     ) -> Self {
         Self {
             inner,
-            allowed_ttl: millis(cfg.allowed_ttl),
-            denied_ttl: millis(cfg.denied_ttl),
+            allowed_ttl: AtomicU64::new(millis(cfg.allowed_ttl)),
+            denied_ttl: AtomicU64::new(millis(cfg.denied_ttl)),
             max_entries: cfg.max_entries.max(1),
             clock,
             hasher: Default::default(),
@@ -118,6 +120,13 @@ impl DecisionCache {
             evictions: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
         }
+    }
+
+    /// New TTLs (a config reload): answers stored from now on live this long; answers already
+    /// stored expire as they were stored.
+    pub fn set_ttls(&self, allowed: Duration, denied: Duration) {
+        self.allowed_ttl.store(millis(allowed), Ordering::Relaxed);
+        self.denied_ttl.store(millis(denied), Ordering::Relaxed);
     }
 
     pub fn stats(&self) -> CacheStats {
@@ -231,9 +240,9 @@ impl DecisionCache {
             return;
         }
         let ttl = if allowed {
-            self.allowed_ttl
+            self.allowed_ttl.load(Ordering::Relaxed)
         } else {
-            self.denied_ttl
+            self.denied_ttl.load(Ordering::Relaxed)
         };
         if ttl == 0 {
             return;
@@ -491,8 +500,12 @@ impl RelationshipChecker for DecisionCache {
         format!(
             "{} (cached: allowed {}, denied {}, at most {} entries)",
             self.inner.describe(),
-            humantime::format_duration(Duration::from_millis(self.allowed_ttl)),
-            humantime::format_duration(Duration::from_millis(self.denied_ttl)),
+            humantime::format_duration(Duration::from_millis(
+                self.allowed_ttl.load(Ordering::Relaxed)
+            )),
+            humantime::format_duration(Duration::from_millis(
+                self.denied_ttl.load(Ordering::Relaxed)
+            )),
             self.max_entries
         )
     }

@@ -98,20 +98,25 @@ impl ModelGate {
 /// once, at the OpenFGA connection. One lock orders the two: a reload before the connection
 /// leaves its TTLs here for the cache, one after sets them on it.
 #[derive(Default)]
-pub struct CacheTtls(Mutex<(Option<(Duration, Duration)>, Option<Arc<DecisionCache>>)>);
+pub struct CacheTtls(Mutex<TtlSlot>);
+
+#[derive(Default)]
+struct TtlSlot {
+    /// (allowed, denied) of the latest config applied.
+    latest: Option<(Duration, Duration)>,
+    cache: Option<Arc<DecisionCache>>,
+}
 
 impl CacheTtls {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, (Option<(Duration, Duration)>, Option<Arc<DecisionCache>>)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TtlSlot> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A config's TTLs: the cache's from now on (or from when it exists).
     pub fn set(&self, allowed: Duration, denied: Duration) {
         let mut slot = self.lock();
-        slot.0 = Some((allowed, denied));
-        if let Some(cache) = &slot.1 {
+        slot.latest = Some((allowed, denied));
+        if let Some(cache) = &slot.cache {
             cache.set_ttls(allowed, denied);
         }
     }
@@ -119,10 +124,10 @@ impl CacheTtls {
     /// The cache, now built: it takes the TTLs of the latest config set here.
     fn attach(&self, cache: Arc<DecisionCache>) {
         let mut slot = self.lock();
-        if let Some((allowed, denied)) = slot.0 {
+        if let Some((allowed, denied)) = slot.latest {
             cache.set_ttls(allowed, denied);
         }
-        slot.1 = Some(cache);
+        slot.cache = Some(cache);
     }
 }
 

@@ -185,7 +185,7 @@ def metrics(ops):
             base = name
         v = float(value)
         if base == "authz_sidecar_decisions_total":
-            out["decisions"][f'{labels["decision"]}/{labels["code"]}/{labels["method"]}'] = v
+            out["decisions"][f'{labels["decision"]}/{labels["code"]}/{labels.get("credential", labels.get("method"))}'] = v
         elif base == "authz_sidecar_backend":
             out["backend"][labels["name"]] = v
         elif base == "authz_sidecar_check_duration_seconds_bucket":

@@ -34,12 +34,59 @@ pub struct ConfigArg {
     pub config: PathBuf,
 }
 
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// A bearer token to verify (never printed; its hash is).
+    #[arg(long, env = "DOCTOR_TOKEN")]
+    pub token: Option<String>,
+    /// An API key to verify (never printed; its hash is).
+    #[arg(long, env = "DOCTOR_API_KEY")]
+    pub api_key: Option<String>,
+    /// Run a full check of this request path (with --method), e.g. /tools/chat/execute.
+    #[arg(long)]
+    pub path: Option<String>,
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    /// JSON body for --path (MCP tools/call and other body rules).
+    #[arg(long)]
+    pub body: Option<String>,
+    /// Origin header for --path (CORS).
+    #[arg(long)]
+    pub origin: Option<String>,
+    /// Seconds to wait for OpenFGA and the key source.
+    #[arg(long, default_value_t = 5)]
+    pub wait: u64,
+    /// Print the findings as a JSON array of {check, status, detail} (for CI).
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl DoctorArgs {
+    fn options(self) -> crate::doctor::Options {
+        crate::doctor::Options {
+            config: self.config.config,
+            token: self.token,
+            api_key: self.api_key,
+            path: self.path,
+            method: self.method,
+            body: self.body,
+            origin: self.origin,
+            wait: self.wait,
+            json: self.json,
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the sidecar.
     Serve {
-        #[command(flatten)]
-        config: ConfigArg,
+        /// YAML config file. Required: there is no default to serve with (the embedded
+        /// default trusts a public dev key; pass deploy/local/sidecar.yaml to use it).
+        #[arg(long, short = 'c', env = "AUTHZ_CONFIG")]
+        config: PathBuf,
         /// gRPC listen address (HOST:PORT or unix:/path); overrides server.grpc_addr.
         #[arg(long, env = "AUTHZ_GRPC_ADDR")]
         grpc_addr: Option<String>,
@@ -53,7 +100,7 @@ pub enum Command {
         config: ConfigArg,
     },
     /// Check every backend the config names and explain, one line each, what is wrong.
-    Doctor(crate::doctor::DoctorArgs),
+    Doctor(DoctorArgs),
     /// Tokens for local trials.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -127,13 +174,7 @@ pub enum ApiKeyCmd {
     },
 }
 
-/// Writes `text` and a newline to stdout. A reader that went away (`doctor --json | head`) is
-/// not an error of ours: the rest of the output is dropped instead of panicking like
-/// `println!`.
-pub fn say(text: impl std::fmt::Display) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stdout().lock(), "{text}");
-}
+pub use crate::console::say;
 
 fn config_error(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("authz-sidecar: config error: {e}");
@@ -146,39 +187,66 @@ pub async fn main(cli: Cli) -> ExitCode {
             config,
             grpc_addr,
             ops_addr,
-        } => serve(config.config, grpc_addr, ops_addr).await,
-        Command::CheckConfig { config } => match Config::load(&config.config) {
+        } => serve(config, grpc_addr, ops_addr).await,
+        Command::CheckConfig { config } => match Config::load(&config.config).and_then(|c| {
+            crate::authz::rules::RuleSet::from_config(&c)?;
+            Ok(c)
+        }) {
             Ok(c) => {
-                println!("config ok: {}", config.config.display());
-                println!(
+                say(format!("config ok: {}", config.config.display()));
+                say(format!(
                     "  grpc: {}  ops: {}",
                     c.grpc_addr,
                     c.ops_addr.map_or("off".into(), |a| a.to_string())
-                );
-                println!("  keys: {}", c.jwt.source.describe());
-                println!(
+                ));
+                say(format!(
+                    "  keys: {} (from {})",
+                    c.jwt.source.describe(),
+                    c.jwt.source_from
+                ));
+                let origin =
+                    |from: Option<&str>| from.map_or(String::new(), |f| format!(" (from {f})"));
+                say(format!(
+                    "  issuer: {}{}",
+                    c.jwt.issuer.as_deref().unwrap_or(match c.jwt.source {
+                        crate::config::KeySourceConfig::Discovery { .. } =>
+                            "the realm's, from OIDC discovery",
+                        _ => "not checked",
+                    }),
+                    origin(c.jwt.issuer_from)
+                ));
+                say(format!(
+                    "  audience: {}{}  realm: {}",
+                    c.jwt.audience.as_deref().unwrap_or("not checked"),
+                    origin(c.jwt.audience_from),
+                    c.jwt.realm
+                ));
+                say(format!(
                     "  api keys: {}",
                     c.api_keys
                         .as_ref()
                         .map_or("off".into(), |a| a.file.display().to_string())
-                );
-                println!(
+                ));
+                if let Some(x) = &c.api_key_exchange {
+                    say(format!("  api key service: {} (after the file)", x.url));
+                }
+                say(format!(
                     "  rules: {}  unmatched: {:?}  path policy: {}",
                     c.routes.rules.len(),
                     c.routes.unmatched,
                     c.request.path_policy.as_str()
-                );
-                println!(
+                ));
+                say(format!(
                     "  openfga: {}",
                     c.openfga
                         .as_ref()
                         .map_or("off".into(), |f| f.api_url.clone())
-                );
+                ));
                 ExitCode::SUCCESS
             }
             Err(e) => config_error(e),
         },
-        Command::Doctor(args) => crate::doctor::run(args).await,
+        Command::Doctor(args) => crate::doctor::run(args.options()).await,
         Command::Token(TokenCmd::Mint {
             key,
             kid,
@@ -203,7 +271,7 @@ pub async fn main(cli: Cli) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let now = crate::authn::jwt::now_secs();
+            let now = crate::clock::now_secs();
             let mut claims = serde_json::json!({
                 "sub": sub, "iss": iss, "aud": aud, "iat": now, "exp": now + ttl.as_secs(),
                 "preferred_username": username.unwrap_or_else(|| sub.clone()),
@@ -261,29 +329,27 @@ pub async fn main(cli: Cli) -> ExitCode {
 }
 
 async fn serve(path: PathBuf, grpc_addr: Option<String>, ops_addr: Option<String>) -> ExitCode {
-    // Flags are the same overrides as the environment variables, applied last.
-    let mut config = match Config::load(&path) {
+    // SIGHUP reloads from here on, instead of ending the process (its default action).
+    let hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("authz-sidecar: cannot handle SIGHUP: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // Flags are the same overrides as the environment variables, applied last, at startup
+    // and on every reload alike.
+    let source = crate::reload::ConfigSource::new(path.clone()).with_overrides(move |config| {
+        apply_flags(config, grpc_addr.as_deref(), ops_addr.as_deref())
+    });
+    let (hash, config) = source.load();
+    let config = match config {
         Ok(c) => c,
         Err(e) => return config_error(e),
     };
-    if let Some(a) = grpc_addr.filter(|a| !a.is_empty()) {
-        match crate::config::ListenAddr::parse("--grpc-addr", &a) {
-            Ok(l) => config.grpc_addr = l,
-            Err(e) => return config_error(e),
-        }
-    }
-    if let Some(a) = ops_addr.filter(|a| !a.is_empty()) {
-        config.ops_addr = if a == "off" {
-            None
-        } else {
-            match a.parse() {
-                Ok(s) => Some(s),
-                Err(_) => return config_error(format!("--ops-addr: {a:?} is not HOST:PORT")),
-            }
-        };
-    }
     crate::telemetry::init_logging(&config.log);
-    tracing::info!(config = %path.display(), version = env!("CARGO_PKG_VERSION"), keys = %config.jwt.source.describe(), "starting");
+    let hash_label = hash.map(|h| h.to_string()).unwrap_or_default();
+    tracing::info!(config = %path.display(), config_hash = %hash_label, version = env!("CARGO_PKG_VERSION"), keys = %config.jwt.source.describe(), "starting");
     let listeners = match crate::server::Listeners::bind(&config).await {
         Ok(l) => l,
         Err(e) => {
@@ -299,16 +365,57 @@ async fn serve(path: PathBuf, grpc_addr: Option<String>, ops_addr: Option<String
             shutdown.cancel();
         });
     }
-    match crate::server::run(config, listeners, shutdown).await {
+    let (handle, requests) = crate::reload::channel();
+    tokio::spawn(reload_on_sighup(hangups, handle));
+    let reload = crate::server::Reload {
+        source,
+        hash,
+        requests,
+    };
+    match crate::server::run_with(config, Some(reload), listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "stopped");
             eprintln!("authz-sidecar: {e:#}");
-            let fatal_config = e.downcast_ref::<crate::server::Fatal>().is_some()
+            let fatal_config = e.downcast_ref::<crate::state::Fatal>().is_some()
                 || e.downcast_ref::<crate::config::ConfigError>().is_some()
                 || e.downcast_ref::<crate::authn::api_key::ApiKeyFileError>()
                     .is_some();
             ExitCode::from(if fatal_config { 2 } else { 1 })
+        }
+    }
+}
+
+/// `--grpc-addr` and `--ops-addr` over the file and the environment.
+fn apply_flags(
+    config: &mut Config,
+    grpc_addr: Option<&str>,
+    ops_addr: Option<&str>,
+) -> Result<(), crate::config::ConfigError> {
+    if let Some(a) = grpc_addr.filter(|a| !a.is_empty()) {
+        config.grpc_addr = crate::config::ListenAddr::parse("--grpc-addr", a)?;
+    }
+    if let Some(a) = ops_addr.filter(|a| !a.is_empty()) {
+        config.ops_addr = if a == "off" {
+            None
+        } else {
+            Some(a.parse().map_err(|_| {
+                crate::config::ConfigError::invalid("--ops-addr", format!("{a:?} is not HOST:PORT"))
+            })?)
+        };
+    }
+    Ok(())
+}
+
+/// Each SIGHUP asks for a reload; the reload logs its own result line.
+async fn reload_on_sighup(
+    mut hangups: tokio::signal::unix::Signal,
+    handle: crate::reload::ReloadHandle,
+) {
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the config");
+        if handle.reload(crate::reload::Cause::Sighup).await.is_none() {
+            return;
         }
     }
 }

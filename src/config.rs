@@ -107,6 +107,10 @@ pub struct RawServer {
     pub drain_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub shutdown_delay: Option<Duration>,
+    /// gRPC server reflection (grpcurl without proto files); off by default.
+    pub reflection: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub reload_interval: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -155,6 +159,14 @@ pub struct RawApiKeys {
     pub bcrypt_concurrency: Option<usize>,
     /// The app's `API_KEY_CACHE_SECRET`: the HMAC key of `lookup: hmac-sha256:` records.
     pub lookup_secret: Option<String>,
+    /// The app's key service (`POST .../api-keys/validate`), asked about keys the file
+    /// does not hold.
+    pub exchange_url: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub exchange_timeout: Option<Duration>,
+    /// An exchanged token is remembered until its `exp`, and never longer than this.
+    #[serde(default, with = "humantime_serde")]
+    pub exchange_cache_ttl: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -356,9 +368,16 @@ pub struct Config {
     /// After SIGTERM: health NOT_SERVING while checks are still answered, so Envoy and the
     /// endpoints controller stop sending before the listener closes.
     pub shutdown_delay: Duration,
+    /// gRPC server reflection (`server.reflection`).
+    pub reflection: bool,
+    /// How often the config file's content hash is compared with the running one (a change
+    /// reloads); zero: the file is not watched, SIGHUP still reloads.
+    pub reload_interval: Duration,
     pub log: LogConfig,
     pub jwt: JwtConfig,
     pub api_keys: Option<ApiKeysConfig>,
+    /// The app's key service, the second API-key source (after the file).
+    pub api_key_exchange: Option<ApiKeyExchangeConfig>,
     pub api_key_header: ApiKeyHeaderConfig,
     pub principals: PrincipalsConfig,
     pub cors: CorsConfig,
@@ -411,8 +430,14 @@ pub fn discovery_url(base_url: &str, realm: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct JwtConfig {
     pub source: KeySourceConfig,
+    /// Where the key source came from: a variable (`KEYCLOAK_URL`) or a file key (`jwt.jwks_file`).
+    pub source_from: &'static str,
     pub issuer: Option<String>,
+    /// Where `issuer` came from (`JWT_ISSUER` or `jwt.issuer`); `None` when unset.
+    pub issuer_from: Option<&'static str>,
     pub audience: Option<String>,
+    /// Where `audience` came from (`JWT_AUDIENCE` or `jwt.audience`); `None` when unset.
+    pub audience_from: Option<&'static str>,
     pub client_id: Option<String>,
     /// `realm` in `WWW-Authenticate: Bearer realm=".."`.
     pub realm: String,
@@ -436,6 +461,18 @@ pub struct ApiKeysConfig {
     pub bcrypt_concurrency: usize,
     /// HMAC key for `lookup: hmac-sha256:<hex>` records (the app's `API_KEY_CACHE_SECRET`).
     pub lookup_secret: Option<String>,
+}
+
+/// The app's key service: `POST <url>` with `X-API-Key` answers `{access_token, expires_in}`
+/// (400: no key; 401: invalid or expired key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyExchangeConfig {
+    /// The endpoint itself, e.g. `http://app:8000/api/v1/api-keys/validate`.
+    pub url: String,
+    pub timeout: Duration,
+    /// Upper bound on how long an exchanged token is reused (it never outlives its `exp`):
+    /// a key the service stops accepting keeps working at most this long.
+    pub cache_ttl: Duration,
 }
 
 /// The header that carries API keys, and whether the app gets to see it. Resolved whether or
@@ -543,6 +580,7 @@ pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:9191";
 pub const DEFAULT_OPS_ADDR: &str = "0.0.0.0:9092";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
 pub const DEFAULT_REFRESH_COOLDOWN: Duration = Duration::from_secs(10);
@@ -551,6 +589,10 @@ pub const DEFAULT_TOKEN_CACHE_SIZE: usize = 10_000;
 pub const DEFAULT_API_KEY_HEADER: &str = "x-api-key";
 pub const DEFAULT_API_KEYS_RELOAD: Duration = Duration::from_secs(2);
 pub const DEFAULT_BCRYPT_CONCURRENCY: usize = 2;
+/// The gateway plugin the exchange replaces waits 5 s for the key service ...
+pub const DEFAULT_API_KEY_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// ... and reuses a token 300 s.
+pub const DEFAULT_API_KEY_EXCHANGE_CACHE_TTL: Duration = Duration::from_secs(300);
 pub const DEFAULT_REQUIRE_TYP: &str = "Bearer";
 pub const DEFAULT_REALM: &str = "authz-sidecar";
 pub const DEFAULT_OPENFGA_TIMEOUT: Duration = Duration::from_millis(500);
@@ -621,8 +663,15 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
+        Self::from_file_text(path, &text, env)
+    }
+
+    /// The file at `path` whose content is `text` (already read, so a reload decides on and
+    /// hashes the same bytes): relative paths resolve against its directory, parse errors
+    /// name it.
+    pub fn from_file_text(path: &Path, text: &str, env: &dyn Env) -> Result<Self, ConfigError> {
         let base = path.parent().unwrap_or_else(|| Path::new("."));
-        Self::from_yaml(&text, base, env).map_err(|e| match e {
+        Self::from_yaml(text, base, env).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
@@ -661,6 +710,18 @@ impl Config {
                 )
             })?,
             None => raw.server.shutdown_delay.unwrap_or(DEFAULT_SHUTDOWN_DELAY),
+        };
+        let reload_interval = match env_any(env, &["AUTHZ_RELOAD_INTERVAL"]) {
+            Some((name, v)) => humantime::parse_duration(v.trim()).map_err(|e| {
+                ConfigError::invalid(
+                    format!("server.reload_interval ({name})"),
+                    format!("{v:?} is not a duration such as 2s (0s: do not watch the file): {e}"),
+                )
+            })?,
+            None => raw
+                .server
+                .reload_interval
+                .unwrap_or(DEFAULT_RELOAD_INTERVAL),
         };
         let ops_addr = if ops_raw == "off" {
             None
@@ -743,6 +804,60 @@ impl Config {
         let lookup_secret = env_any(env, &["API_KEY_CACHE_SECRET"])
             .map(|(_, v)| v)
             .or(raw.api_keys.lookup_secret);
+        const EXCHANGE_URL: &str = "API_KEY_EXCHANGE_URL (api_keys.exchange_url)";
+        let api_key_exchange = match env_any(env, &["API_KEY_EXCHANGE_URL"])
+            .map(|(_, v)| v)
+            .or(raw.api_keys.exchange_url)
+        {
+            None => {
+                for (set, key) in [
+                    (
+                        raw.api_keys.exchange_timeout.is_some(),
+                        "api_keys.exchange_timeout",
+                    ),
+                    (
+                        raw.api_keys.exchange_cache_ttl.is_some(),
+                        "api_keys.exchange_cache_ttl",
+                    ),
+                ] {
+                    if set {
+                        return Err(ConfigError::invalid(
+                            key,
+                            "only applies with api_keys.exchange_url (API_KEY_EXCHANGE_URL)",
+                        ));
+                    }
+                }
+                None
+            }
+            Some(url) => {
+                let url = check_http_url(EXCHANGE_URL, &url)?;
+                // Exchanged tokens are verified like any bearer token.
+                if matches!(jwt.source, KeySourceConfig::None) {
+                    return Err(ConfigError::invalid(
+                        EXCHANGE_URL,
+                        "the key service's tokens are verified like any bearer token: configure a JWT key source (jwt.jwks_file, AUTH_PUBLIC_KEY_URL or KEYCLOAK_URL + KEYCLOAK_REALM)",
+                    ));
+                }
+                let timeout = raw
+                    .api_keys
+                    .exchange_timeout
+                    .unwrap_or(DEFAULT_API_KEY_EXCHANGE_TIMEOUT);
+                if timeout.is_zero() {
+                    return Err(ConfigError::invalid(
+                        "api_keys.exchange_timeout",
+                        "must be more than 0s",
+                    ));
+                }
+                Some(ApiKeyExchangeConfig {
+                    url,
+                    timeout,
+                    cache_ttl: raw
+                        .api_keys
+                        .exchange_cache_ttl
+                        .unwrap_or(DEFAULT_API_KEY_EXCHANGE_CACHE_TTL),
+                })
+            }
+        };
         let api_keys = api_key_file.map(|file| ApiKeysConfig {
             file,
             reload_interval: raw
@@ -848,7 +963,10 @@ impl Config {
         };
         let request = RequestConfig { path_policy };
 
-        if matches!(jwt.source, KeySourceConfig::None) && api_keys.is_none() {
+        if matches!(jwt.source, KeySourceConfig::None)
+            && api_keys.is_none()
+            && api_key_exchange.is_none()
+        {
             let every_rule_public = routes.rules.iter().all(|r| r.public);
             if !every_rule_public || routes.unmatched == Unmatched::Authenticated {
                 return Err(ConfigError::invalid(
@@ -863,9 +981,12 @@ impl Config {
             ops_addr,
             drain_timeout: raw.server.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             shutdown_delay,
+            reflection: raw.server.reflection.unwrap_or(false),
+            reload_interval,
             log: LogConfig { filter, json },
             jwt,
             api_keys,
+            api_key_exchange,
             api_key_header,
             principals,
             cors,
@@ -874,8 +995,8 @@ impl Config {
             cache,
             request,
         };
-        // Compile the rules once here so a bad rule stops startup with its key.
-        crate::authz::rules::RuleSet::compile(&config.routes, config.openfga.as_ref())?;
+        // Plain data: the rules are compiled (and a bad rule named) by
+        // `RuleSet::from_config`, the one place every command compiles them.
         Ok(config)
     }
 }
@@ -885,39 +1006,53 @@ fn resolve_jwt(
     env: &dyn Env,
     rel: &dyn Fn(PathBuf) -> PathBuf,
 ) -> Result<JwtConfig, ConfigError> {
-    let jwks_url = env_any(env, &["AUTH_PUBLIC_KEY_URL"])
-        .map(|(n, v)| (n.to_string(), v))
-        .or(raw.jwks_url.map(|v| ("jwt.jwks_url".to_string(), v)));
+    // The file's own key source, if it names one: a variable that replaces it replaces the
+    // file's issuer and realm too (they belong to that source), unless JWT_ISSUER says.
+    let file_source =
+        raw.jwks_url.is_some() || raw.keycloak_url.is_some() || raw.jwks_file.is_some();
+    let jwks_url =
+        env_any(env, &["AUTH_PUBLIC_KEY_URL"]).or(raw.jwks_url.map(|v| ("jwt.jwks_url", v)));
     let kc_url = env_any(env, &["KEYCLOAK_URL", "KEYCLOAK_SERVER_URL"])
-        .map(|(n, v)| (n.to_string(), v))
-        .or(raw
-            .keycloak_url
-            .map(|v| ("jwt.keycloak_url".to_string(), v)));
+        .or(raw.keycloak_url.map(|v| ("jwt.keycloak_url", v)));
     let kc_realm = env_any(env, &["KEYCLOAK_REALM"])
         .map(|(_, v)| v)
         .or(raw.keycloak_realm);
 
-    let source = if let Some((key, url)) = jwks_url {
-        KeySourceConfig::JwksUrl(check_http_url(&key, &url)?)
+    let (source, source_from) = if let Some((key, url)) = jwks_url {
+        (KeySourceConfig::JwksUrl(check_http_url(key, &url)?), key)
     } else if let Some((key, url)) = kc_url {
-        let base_url = check_http_url(&key, &url)?;
+        let base_url = check_http_url(key, &url)?;
         let realm = kc_realm.ok_or_else(|| {
             ConfigError::invalid(
                 "KEYCLOAK_REALM (jwt.keycloak_realm)",
                 format!("{key} is set, so the realm is needed for OIDC discovery"),
             )
         })?;
-        KeySourceConfig::Discovery { base_url, realm }
+        (KeySourceConfig::Discovery { base_url, realm }, key)
     } else if let Some(file) = raw.jwks_file {
-        KeySourceConfig::File(rel(file))
+        (KeySourceConfig::File(rel(file)), "jwt.jwks_file")
     } else {
-        KeySourceConfig::None
+        (KeySourceConfig::None, "none")
     };
+    let source_replaced = file_source && !source_from.starts_with("jwt.");
 
-    let issuer = env_any(env, &["JWT_ISSUER"]).map(|(_, v)| v).or(raw.issuer);
-    let audience = env_any(env, &["JWT_AUDIENCE"])
-        .map(|(_, v)| v)
-        .or(raw.audience);
+    let (issuer, issuer_from) = match env_any(env, &["JWT_ISSUER"]) {
+        Some((name, v)) => (Some(v), Some(name)),
+        // The file's issuer named the file's key source, which a variable replaced: with
+        // discovery the realm's own issuer applies, else none (warned at startup).
+        None if source_replaced => (None, None),
+        None => match raw.issuer {
+            Some(v) => (Some(v), Some("jwt.issuer")),
+            None => (None, None),
+        },
+    };
+    let (audience, audience_from) = match env_any(env, &["JWT_AUDIENCE"]) {
+        Some((name, v)) => (Some(v), Some(name)),
+        None => match raw.audience {
+            Some(v) => (Some(v), Some("jwt.audience")),
+            None => (None, None),
+        },
+    };
 
     let names = raw.algorithms.unwrap_or_else(|| vec!["RS256".into()]);
     if names.is_empty() {
@@ -932,13 +1067,18 @@ fn resolve_jwt(
     }
 
     let required_claims = raw.required_claims.unwrap_or_else(|| vec!["sub".into()]);
-    let realm = raw
-        .realm
-        .or_else(|| match &source {
-            KeySourceConfig::Discovery { realm, .. } => Some(realm.clone()),
-            _ => None,
-        })
-        .unwrap_or_else(|| DEFAULT_REALM.into());
+    // The challenge's realm names the key source's realm: the file's, unless a variable
+    // replaced the file's key source with a Keycloak realm.
+    let discovered_realm = match &source {
+        KeySourceConfig::Discovery { realm, .. } => Some(realm.clone()),
+        _ => None,
+    };
+    let realm = if source_replaced && discovered_realm.is_some() {
+        discovered_realm
+    } else {
+        raw.realm.or(discovered_realm)
+    }
+    .unwrap_or_else(|| DEFAULT_REALM.into());
     if realm.contains('"') || realm.contains('\\') {
         return Err(ConfigError::invalid(
             "jwt.realm",
@@ -967,8 +1107,11 @@ fn resolve_jwt(
     Ok(JwtConfig {
         client_id: raw.client_id.or_else(|| audience.clone()),
         source,
+        source_from,
         issuer,
+        issuer_from,
         audience,
+        audience_from,
         realm,
         algorithms,
         leeway: raw.leeway.unwrap_or(DEFAULT_LEEWAY),
@@ -1075,6 +1218,23 @@ fn resolve_openfga(
         breaker_failures: raw.breaker_failures.unwrap_or(DEFAULT_BREAKER_FAILURES),
         breaker_open_for: raw.breaker_open_for.unwrap_or(DEFAULT_BREAKER_OPEN_FOR),
     }))
+}
+
+/// For unit tests above this layer: the OpenFGA settings of a config whose OpenFGA is at a
+/// closed port (store `s`), as rules that ask relationship questions need.
+#[cfg(test)]
+pub(crate) fn test_openfga_config() -> OpenFgaConfig {
+    let env: BTreeMap<String, String> = [
+        ("OPENFGA_API_URL", "http://127.0.0.1:1"),
+        ("OPENFGA_STORE_ID", "s"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    Config::from_yaml("jwt: { jwks_file: k }", Path::new("/"), &env)
+        .expect("the test config is valid")
+        .openfga
+        .expect("OpenFGA is configured")
 }
 
 #[cfg(test)]
@@ -1241,6 +1401,56 @@ mod tests {
     }
 
     #[test]
+    fn the_key_service_is_a_second_api_key_source_with_plugin_defaults() {
+        assert_eq!(load(MIN, &[]).unwrap().api_key_exchange, None);
+        let c = load(
+            "jwt: { jwks_file: k }\napi_keys: { exchange_url: 'http://app:8000/api/v1/api-keys/validate/' }",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.api_key_exchange,
+            Some(ApiKeyExchangeConfig {
+                url: "http://app:8000/api/v1/api-keys/validate".into(),
+                timeout: Duration::from_secs(5),
+                cache_ttl: Duration::from_secs(300),
+            })
+        );
+        assert!(c.api_keys.is_none(), "the service alone is enough");
+        let c = load(
+            "jwt: { jwks_file: k }\napi_keys: { file: k.yaml, exchange_url: 'http://a/v', exchange_timeout: 2s, exchange_cache_ttl: 0s }",
+            &[("API_KEY_EXCHANGE_URL", "https://b/v")],
+        )
+        .unwrap();
+        let x = c.api_key_exchange.unwrap();
+        assert_eq!(
+            (x.url.as_str(), x.timeout, x.cache_ttl),
+            ("https://b/v", Duration::from_secs(2), Duration::ZERO)
+        );
+        for (yaml, want) in [
+            (
+                "api_keys: { exchange_url: 'http://a/v' }\nroutes: { unmatched: deny }",
+                "API_KEY_EXCHANGE_URL (api_keys.exchange_url): the key service's tokens are verified like any bearer token",
+            ),
+            (
+                "jwt: { jwks_file: k }\napi_keys: { exchange_url: 'ftp://a/v' }",
+                "API_KEY_EXCHANGE_URL (api_keys.exchange_url)",
+            ),
+            (
+                "jwt: { jwks_file: k }\napi_keys: { exchange_url: 'http://a/v', exchange_timeout: 0s }",
+                "api_keys.exchange_timeout",
+            ),
+            (
+                "jwt: { jwks_file: k }\napi_keys: { exchange_cache_ttl: 60s }",
+                "api_keys.exchange_cache_ttl: only applies with api_keys.exchange_url",
+            ),
+        ] {
+            let e = load(yaml, &[]).unwrap_err().to_string();
+            assert!(e.contains(want), "{yaml}: {e} should contain {want}");
+        }
+    }
+
+    #[test]
     fn credential_setting_errors_name_the_key() {
         for (yaml, want) in [
             ("jwt: { jwks_file: k, require_typ: '' }", "jwt.require_typ"),
@@ -1268,6 +1478,36 @@ mod tests {
             let e = load(yaml, &[]).unwrap_err().to_string();
             assert!(e.contains(want), "{yaml}: {e} should name {want}");
         }
+    }
+
+    #[test]
+    fn a_variable_that_replaces_the_files_key_source_takes_its_issuer_and_realm_along() {
+        let file = "jwt: { jwks_file: k.json, issuer: local-iss, realm: local }\n";
+        let kc = [
+            ("KEYCLOAK_URL", "http://kc:8080"),
+            ("KEYCLOAK_REALM", "mcp-server"),
+        ];
+        let c = load(file, &kc).unwrap().jwt;
+        assert_eq!(
+            (c.issuer, c.issuer_from),
+            (None, None),
+            "discovery's issuer applies"
+        );
+        assert_eq!(c.realm, "mcp-server");
+        assert_eq!(c.source_from, "KEYCLOAK_URL");
+        let mut pinned = kc.to_vec();
+        pinned.push(("JWT_ISSUER", "http://kc:8080/realms/mcp-server"));
+        let c = load(file, &pinned).unwrap().jwt;
+        assert_eq!(c.issuer_from, Some("JWT_ISSUER"));
+        // The file's own source keeps the file's issuer.
+        let c = load(file, &[]).unwrap().jwt;
+        assert_eq!(
+            (c.issuer.as_deref(), c.issuer_from, c.realm.as_str()),
+            (Some("local-iss"), Some("jwt.issuer"), "local")
+        );
+        // A file that names no source: its issuer is meant for the variable's source.
+        let c = load("jwt: { issuer: kc-iss }\n", &kc).unwrap().jwt;
+        assert_eq!(c.issuer.as_deref(), Some("kc-iss"));
     }
 
     #[test]

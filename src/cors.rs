@@ -25,6 +25,17 @@ pub enum Preflight {
     Refused(String),
 }
 
+/// [`Cors::consult`]'s answer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Consulted {
+    /// An allowed preflight: answered here with these headers, never forwarded.
+    Preflight(Vec<(String, String)>),
+    /// A preflight from this origin, which is not allowed.
+    Refused(String),
+    /// Not a preflight: these headers go on the answer, allow or deny.
+    Headers(Vec<(String, String)>),
+}
+
 impl Cors {
     pub fn new(cfg: &CorsConfig) -> Self {
         Self {
@@ -50,6 +61,16 @@ impl Cors {
         h.push(("access-control-allow-headers".into(), self.headers.clone()));
         h.push(("access-control-max-age".into(), self.max_age.clone()));
         Preflight::Allowed(h)
+    }
+
+    /// What CORS says about one check, read once: answer a preflight here, refuse it, or
+    /// carry these headers (empty for no or another origin) on whatever the check answers.
+    pub fn consult(&self, input: &CheckInput) -> Consulted {
+        match self.preflight(input) {
+            Preflight::Allowed(headers) => Consulted::Preflight(headers),
+            Preflight::Refused(origin) => Consulted::Refused(origin),
+            Preflight::No => Consulted::Headers(self.response_headers(input)),
+        }
     }
 
     /// Headers for any answer to an allowed origin.

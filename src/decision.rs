@@ -1,9 +1,28 @@
 //! The outcome of a check and the one mapping from every failure to what the caller sees:
 //! HTTP status, gRPC code, `error` code, reason and `WWW-Authenticate` challenge.
+//!
+//! # Error policy
+//!
+//! - Every error type classifies itself ([`FailureKind`]); [`answer`] is the one table from
+//!   kind to HTTP status, gRPC code, `error` and challenge. Nothing else picks a status.
+//! - A request that cannot be read, or can be read two ways, is a 400 `invalid_request` with a
+//!   reason naming the problem: never a fall-through to a weaker rule, never a guess.
+//! - No credentials: 401 with a bare `Bearer realm=..` challenge (RFC 6750 §3.1). Bad
+//!   credentials: 401 `invalid_token` with the reason in the challenge. Genuine credentials of
+//!   a principal that may not act: 403 `forbidden`; a missing scope: 403 `insufficient_scope`
+//!   naming the scope.
+//! - A backend that cannot answer (signing keys, API-key store, OpenFGA): 503 `unavailable`,
+//!   so clients retry; a rule may fail open instead (`on_backend_error: allow`), which is an
+//!   allow carrying the failure to the app, not a deny.
+//! - The reason the client reads never names an internal address ([`Failure::public_reason`]);
+//!   the log and `doctor` read the whole one ([`Deny::detail`]).
+//! - A deny is built once, complete: the rule and principal it concerns and the CORS headers
+//!   the check read ([`Context`]).
 
 use crate::authn::{AuthnError, Principal};
 use crate::authz::AuthzError;
 use crate::authz::rules::Refusal;
+use crate::failure::FailureKind;
 use crate::request::RequestError;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +89,26 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// How this failure is answered; a batch element's failure is answered as the element.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            Self::Request(e) => e.kind(),
+            Self::Authn(e) => e.kind(),
+            Self::Authz(e) => e.kind(),
+            Self::CorsOrigin(_) => FailureKind::OriginRefused,
+            Self::Ambiguous(e) => e.kind(),
+            Self::InBatch(_, inner) => inner.kind(),
+        }
+    }
+
+    /// The scope a rule required and the principal lacks (for the challenge).
+    fn missing_scope(&self) -> Option<&str> {
+        match self {
+            Self::Authz(AuthzError::ScopeRequired(scope)) => Some(scope),
+            _ => None,
+        }
+    }
+
     /// The reason the client reads. Authentication errors say it without their key source
     /// or expected issuer ([`AuthnError::public_reason`]); a backend error's cause is built
     /// from the backend's address (`OpenFGA at http://..: connection refused`), so its
@@ -80,6 +119,9 @@ impl Failure {
             Self::Authz(
                 e @ (AuthzError::BackendUnavailable(_) | AuthzError::BackendRejected(_)),
             ) => scrub_urls(&e.to_string()),
+            Self::InBatch(i, inner) => {
+                format!("JSON-RPC batch element {i}: {}", inner.public_reason())
+            }
             other => other.to_string(),
         }
     }
@@ -124,60 +166,88 @@ fn param(s: &str) -> String {
         .collect()
 }
 
-/// The one place failures become answers.
-pub fn deny_for(failure: &Failure, realm: &str) -> Deny {
+/// Which `WWW-Authenticate` challenge a kind of failure carries (RFC 6750 §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Challenge {
+    None,
+    /// `Bearer realm=".."`: no credentials were sent.
+    Bare,
+    /// `error="invalid_token"` with the reason.
+    InvalidToken,
+    /// `error="insufficient_scope"` with the reason and the scope.
+    InsufficientScope,
+}
+
+/// The one table: what the caller sees for each kind of failure.
+pub fn answer(kind: FailureKind) -> (u16, tonic::Code, &'static str, Challenge) {
+    use tonic::Code;
+    match kind {
+        FailureKind::BadRequest => (
+            400,
+            Code::InvalidArgument,
+            "invalid_request",
+            Challenge::None,
+        ),
+        FailureKind::NoCredentials => (
+            401,
+            Code::Unauthenticated,
+            "unauthenticated",
+            Challenge::Bare,
+        ),
+        FailureKind::InvalidCredentials => (
+            401,
+            Code::Unauthenticated,
+            "invalid_token",
+            Challenge::InvalidToken,
+        ),
+        FailureKind::OriginRefused => (403, Code::PermissionDenied, "cors_origin", Challenge::None),
+        FailureKind::Forbidden => (403, Code::PermissionDenied, "forbidden", Challenge::None),
+        FailureKind::InsufficientScope => (
+            403,
+            Code::PermissionDenied,
+            "insufficient_scope",
+            Challenge::InsufficientScope,
+        ),
+        FailureKind::Unavailable => (503, Code::Unavailable, "unavailable", Challenge::None),
+    }
+}
+
+/// What a deny concerns, known where the check stopped: the rule that governed, the principal
+/// if one was authenticated, and the CORS headers for the browser.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    pub rule: Option<String>,
+    pub principal: Option<Principal>,
+    pub response_headers: Vec<(String, String)>,
+}
+
+/// The one place failures become answers: a complete deny.
+pub fn deny(failure: &Failure, realm: &str, context: Context) -> Deny {
+    // A batch element's failure is answered as the element, with the element named in the
+    // reason.
+    if let Failure::InBatch(_, inner) = failure {
+        return Deny {
+            reason: failure.public_reason(),
+            ..deny(inner, realm, context)
+        };
+    }
     let reason = failure.public_reason();
     let detail = failure.to_string();
-    let (http_status, grpc_code, error, challenge) = match failure {
-        Failure::Request(_) | Failure::Ambiguous(_) => {
-            (400, tonic::Code::InvalidArgument, "invalid_request", None)
-        }
-        // Answered as the element, with the element named in the reason.
-        Failure::InBatch(_, inner) => {
-            return Deny {
-                reason,
-                ..deny_for(inner, realm)
-            };
-        }
-        Failure::CorsOrigin(_) => (403, tonic::Code::PermissionDenied, "cors_origin", None),
-        Failure::Authn(e) if e.is_unavailable() => {
-            (503, tonic::Code::Unavailable, "unavailable", None)
-        }
-        Failure::Authn(e) if e.is_forbidden() => {
-            (403, tonic::Code::PermissionDenied, "forbidden", None)
-        }
-        // RFC 6750 §3.1: a request without credentials gets a bare challenge.
-        Failure::Authn(AuthnError::Missing { .. }) => (
-            401,
-            tonic::Code::Unauthenticated,
-            "unauthenticated",
-            Some(format!("Bearer realm=\"{}\"", param(realm))),
-        ),
-        Failure::Authn(_) => (
-            401,
-            tonic::Code::Unauthenticated,
-            "invalid_token",
-            Some(format!(
-                "Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"{}\"",
-                param(realm),
-                param(&reason)
-            )),
-        ),
-        Failure::Authz(AuthzError::ScopeRequired(scope)) => (
-            403,
-            tonic::Code::PermissionDenied,
-            "insufficient_scope",
-            Some(format!(
-                "Bearer realm=\"{}\", error=\"insufficient_scope\", error_description=\"{}\", scope=\"{}\"",
-                param(realm),
-                param(&reason),
-                param(scope)
-            )),
-        ),
-        Failure::Authz(e @ (AuthzError::BackendUnavailable(_) | AuthzError::NoChecker(_))) => {
-            (503, tonic::Code::Unavailable, e.code(), None)
-        }
-        Failure::Authz(e) => (403, tonic::Code::PermissionDenied, e.code(), None),
+    let (http_status, grpc_code, error, challenge) = answer(failure.kind());
+    let www_authenticate = match challenge {
+        Challenge::None => None,
+        Challenge::Bare => Some(format!("Bearer realm=\"{}\"", param(realm))),
+        Challenge::InvalidToken => Some(format!(
+            "Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"{}\"",
+            param(realm),
+            param(&reason)
+        )),
+        Challenge::InsufficientScope => Some(format!(
+            "Bearer realm=\"{}\", error=\"insufficient_scope\", error_description=\"{}\", scope=\"{}\"",
+            param(realm),
+            param(&reason),
+            param(failure.missing_scope().unwrap_or_default())
+        )),
     };
     Deny {
         http_status,
@@ -185,11 +255,16 @@ pub fn deny_for(failure: &Failure, realm: &str) -> Deny {
         error,
         reason,
         detail,
-        www_authenticate: challenge,
-        response_headers: Vec::new(),
-        principal: None,
-        rule: None,
+        www_authenticate,
+        response_headers: context.response_headers,
+        principal: context.principal,
+        rule: context.rule,
     }
+}
+
+/// [`deny`] for a failure met before anything else is known (no rule, principal or CORS).
+pub fn deny_for(failure: &Failure, realm: &str) -> Deny {
+    deny(failure, realm, Context::default())
 }
 
 #[cfg(test)]
@@ -309,6 +384,27 @@ mod tests {
             }
             assert!(!d.reason.contains("http://"), "{}", d.reason);
         }
+    }
+
+    /// A batch element's failure is answered as the element: with the element's public
+    /// reason, not its whole one.
+    #[test]
+    fn a_batch_element_reason_names_no_internal_url() {
+        let failure = Failure::InBatch(
+            1,
+            Box::new(
+                AuthzError::BackendUnavailable(
+                    "OpenFGA at http://openfga:8080: connection refused".into(),
+                )
+                .into(),
+            ),
+        );
+        let d = deny_for(&failure, "r");
+        assert_eq!(
+            d.reason,
+            "JSON-RPC batch element 1: authorization backend unavailable: OpenFGA at [internal]: connection refused"
+        );
+        assert_eq!((d.http_status, d.error), (503, "unavailable"));
     }
 
     #[test]

@@ -18,51 +18,43 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Args;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::authn::api_key::{ApiKeyStore, FileApiKeyStore, StoreOptions};
 use crate::authn::jwks::{JwksKeySource, KeyError, KeySource};
-use crate::authn::jwt::{JwtVerifier, system_clock};
+use crate::authn::jwt::JwtVerifier;
 use crate::authn::principals::Principals;
 use crate::authz::RelationshipChecker;
 use crate::authz::openfga::OpenFgaClient;
 use crate::authz::rules::RuleSet;
-use crate::cli::say;
+use crate::clock::system_clock;
 use crate::config::{
     Config, ConfigError, Env, KeySourceConfig, ProcessEnv, RawConfig, RawJwt, RawOpenFga,
     discovery_url,
 };
+use crate::console::say;
 use crate::decision::Decision;
 use crate::request::CheckInput;
 
-#[derive(Args, Debug)]
-pub struct DoctorArgs {
-    #[command(flatten)]
-    pub config: crate::cli::ConfigArg,
+/// What to check: plain data, filled in by the command line (`cli::DoctorArgs`) or a test.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub config: PathBuf,
     /// A bearer token to verify (never printed; its hash is).
-    #[arg(long, env = "DOCTOR_TOKEN")]
     pub token: Option<String>,
     /// An API key to verify (never printed; its hash is).
-    #[arg(long, env = "DOCTOR_API_KEY")]
     pub api_key: Option<String>,
-    /// Run a full check of this request path (with --method), e.g. /tools/chat/execute.
-    #[arg(long)]
+    /// Run a full check of this request path (with `method`).
     pub path: Option<String>,
-    #[arg(long, default_value = "GET")]
     pub method: String,
-    /// JSON body for --path (MCP tools/call and other body rules).
-    #[arg(long)]
+    /// JSON body for `path`.
     pub body: Option<String>,
-    /// Origin header for --path (CORS).
-    #[arg(long)]
+    /// Origin header for `path`.
     pub origin: Option<String>,
     /// Seconds to wait for OpenFGA and the key source.
-    #[arg(long, default_value_t = 5)]
     pub wait: u64,
-    /// Print the findings as a JSON array of {check, status, detail} (for CI).
-    #[arg(long)]
+    /// Print the findings as a JSON array of {check, status, detail}.
     pub json: bool,
 }
 
@@ -151,7 +143,12 @@ struct Section {
 const SECTIONS: &[Section] = &[
     Section {
         name: "server",
-        vars: &["AUTHZ_GRPC_ADDR", "AUTHZ_OPS_ADDR"],
+        vars: &[
+            "AUTHZ_GRPC_ADDR",
+            "AUTHZ_OPS_ADDR",
+            "AUTHZ_SHUTDOWN_DELAY",
+            "AUTHZ_RELOAD_INTERVAL",
+        ],
     },
     Section {
         name: "log",
@@ -170,7 +167,11 @@ const SECTIONS: &[Section] = &[
     },
     Section {
         name: "api_keys",
-        vars: &["API_KEYS_FILE", "API_KEY_CACHE_SECRET"],
+        vars: &[
+            "API_KEYS_FILE",
+            "API_KEY_CACHE_SECRET",
+            "API_KEY_EXCHANGE_URL",
+        ],
     },
     Section {
         name: "principals",
@@ -277,7 +278,11 @@ fn resolve_alone(
         .filter(|s| !kept(s.name))
         .flat_map(|s| s.vars.iter().copied())
         .collect();
-    Config::resolve(raw, base, &Masked { hidden })
+    let config = Config::resolve(raw, base, &Masked { hidden })?;
+    if kept("routes") {
+        RuleSet::from_config(&config)?;
+    }
+    Ok(config)
 }
 
 /// What the config check learned: the whole config when valid, else each section that
@@ -328,7 +333,8 @@ fn check_config(r: &mut Report, path: &Path) -> Option<Configs> {
         }
     };
     let base = path.parent().unwrap_or_else(|| Path::new("."));
-    let whole = match Config::load(path) {
+    // The rules are compiled as `serve` compiles them, so a bad rule is a config finding.
+    let whole = match Config::load(path).and_then(|c| RuleSet::from_config(&c).map(|_| c)) {
         Ok(c) => {
             r.ok("config", format!("{} is valid", path.display()));
             return Some(Configs {
@@ -566,8 +572,22 @@ fn check_api_keys(r: &mut Report, c: &Configs) -> Result<Option<Arc<dyn ApiKeySt
         r.skip("api keys", Configs::invalid("api_keys"));
         return Err("the api_keys settings are invalid (see config)".into());
     };
+    if let Some(x) = &config.api_key_exchange {
+        // Not called here: doctor has no key to exchange, and the service's answer to none is 400.
+        r.ok(
+            "api key service",
+            format!(
+                "keys the file does not hold go to {} (timeout {}, tokens reused at most {}); not probed",
+                x.url,
+                humantime::format_duration(x.timeout),
+                humantime::format_duration(x.cache_ttl)
+            ),
+        );
+    }
     let Some(cfg) = &config.api_keys else {
-        r.ok("api keys", "no API_KEYS_FILE: API keys are refused");
+        if config.api_key_exchange.is_none() {
+            r.ok("api keys", "no API_KEYS_FILE: API keys are refused");
+        }
         return Ok(None);
     };
     let options = StoreOptions {
@@ -713,13 +733,13 @@ async fn check_openfga(r: &mut Report, c: &Configs, wait: Duration) -> bool {
     }
 }
 
-pub async fn run(args: DoctorArgs) -> ExitCode {
+pub async fn run(args: Options) -> ExitCode {
     let mut r = Report {
         findings: Vec::new(),
         json: args.json,
     };
     let wait = Duration::from_secs(args.wait);
-    let path = args.config.config.clone();
+    let path = args.config.clone();
     let Some(configs) = check_config(&mut r, &path) else {
         return finish(&r, true);
     };
@@ -794,7 +814,7 @@ pub async fn run(args: DoctorArgs) -> ExitCode {
 
 async fn run_check(
     r: &mut Report,
-    args: &DoctorArgs,
+    args: &Options,
     path: &str,
     configs: &Configs,
     openfga_ready: bool,
@@ -822,7 +842,7 @@ async fn run_check(
         return;
     };
     let shutdown = CancellationToken::new();
-    let built = match crate::server::build(config, system_clock(), &shutdown).await {
+    let built = match crate::state::build(config, system_clock(), &shutdown).await {
         Ok(b) => b,
         // Its cause is a failure above (a key file, the API key file): not a second problem.
         Err(e) if r.failures() > 0 => {
@@ -840,10 +860,10 @@ async fn run_check(
             return;
         }
     };
-    let state = built.state;
+    let state = built.state.policy();
     // The state connects to OpenFGA in the background, as the server does; wait for it only
     // when it answered doctor, else check now and show the answer a request gets meanwhile.
-    if let (Some(checker), true) = (&state.checker, openfga_ready) {
+    if let (Some(checker), true) = (state.authz.checker(), openfga_ready) {
         let deadline = Instant::now() + wait;
         while !checker.ready() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;

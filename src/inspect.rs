@@ -17,10 +17,11 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Map, Value};
 
 use crate::authn::jwks::{JwksKeySource, KeySource};
-use crate::authn::jwt::{JwtVerifier, now_secs, system_clock};
+use crate::authn::jwt::JwtVerifier;
 use crate::authn::principals::Principals;
-use crate::cli::say;
+use crate::clock::{now_secs, system_clock};
 use crate::config::{Config, KeySourceConfig};
+use crate::console::say;
 
 /// More than any token a header could carry; stdin is read no further.
 const MAX_STDIN_BYTES: u64 = 1024 * 1024;

@@ -10,7 +10,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::State;
+use crate::state::State;
 use crate::telemetry::Metrics;
 
 #[derive(Clone)]

@@ -1,31 +1,31 @@
-//! One check, start to finish, as a plain async function over [`State`]: CORS preflight
-//! (answered here), routing (one part, or one per JSON-RPC batch element), authentication,
-//! authorization of every part. No protobuf in here: the gRPC adapter converts
-//! at the edges, and tests, `doctor` and benchmarks call [`check`] directly.
-
-use std::sync::{Arc, OnceLock};
+//! One check, start to finish, as a plain async function over one [`Policy`]: CORS (a
+//! preflight answered here), routing (one part, or one per JSON-RPC batch element), the
+//! unmatched policy, authentication ([`Authenticator`]), authorization of every part
+//! ([`Authorizer`]). No protobuf in here: the gRPC adapter converts at the edges, and tests and
+//! `doctor` call [`check`] directly. The caller picks the policy (the current one, loaded once
+//! per request: [`crate::state::State::policy`]).
 
 use crate::authn::{Authenticator, Principal};
-use crate::authz::rules::{EvalContext, RuleSet};
-use crate::authz::{self, BackendError, CheckQuery, RelationshipChecker, TupleKey};
-use crate::config::{ClaimSet, ContextualTupleConfig, PathPolicy, Unmatched};
-use crate::cors::{Cors, Preflight};
-use crate::decision::{Allow, Decision, Deny, Failure, deny_for};
+use crate::authz::rules::{EvalContext, Routed, Rule, RuleSet};
+use crate::authz::{Authorizer, AuthzError, Granted};
+use crate::config::{PathPolicy, Unmatched};
+use crate::cors::{Consulted, Cors};
+use crate::decision::{self, Allow, Context, Decision, Failure};
 use crate::request::CheckInput;
 
-/// Everything a check needs, built once at startup.
-pub struct State {
+/// What one check reads: everything a reload may change (built and swapped by
+/// [`crate::state`]; the backends it reaches hold `Arc`s shared by every policy).
+pub struct Policy {
     pub rules: RuleSet,
     pub cors: Cors,
     pub authn: Authenticator,
-    pub checker: Option<Arc<LateChecker>>,
-    pub contextual: Vec<ContextualTupleConfig>,
+    pub authz: Authorizer,
     pub realm: String,
     /// How request paths are read (`request.path_policy`), by the gRPC adapter.
     pub path_policy: PathPolicy,
 }
 
-impl State {
+impl Policy {
     /// Ready when every configured backend can answer: signing keys loaded, OpenFGA resolved.
     pub fn readiness(&self) -> Vec<String> {
         let mut missing = Vec::new();
@@ -37,201 +37,127 @@ impl State {
                 jwt.key_source().describe()
             ));
         }
-        if let Some(c) = &self.checker
-            && !c.ready()
-        {
-            missing.push(c.describe());
-        }
+        missing.extend(self.authz.readiness());
         missing
     }
 }
 
-/// A relationship checker that arrives after startup: OpenFGA may come up after the sidecar,
-/// so until it is connected every check is a 503 naming the last connection error.
-pub struct LateChecker {
-    inner: OnceLock<Arc<dyn RelationshipChecker>>,
-    pending: std::sync::Mutex<String>,
-}
-
-impl LateChecker {
-    pub fn new(pending: impl Into<String>) -> Self {
-        Self {
-            inner: OnceLock::new(),
-            pending: std::sync::Mutex::new(pending.into()),
-        }
-    }
-
-    pub fn set(&self, checker: Arc<dyn RelationshipChecker>) {
-        let _ = self.inner.set(checker);
-    }
-
-    pub fn set_pending(&self, why: impl Into<String>) {
-        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = why.into();
-    }
-
-    fn pending(&self) -> String {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
-
-#[async_trait::async_trait]
-impl RelationshipChecker for LateChecker {
-    async fn check(&self, queries: &[CheckQuery]) -> Result<Vec<bool>, BackendError> {
-        match self.inner.get() {
-            Some(c) => c.check(queries).await,
-            None => Err(BackendError::Unavailable(self.pending())),
-        }
-    }
-    fn ready(&self) -> bool {
-        self.inner.get().is_some_and(|c| c.ready())
-    }
-    fn describe(&self) -> String {
-        match self.inner.get() {
-            Some(c) if c.ready() => c.describe(),
-            Some(c) => format!("{} not ready", c.describe()),
-            None => self.pending(),
-        }
-    }
-}
-
-/// Tuples that hold for this request only: Keycloak roles and groups, so they count in
-/// OpenFGA without a sync job.
-pub fn contextual_tuples(cfg: &[ContextualTupleConfig], p: &Principal) -> Vec<TupleKey> {
-    let mut out = Vec::new();
-    for c in cfg {
-        let values: Vec<&str> = match c.from {
-            ClaimSet::Roles => p.roles.iter().map(String::as_str).collect(),
-            ClaimSet::Groups => p.groups.iter().map(|g| g.trim_start_matches('/')).collect(),
-        };
-        for v in values {
-            if v.is_empty() || v.contains(char::is_whitespace) || v.contains('#') {
-                continue;
-            }
-            out.push(TupleKey {
-                user: p.subject.clone(),
-                relation: c.relation.clone(),
-                object: c.object.replace("{value}", v),
-            });
-        }
-    }
-    out
-}
-
-fn deny(state: &State, input: &CheckInput, failure: Failure) -> Deny {
-    let mut d = deny_for(&failure, &state.realm);
-    d.response_headers = state.cors.response_headers(input);
-    d
-}
-
-/// Decides one request.
+/// Decides one request, in the order a reader expects: CORS, routing, the unmatched policy,
+/// authentication, authorization. Every refusal is built once, complete, by
+/// [`decision::deny`] with the rule and principal known at that point and the CORS headers
+/// read at the start.
 ///
 /// A JSON-RPC batch (a body that is a JSON array, read by a rule) is decided element by
 /// element: each element is routed as if it were the body, and the batch is allowed only when
 /// every element is. The caller is authenticated once; the relationship checks of all
 /// elements go to OpenFGA as one BatchCheck. A refusal names the element.
-pub async fn check(state: &State, input: &CheckInput) -> Decision {
-    match state.cors.preflight(input) {
-        // Answered here: a preflight never reaches the app, so it cannot reach a route the
-        // app would refuse (or run a handler that does not expect OPTIONS).
-        Preflight::Allowed(headers) => {
-            return Decision::Allow(Allow {
-                principal: None,
-                rule: "cors-preflight".into(),
-                failed_open: None,
-                response_headers: headers,
-                relations: Vec::new(),
-                local_reply: Some(PREFLIGHT_STATUS),
-            });
+pub async fn check(policy: &Policy, input: &CheckInput) -> Decision {
+    // 1. CORS, read once. A preflight is answered here: it never reaches the app, so it
+    // cannot reach a route the app would refuse (or run a handler that does not expect
+    // OPTIONS).
+    let cors = match policy.cors.consult(input) {
+        Consulted::Preflight(headers) => return preflight(headers),
+        Consulted::Refused(origin) => {
+            let context = Context::default();
+            return refuse(policy, Failure::CorsOrigin(origin), context);
         }
-        Preflight::Refused(origin) => {
-            return Decision::Deny(deny(state, input, Failure::CorsOrigin(origin)));
-        }
-        Preflight::No => {}
-    }
+        Consulted::Headers(headers) => headers,
+    };
+    let context = |rule: Option<String>, principal: Option<Principal>| Context {
+        rule,
+        principal,
+        response_headers: cors.clone(),
+    };
 
-    let route = match state.rules.route(input) {
+    // 2. Routing: the rule governing each part (one, or one per batch element).
+    let route = match policy.rules.route(input) {
         Ok(route) => route,
         Err((element, refusal)) => {
-            let rule = refusal.rule.clone();
+            let rule = Some(refusal.rule.clone());
             let failure = in_element(element, refusal.into());
-            let mut d = deny(state, input, failure);
-            d.rule = Some(rule);
-            return Decision::Deny(d);
+            return refuse(policy, failure, context(rule, None));
         }
     };
-    let batch = route.batch;
-    let element = |i: usize| batch.then_some(i);
-    let allow = |principal: Option<Principal>, rule: String, granted: authz::Granted| {
-        Decision::Allow(Allow {
-            principal,
-            rule,
-            failed_open: granted.failed_open,
-            response_headers: state.cors.response_headers(input),
-            relations: granted.relations,
-            local_reply: None,
-        })
-    };
+    let element = |i: usize| route.batch.then_some(i);
 
-    // Parts no rule matches: the unmatched policy decides them.
+    // 3. Parts no rule matches: the unmatched policy decides them.
     for (i, part) in route.parts.iter().enumerate() {
-        if part.rule.is_none() && state.rules.unmatched == Unmatched::Deny {
-            let no_rule = authz::AuthzError::NoRule {
+        if part.rule.is_none() && policy.rules.unmatched == Unmatched::Deny {
+            let no_rule = AuthzError::NoRule {
                 method: input.method.clone(),
                 path: input.path.clone(),
             };
-            return Decision::Deny(deny(state, input, in_element(element(i), no_rule.into())));
+            let failure = in_element(element(i), no_rule.into());
+            return refuse(policy, failure, context(None, None));
         }
     }
     let needs_principal = route.parts.iter().any(|p| match p.rule {
         Some(rule) => !rule.public,
-        None => state.rules.unmatched == Unmatched::Authenticated,
+        None => policy.rules.unmatched == Unmatched::Authenticated,
     });
     let names = rule_names(&route.parts);
+    let allow = |principal: Option<Principal>, granted: Granted| {
+        Decision::Allow(Allow {
+            principal,
+            rule: names.clone(),
+            failed_open: granted.failed_open,
+            response_headers: cors.clone(),
+            relations: granted.relations,
+            local_reply: None,
+        })
+    };
     if !needs_principal {
-        return allow(None, names, Default::default());
+        return allow(None, Granted::default());
     }
-    let principal = match state.authn.authenticate(input).await {
+
+    // 4. Authentication, once for the whole request.
+    let principal = match policy.authn.authenticate(input).await {
         Ok(p) => p,
         Err(e) => {
-            let mut d = deny(state, input, e.into());
-            d.rule = route
+            let rule = route
                 .parts
                 .iter()
                 .find_map(|p| p.rule.filter(|r| !r.public))
                 .map(|r| r.name.clone());
-            return Decision::Deny(d);
+            return refuse(policy, e.into(), context(rule, None));
         }
     };
-    // (element index, rule, values) of every part a non-public rule governs.
-    let governed: Vec<(usize, &authz::rules::Rule, &EvalContext<'_>)> = route
+
+    // 5. Authorization of every part a non-public rule governs.
+    let governed: Vec<(usize, &Rule, &EvalContext<'_>)> = route
         .parts
         .iter()
         .enumerate()
         .filter_map(|(i, p)| p.rule.filter(|r| !r.public).map(|r| (i, r, &p.ctx)))
         .collect();
-    let contextual = if governed.iter().any(|(_, r, _)| r.check.is_some()) {
-        Arc::new(contextual_tuples(&state.contextual, &principal))
-    } else {
-        Arc::new(Vec::new())
-    };
-    let checker = state
-        .checker
-        .as_ref()
-        .map(|c| c.as_ref() as &dyn RelationshipChecker);
     let parts: Vec<_> = governed.iter().map(|(_, r, ctx)| (*r, *ctx)).collect();
-    match authz::authorize_all(&parts, &principal, checker, &contextual).await {
-        Ok(granted) => allow(Some(principal), names, granted),
+    match policy.authz.authorize(&parts, &principal).await {
+        Ok(granted) => allow(Some(principal), granted),
         Err((k, e)) => {
             let (i, rule, _) = governed[k];
-            let mut d = deny(state, input, in_element(element(i), e.into()));
-            d.principal = Some(principal);
-            d.rule = Some(rule.name.clone());
-            Decision::Deny(d)
+            let failure = in_element(element(i), e.into());
+            refuse(
+                policy,
+                failure,
+                context(Some(rule.name.clone()), Some(principal)),
+            )
         }
     }
+}
+
+fn refuse(policy: &Policy, failure: Failure, context: Context) -> Decision {
+    Decision::Deny(decision::deny(&failure, &policy.realm, context))
+}
+
+fn preflight(headers: Vec<(String, String)>) -> Decision {
+    Decision::Allow(Allow {
+        principal: None,
+        rule: "cors-preflight".into(),
+        failed_open: None,
+        response_headers: headers,
+        relations: Vec::new(),
+        local_reply: Some(PREFLIGHT_STATUS),
+    })
 }
 
 /// A preflight answered here: 200 with the CORS headers (any 2xx passes the browser's check;
@@ -247,7 +173,7 @@ fn in_element(element: Option<usize>, failure: Failure) -> Failure {
 
 /// The rules that decided, for the log: `mcp-tools-call`, or for a batch each distinct rule
 /// in element order (`mcp-tools-call,mcp-other`); `unmatched` for parts no rule matched.
-fn rule_names(parts: &[authz::rules::Routed<'_, '_>]) -> String {
+fn rule_names(parts: &[Routed<'_, '_>]) -> String {
     let mut names: Vec<&str> = Vec::new();
     for p in parts {
         let n = p.rule.map_or("unmatched", |r| r.name.as_str());
@@ -260,13 +186,14 @@ fn rule_names(parts: &[authz::rules::Routed<'_, '_>]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     use super::*;
     use crate::authn::api_key::ApiKeyStore;
     use crate::authn::principals::Principals;
     use crate::authn::{AuthMethod, AuthnError, PrincipalKind};
-    use crate::config::{CorsConfig, OpenFgaConfig, PrincipalsConfig, RoutesConfig};
+    use crate::authz::{BackendError, CheckQuery, LateChecker, RelationshipChecker, TupleKey};
+    use crate::config::{CorsConfig, PrincipalsConfig, RoutesConfig};
 
     /// `key-alice` is user:alice.
     struct Keys;
@@ -314,23 +241,9 @@ mod tests {
         }
     }
 
-    fn openfga_config() -> OpenFgaConfig {
-        let env: std::collections::BTreeMap<String, String> = [
-            ("OPENFGA_API_URL", "http://127.0.0.1:1"),
-            ("OPENFGA_STORE_ID", "s"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        crate::config::Config::from_yaml("jwt: { jwks_file: k }", std::path::Path::new("/"), &env)
-            .unwrap()
-            .openfga
-            .unwrap()
-    }
-
     /// The MCP rules of deploy/local/sidecar-openfga.yaml; alice may execute agent_chat and
     /// search, nothing else.
-    fn state() -> (State, Arc<Fga>) {
+    fn state() -> (Policy, Arc<Fga>) {
         let raw: crate::config::RawRoutes = serde_yaml_ng::from_str(
             r#"
 rules:
@@ -350,7 +263,7 @@ rules:
                 unmatched: Unmatched::Deny,
                 rules: raw.rules,
             },
-            Some(&openfga_config()),
+            Some(&crate::config::test_openfga_config()),
         )
         .unwrap();
         let tuple = |tool: &str| TupleKey {
@@ -364,7 +277,7 @@ rules:
         });
         let late = Arc::new(LateChecker::new("not yet"));
         late.set(fga.clone());
-        let state = State {
+        let state = Policy {
             rules,
             path_policy: Default::default(),
             cors: Cors::new(&CorsConfig {
@@ -380,8 +293,7 @@ rules:
                 strip_from_upstream: vec!["x-api-key".into()],
                 principals: Principals::new(&PrincipalsConfig::default()),
             },
-            checker: Some(late),
-            contextual: Vec::new(),
+            authz: Authorizer::new(Some(late), Vec::new()),
             realm: "test".into(),
         };
         (state, fga)

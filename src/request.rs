@@ -12,9 +12,12 @@ use std::collections::HashMap;
 use bytes::Bytes;
 
 pub use crate::config::PathPolicy;
+use crate::failure::FailureKind;
 use crate::proto::pb::envoy::service::auth::v3 as auth;
 
-/// Why a request could not be read. Each is answered with a 400 deny, never a panic.
+/// Why a request could not be read. Each is answered with a 400 deny, never a panic; except
+/// `NoHttpAttributes` (not an HTTP check at all), which the gRPC adapter answers with
+/// `INVALID_ARGUMENT` instead of a deny.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum RequestError {
     #[error("check request has no HTTP attributes (is this an HTTP ext_authz filter?)")]
@@ -33,6 +36,13 @@ pub enum RequestError {
     HeaderNotUtf8(String),
     #[error("header {0} appears more than once")]
     DuplicateHeader(String),
+}
+
+impl RequestError {
+    /// Every request that cannot be read is a bad request (400).
+    pub fn kind(&self) -> FailureKind {
+        FailureKind::BadRequest
+    }
 }
 
 /// A path an app could read differently from the sidecar. Strict policy refuses all of them;
@@ -183,8 +193,8 @@ impl CheckInput {
             .map(|(_, v)| v.as_str())
     }
 
-    /// A request with just a method and a path, read under the strict path policy (for tests,
-    /// doctor and benchmarks).
+    /// A request with just a method and a path, read under the strict path policy (for tests
+    /// and doctor).
     pub fn http(method: &str, path_and_query: &str) -> Result<Self, RequestError> {
         Self::http_with(method, path_and_query, PathPolicy::Strict)
     }

@@ -1,9 +1,9 @@
-//! Process wiring: builds the [`State`] from a [`Config`], starts the gRPC server (Check +
-//! grpc.health.v1), the ops HTTP listener (`/healthz`, `/readyz`, `/metrics`) and the
-//! background tasks (key refresh, API key reload, OpenFGA connection and changelog), and
-//! drains on shutdown.
+//! Serving: the listeners, the gRPC server (Check + grpc.health.v1 + reflection), the ops HTTP
+//! listener (`/healthz`, `/readyz`, `/metrics`), health that follows readiness, and the drain
+//! on shutdown. What it serves is built by [`crate::state`] (the composition root).
 //!
-//! [`run`] takes its listeners from the caller, so tests bind `127.0.0.1:0` and pass them in.
+//! [`run`] takes its listeners from the caller, so tests bind `127.0.0.1:0` and pass them in;
+//! [`run_with`] also reloads the config from its file ([`crate::reload`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,16 +13,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
-use crate::authn::api_key::{ApiKeyStore, FileApiKeyStore, StoreOptions};
-use crate::authn::jwks::{JwksKeySource, KeySource};
-use crate::authn::jwt::{Clock, JwtVerifier, system_clock};
-use crate::authn::{Authenticator, principals::Principals};
-use crate::authz::rules::RuleSet;
-use crate::config::{Config, KeySourceConfig, ListenAddr};
-use crate::cors::Cors;
-use crate::pipeline::{LateChecker, State};
+use crate::clock::system_clock;
+use crate::config::{Config, ListenAddr};
 use crate::proto::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use crate::reload::{ConfigSource, ContentHash, Reloader, Requests};
 use crate::service::CheckService;
+use crate::state::{Built, build};
 use crate::telemetry::Metrics;
 
 pub const AUTHORIZATION_SERVICE: &str = "envoy.service.auth.v3.Authorization";
@@ -71,146 +67,6 @@ impl Listeners {
     }
 }
 
-/// A problem that must stop the process (exit 2): the configuration cannot work.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Fatal(pub String);
-
-/// Background work started with the state; stops with the shutdown token.
-pub struct Built {
-    pub state: Arc<State>,
-    pub fatal: tokio::sync::mpsc::Receiver<Fatal>,
-    pub openfga_stats: Arc<std::sync::OnceLock<Arc<dyn BackendStats>>>,
-}
-
-/// Counters a backend exposes for `/metrics`.
-pub trait BackendStats: Send + Sync {
-    fn stats(&self) -> Vec<(&'static str, u64)>;
-}
-
-/// Builds the state and starts its background tasks. Errors here are startup errors.
-pub async fn build(
-    config: &Config,
-    clock: Clock,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<Built> {
-    let (fatal_tx, fatal) = tokio::sync::mpsc::channel(4);
-    let rules = RuleSet::compile(&config.routes, config.openfga.as_ref())?;
-
-    let jwt = match JwksKeySource::new(&config.jwt) {
-        None => None,
-        Some(source) => {
-            let source: Arc<dyn KeySource> = Arc::new(source);
-            match source.refresh().await {
-                Ok(n) => {
-                    tracing::info!(source = %source.describe(), keys = n, kids = ?source.key_ids(), "signing keys loaded")
-                }
-                Err(e) => {
-                    if let KeySourceConfig::File(_) = config.jwt.source {
-                        // A local file that cannot be read will not fix itself.
-                        return Err(crate::config::ConfigError::invalid(
-                            "jwt.jwks_file",
-                            e.to_string(),
-                        )
-                        .into());
-                    }
-                    tracing::warn!(error = %e, "signing keys not loaded yet; not ready until they are");
-                }
-            }
-            if config.jwt.issuer.is_none()
-                && !matches!(config.jwt.source, KeySourceConfig::Discovery { .. })
-            {
-                tracing::warn!(
-                    "JWT_ISSUER (jwt.issuer) not set: token issuers are not checked; any realm signing with a key in this JWKS is accepted"
-                );
-            }
-            spawn_key_refresh(source.clone(), config, shutdown.clone());
-            Some(JwtVerifier::new(&config.jwt, source, clock.clone()))
-        }
-    };
-
-    let api_keys = match &config.api_keys {
-        None => None,
-        Some(cfg) => {
-            let options = StoreOptions {
-                bcrypt_concurrency: cfg.bcrypt_concurrency,
-                lookup_secret: cfg.lookup_secret.clone(),
-            };
-            let store = Arc::new(FileApiKeyStore::open_with(
-                &cfg.file,
-                clock.clone(),
-                &options,
-            )?);
-            tokio::spawn(store.clone().watch(cfg.reload_interval, shutdown.clone()));
-            Some(store as Arc<dyn ApiKeyStore>)
-        }
-    };
-
-    let openfga_stats = Arc::new(std::sync::OnceLock::new());
-    let checker = match &config.openfga {
-        None => None,
-        Some(fga) => {
-            let late = Arc::new(LateChecker::new(format!(
-                "OpenFGA at {} not connected yet",
-                fga.api_url
-            )));
-            spawn_openfga(
-                fga.clone(),
-                config.cache.clone(),
-                rules.relation_refs(),
-                late.clone(),
-                openfga_stats.clone(),
-                fatal_tx.clone(),
-                shutdown.clone(),
-            );
-            Some(late)
-        }
-    };
-
-    let state = Arc::new(State {
-        rules,
-        cors: Cors::new(&config.cors),
-        authn: Authenticator {
-            jwt,
-            api_keys,
-            api_key_header: config.api_key_header.name.clone(),
-            principals: Principals::new(&config.principals),
-            strip_from_upstream: crate::authn::api_key_headers_to_strip(&config.api_key_header),
-        },
-        checker,
-        contextual: config
-            .openfga
-            .as_ref()
-            .map(|f| f.contextual_tuples.clone())
-            .unwrap_or_default(),
-        realm: config.jwt.realm.clone(),
-        path_policy: config.request.path_policy,
-    });
-    Ok(Built {
-        state,
-        fatal,
-        openfga_stats,
-    })
-}
-
-/// Periodic refresh; while no key is loaded, retry at the cooldown pace instead.
-fn spawn_key_refresh(source: Arc<dyn KeySource>, config: &Config, shutdown: CancellationToken) {
-    let every = config.jwt.refresh_interval;
-    let retry = config.jwt.refresh_cooldown.max(Duration::from_secs(1));
-    tokio::spawn(async move {
-        loop {
-            let wait = if source.ready() { every } else { retry };
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
-            }
-            if let Ok(n) = source.refresh().await {
-                tracing::debug!(keys = n, "signing keys refreshed");
-            }
-        }
-    });
-}
-
 /// Runs the sidecar until `shutdown` fires, then drains. Returns an error for a fatal
 /// configuration problem found after start (for example an OpenFGA store that does not exist).
 pub async fn run(
@@ -218,8 +74,46 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    run_with(config, None, listeners, shutdown).await
+}
+
+/// Where a running server reloads its config from.
+pub struct Reload {
+    /// The file the config was read from, read again the same way on a reload.
+    pub source: ConfigSource,
+    /// The hash of the bytes the starting config was read from.
+    pub hash: Option<ContentHash>,
+    /// Reload requests (SIGHUP).
+    pub requests: Requests,
+}
+
+/// [`run`], reloading the config on [`Reload::requests`] and when its file changes.
+pub async fn run_with(
+    config: Config,
+    reload: Option<Reload>,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let built = build(&config, system_clock(), &shutdown).await?;
+    metrics
+        .config_last_success
+        .set(i64::try_from(crate::clock::now_secs()).unwrap_or(i64::MAX));
+    if let Some(reload) = reload {
+        let reloader = Arc::new(Reloader::new(
+            reload.source,
+            config.clone(),
+            reload.hash,
+            built.state.clone(),
+            metrics.clone(),
+        ));
+        tokio::spawn(
+            reloader
+                .clone()
+                .serve_requests(reload.requests, shutdown.clone()),
+        );
+        tokio::spawn(reloader.watch(shutdown.clone()));
+    }
     serve(config, built, metrics, listeners, shutdown).await
 }
 
@@ -238,11 +132,7 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let Built {
-        state,
-        mut fatal,
-        openfga_stats,
-    } = built;
+    let Built { state, mut fatal } = built;
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::NotServing).await;
 
@@ -253,7 +143,7 @@ pub async fn serve(
         let reporter = reporter.clone();
         let metrics = metrics.clone();
         let draining = draining.clone();
-        let stats = openfga_stats.clone();
+
         tokio::spawn(async move {
             let mut last: Option<bool> = None;
             loop {
@@ -276,12 +166,12 @@ pub async fn serve(
                     last = Some(ready);
                 }
                 metrics.ready.set(i64::from(ready));
-                if let Some(s) = stats.get() {
+                if let Some(s) = state.backends.openfga_stats.get() {
                     for (name, v) in s.stats() {
                         metrics.set_backend(name, v);
                     }
                 }
-                if let Some(keys) = &state.authn.api_keys {
+                if let Some(keys) = &state.backends.api_keys {
                     for (name, v) in keys.stats() {
                         metrics.set_backend(name, v);
                     }
@@ -309,17 +199,24 @@ pub async fn serve(
         ))
     });
 
-    // Reflection lets grpcurl and other tools call Check and Health without proto files.
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("gRPC reflection: descriptor sets do not load")?;
+    // Reflection lets grpcurl and other tools call Check and Health without proto files; off
+    // unless the config asks (`server.reflection`), as it tells any caller the API.
+    let reflection = if config.reflection {
+        Some(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .build_v1()
+                .context("gRPC reflection: descriptor sets do not load")?,
+        )
+    } else {
+        None
+    };
     let grpc_shutdown = CancellationToken::new();
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_optional_service(reflection)
         .add_service(AuthorizationServer::new(CheckService::new(
             state.clone(),
             metrics.clone(),
@@ -386,114 +283,4 @@ pub async fn serve(
         let _ = std::fs::remove_file(p);
     }
     result
-}
-
-struct OpenFgaStats {
-    client: Arc<crate::authz::openfga::OpenFgaClient>,
-    cache: Option<Arc<crate::authz::cache::DecisionCache>>,
-}
-
-impl BackendStats for OpenFgaStats {
-    fn stats(&self) -> Vec<(&'static str, u64)> {
-        let c = self.client.stats();
-        let mut out = vec![
-            ("openfga_requests", c.requests),
-            ("openfga_errors", c.errors),
-            ("openfga_short_circuited", c.short_circuited),
-            (
-                "openfga_breaker_open",
-                u64::from(c.breaker != crate::authz::breaker::BreakerState::Closed),
-            ),
-        ];
-        if let Some(cache) = &self.cache {
-            let s = cache.stats();
-            out.extend([
-                ("cache_hits", s.hits),
-                ("cache_misses", s.misses),
-                ("cache_coalesced", s.coalesced),
-                ("cache_evictions", s.evictions),
-                ("cache_invalidations", s.invalidations),
-                ("cache_size", s.size),
-            ]);
-        }
-        out
-    }
-}
-
-/// Connects to OpenFGA in the background: retries while it is unreachable (readiness stays
-/// NOT_SERVING and checks answer 503 naming the cause), stops the process when the
-/// configuration cannot work (store or model missing, a rule naming a relation the model
-/// lacks), and once connected wraps the client in the decision cache and follows the
-/// changelog.
-#[allow(clippy::too_many_arguments)]
-fn spawn_openfga(
-    cfg: crate::config::OpenFgaConfig,
-    cache_cfg: crate::config::CacheConfig,
-    refs: Vec<crate::authz::RelationRef>,
-    late: Arc<LateChecker>,
-    stats: Arc<std::sync::OnceLock<Arc<dyn BackendStats>>>,
-    fatal: tokio::sync::mpsc::Sender<Fatal>,
-    shutdown: CancellationToken,
-) {
-    use crate::authz::RelationshipChecker;
-    use crate::authz::cache::{DecisionCache, Invalidate};
-    use crate::authz::openfga::{ChangeWatcher, OpenFgaClient};
-    tokio::spawn(async move {
-        let mut delay = Duration::from_millis(200);
-        let mut last = String::new();
-        let client = loop {
-            match OpenFgaClient::connect(&cfg).await {
-                Ok(c) => break c,
-                Err(e) if e.is_transient() => {
-                    let msg = e.to_string();
-                    if msg != last {
-                        tracing::warn!(error = %msg, "OpenFGA not available yet; retrying");
-                    }
-                    late.set_pending(msg.clone());
-                    last = msg;
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => {
-                    let _ = fatal.send(Fatal(e.to_string())).await;
-                    return;
-                }
-            }
-        };
-        if let Err(e) = client.validate(&refs) {
-            let _ = fatal.send(Fatal(e.to_string())).await;
-            return;
-        }
-        tracing::info!(
-            url = %client.api_url(),
-            store = %client.store_id(),
-            model = %client.model_id(),
-            pinned = client.model_pinned(),
-            rules_checked = refs.len(),
-            "OpenFGA connected"
-        );
-        let client = Arc::new(client);
-        let cache = cache_cfg
-            .enabled
-            .then(|| Arc::new(DecisionCache::new(client.clone(), &cache_cfg)));
-        // One task follows the changelog (for the cache) and the latest model (unless pinned).
-        ChangeWatcher::new(
-            client.clone(),
-            cache.clone().map(|c| c as Arc<dyn Invalidate>),
-            cfg.changelog_interval,
-        )
-        .spawn(shutdown.clone());
-        let _ = stats.set(Arc::new(OpenFgaStats {
-            client: client.clone(),
-            cache: cache.clone(),
-        }));
-        let checker: Arc<dyn RelationshipChecker> = match cache {
-            Some(cache) => cache,
-            None => client,
-        };
-        late.set(checker);
-    });
 }

@@ -9,12 +9,13 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::decision::{Decision, Failure, deny_for};
-use crate::pipeline::{self, State};
+use crate::pipeline;
 use crate::proto::pb::envoy::service::auth::v3::{
     CheckRequest, CheckResponse, authorization_server::Authorization,
 };
 use crate::request::{self, RequestError};
 use crate::response;
+use crate::state::State;
 use crate::telemetry::Metrics;
 
 pub struct CheckService {
@@ -28,7 +29,8 @@ impl CheckService {
     }
 }
 
-fn method_label(d: &Decision) -> &'static str {
+/// The `credential` metric label: how the caller authenticated (`jwt`, `api_key`, `none`).
+fn credential_label(d: &Decision) -> &'static str {
     let p = match d {
         Decision::Allow(a) => a.principal.as_ref(),
         Decision::Deny(d) => d.principal.as_ref(),
@@ -86,7 +88,9 @@ impl Authorization for CheckService {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let start = Instant::now();
-        let input = match request::from_proto(request.into_inner(), self.state.path_policy) {
+        // The policy this check decides on, to the end, whatever a reload swaps in meanwhile.
+        let policy = self.state.policy();
+        let input = match request::from_proto(request.into_inner(), policy.path_policy) {
             Ok(input) => input,
             Err(RequestError::NoHttpAttributes) => {
                 return Err(Status::invalid_argument(
@@ -95,7 +99,7 @@ impl Authorization for CheckService {
             }
             Err(e) => {
                 let request_id = request::new_request_id();
-                let decision = Decision::Deny(deny_for(&Failure::Request(e), &self.state.realm));
+                let decision = Decision::Deny(deny_for(&Failure::Request(e), &policy.realm));
                 let input = request::CheckInput {
                     request_id: request_id.clone(),
                     ..Default::default()
@@ -105,20 +109,134 @@ impl Authorization for CheckService {
                 return Ok(Response::new(response::to_proto(
                     &decision,
                     &request_id,
-                    &self.state.authn.strip_from_upstream,
+                    &policy.authn.strip_from_upstream,
                 )));
             }
         };
         tracing::debug!(request_id = %input.request_id, method = %input.method, path = %input.path, host = %input.host, peer = ?input.peer, "check received");
-        let decision = pipeline::check(&self.state, &input).await;
+        let decision = pipeline::check(&policy, &input).await;
         let elapsed = start.elapsed();
         log_decision(&input, &decision, elapsed.as_micros());
         self.metrics
-            .record(&decision, elapsed, method_label(&decision));
+            .record(&decision, elapsed, credential_label(&decision));
         Ok(Response::new(response::to_proto(
             &decision,
             &input.request_id,
-            &self.state.authn.strip_from_upstream,
+            &policy.authn.strip_from_upstream,
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+
+    use tokio::sync::{Notify, Semaphore};
+
+    use super::*;
+    use crate::authn::api_key::ApiKeyStore;
+    use crate::authn::{AuthMethod, AuthnError, Principal, PrincipalKind};
+    use crate::config::Config;
+    use crate::proto::pb::envoy::service::auth::v3::{AttributeContext, attribute_context};
+    use crate::state::Backends;
+
+    /// Every key is alice's, once the gate opens; says when a check has reached it.
+    struct GatedKeys {
+        entered: Notify,
+        gate: Semaphore,
+    }
+
+    #[async_trait::async_trait]
+    impl ApiKeyStore for GatedKeys {
+        async fn authenticate(&self, _: &str) -> Result<Principal, AuthnError> {
+            self.entered.notify_one();
+            let _pass = self.gate.acquire().await.expect("gate open");
+            Ok(Principal::new(
+                PrincipalKind::User,
+                "alice",
+                AuthMethod::ApiKey,
+            ))
+        }
+        fn len(&self) -> usize {
+            1
+        }
+        fn describe(&self) -> String {
+            "gated keys".into()
+        }
+    }
+
+    fn config(rules: &str) -> Config {
+        Config::from_yaml(
+            &format!("jwt: {{ jwks_file: k }}\nroutes: {{ rules: {rules} }}\n"),
+            std::path::Path::new("/"),
+            &std::collections::BTreeMap::new(),
+        )
+        .unwrap()
+    }
+
+    fn get_docs() -> Request<CheckRequest> {
+        Request::new(CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(attribute_context::Request {
+                    http: Some(attribute_context::HttpRequest {
+                        method: "GET".into(),
+                        path: "/docs".into(),
+                        host: "app".into(),
+                        headers: [("x-api-key".to_string(), "k".to_string())].into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        })
+    }
+
+    /// The gRPC status code of a check's answer: 0 allows, 7 is a 403.
+    async fn code(service: &CheckService, request: Request<CheckRequest>) -> i32 {
+        let answer = Authorization::check(service, request).await.unwrap();
+        answer.into_inner().status.unwrap().code
+    }
+
+    #[tokio::test]
+    async fn a_check_in_flight_keeps_the_policy_it_started_with() {
+        let keys = Arc::new(GatedKeys {
+            entered: Notify::new(),
+            gate: Semaphore::new(0),
+        });
+        let backends = Backends {
+            keys: None,
+            api_keys: Some(keys.clone()),
+            checker: None,
+            openfga_stats: Arc::new(OnceLock::new()),
+            model_gate: Default::default(),
+            cache_ttls: Default::default(),
+            clock: crate::clock::system_clock(),
+        };
+        let open = config("[ { name: any-caller, path: /docs } ]");
+        let admins_only = config("[ { name: admins-only, path: /docs, roles: [admin] } ]");
+        let policy = crate::state::policy(&open, &backends).unwrap();
+        let state = Arc::new(State::new(policy, backends));
+        let service = Arc::new(CheckService::new(state.clone(), Metrics::new()));
+
+        let in_flight = tokio::spawn({
+            let service = service.clone();
+            async move { code(&service, get_docs()).await }
+        });
+        keys.entered.notified().await;
+        let old = state.swap_policy(state.build_policy(&admins_only).unwrap());
+        assert_eq!(old.rules.rules()[0].name, "any-caller");
+        keys.gate.add_permits(2);
+
+        assert_eq!(
+            in_flight.await.unwrap(),
+            tonic::Code::Ok as i32,
+            "the check that started under any-caller is decided by it"
+        );
+        assert_eq!(
+            code(&service, get_docs()).await,
+            tonic::Code::PermissionDenied as i32,
+            "the next check is decided by admins-only"
+        );
     }
 }

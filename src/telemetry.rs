@@ -155,12 +155,19 @@ impl VisitFmt for LogVisitor<'_> {
 pub struct DecisionLabels {
     pub decision: &'static str,
     pub code: &'static str,
-    pub method: &'static str,
+    /// How the caller authenticated: `jwt`, `api_key` or `none` (not the HTTP method).
+    pub credential: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NameLabel {
     pub name: &'static str,
+}
+
+/// `result="ok"` or `result="error"`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
 }
 
 /// The sidecar's metrics. Counters from backends (cache, OpenFGA client) are copied in every
@@ -173,6 +180,12 @@ pub struct Metrics {
     pub failed_open: Counter,
     pub ready: Gauge,
     pub backend: Family<NameLabel, Gauge>,
+    /// Config reloads by result (`authz_sidecar_config_reloads_total`).
+    pub config_reloads: Family<ResultLabel, Counter>,
+    /// Unix time of the last config that was applied, the startup one included.
+    pub config_last_success: Gauge,
+    /// 1 when the last reload applied, 0 when it was refused (the old config still serves).
+    pub config_last_ok: Gauge,
 }
 
 impl Metrics {
@@ -181,7 +194,7 @@ impl Metrics {
         let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
             "decisions",
-            "Check decisions by outcome, error code and credential method",
+            "Check decisions by outcome, error code and credential kind (jwt, api_key, none)",
             decisions.clone(),
         );
         let check_seconds = Histogram::new([
@@ -207,6 +220,29 @@ impl Metrics {
             "Backend counters: decision cache and OpenFGA client (hits, misses, coalesced, evictions, size, requests, errors), API keys (bcrypt verifications, busy, failed-key cache hits)",
             backend.clone(),
         );
+        let config_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config reloads (file change or SIGHUP) by result: ok (applied) or error (refused, the running config kept)",
+            config_reloads.clone(),
+        );
+        let config_last_success = Gauge::default();
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time the running config was applied (at startup or by the last successful reload)",
+            config_last_success.clone(),
+        );
+        let config_last_ok = Gauge::default();
+        registry.register(
+            "config_last_reload_successful",
+            "1 when the last reload applied (or none was tried), 0 when it was refused",
+            config_last_ok.clone(),
+        );
+        config_last_ok.set(1);
+        // Both results exported from the start, so a rate or an alert has a series to read.
+        for result in ["ok", "error"] {
+            let _ = config_reloads.get_or_create(&ResultLabel { result });
+        }
         Arc::new(Self {
             registry: std::sync::Mutex::new(registry),
             decisions,
@@ -214,14 +250,30 @@ impl Metrics {
             failed_open,
             ready,
             backend,
+            config_reloads,
+            config_last_success,
+            config_last_ok,
         })
+    }
+
+    /// One reload's result; `now` is the Unix time it was applied (for an `ok`).
+    pub fn record_reload(&self, ok: bool, now: u64) {
+        let result = if ok { "ok" } else { "error" };
+        self.config_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
+        self.config_last_ok.set(i64::from(ok));
+        if ok {
+            self.config_last_success
+                .set(i64::try_from(now).unwrap_or(i64::MAX));
+        }
     }
 
     pub fn record(
         &self,
         decision: &crate::decision::Decision,
         elapsed: Duration,
-        method: &'static str,
+        credential: &'static str,
     ) {
         use crate::decision::Decision;
         let (decision, code) = match decision {
@@ -236,7 +288,7 @@ impl Metrics {
             .get_or_create(&DecisionLabels {
                 decision,
                 code,
-                method,
+                credential,
             })
             .inc();
         self.check_seconds.observe(elapsed.as_secs_f64());

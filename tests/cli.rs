@@ -147,6 +147,56 @@ fn worker_threads_from_the_environment_are_checked_not_panicked_on() {
     }
 }
 
+/// `check-config` says which issuer, audience and key source are in force and where each came
+/// from, so the issuer trap (a variable replacing the file's key source) is visible before
+/// a single token is refused.
+#[test]
+fn check_config_prints_the_effective_issuer_and_where_it_came_from() {
+    let out = bin()
+        .args(["check-config", "--config", "deploy/local/sidecar.yaml"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("(from jwt.jwks_file)"), "{text}");
+    assert!(
+        text.contains("issuer: authz-sidecar-local (from jwt.issuer)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("audience: mcp-server (from jwt.audience)"),
+        "{text}"
+    );
+    let out = bin()
+        .args(["check-config", "--config", "deploy/local/sidecar.yaml"])
+        .env("KEYCLOAK_URL", "http://keycloak:8080")
+        .env("KEYCLOAK_REALM", "mcp-server")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("(from KEYCLOAK_URL)"), "{text}");
+    assert!(
+        text.contains("issuer: the realm's, from OIDC discovery"),
+        "{text}"
+    );
+    assert!(text.contains("realm: mcp-server"), "{text}");
+}
+
+/// `serve` has no default config: the embedded default trusts a public dev key, so serving it
+/// must be asked for by name.
+#[test]
+fn serve_needs_a_config_named() {
+    let out = bin()
+        .arg("serve")
+        .env_remove("AUTHZ_CONFIG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--config"), "{stderr}");
+}
+
 #[test]
 fn token_mint_and_apikey_new() {
     let out = bin()

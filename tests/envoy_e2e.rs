@@ -226,3 +226,62 @@ async fn health_over_grpc_and_envoy_config_validates() {
     Envoy::validate(&repo().join("deploy/kubernetes/envoy.yaml"))
         .expect("deploy/kubernetes/envoy.yaml is a valid Envoy config");
 }
+
+/// A rollout as Envoy sees it: the sidecar is told to stop while Envoy keeps sending. During
+/// `server.shutdown_delay` every request through Envoy still gets the sidecar's answer (200 or
+/// 401 as before), never Envoy's 503 for an unreachable authorizer; then the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_fails_while_envoy_keeps_sending_during_the_shutdown_delay() {
+    let yaml = std::fs::read_to_string(local_dir().join("sidecar.yaml")).unwrap();
+    let sidecar = Sidecar::start(&yaml, &local_dir(), &[("AUTHZ_SHUTDOWN_DELAY", "2s")]).await;
+    sidecar.wait_ready(Duration::from_secs(5)).await;
+    let (up_addr, _upstream) = EchoUpstream::start().await;
+    let envoy = Envoy::start(sidecar.grpc_addr, up_addr).await;
+    let token = mint(local_claims("alice", &["user"]));
+    let url = envoy.url();
+    let load = |stop: std::sync::Arc<std::sync::atomic::AtomicBool>| {
+        let (url, token) = (url.clone(), token.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let allowed = http
+                    .get(format!("{url}/api/agents"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16());
+                let denied = http
+                    .get(format!("{url}/api/agents"))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16());
+                seen.push((allowed.unwrap_or(0), denied.unwrap_or(0)));
+            }
+            seen
+        })
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..4).map(|_| load(stop.clone())).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sidecar.begin_shutdown();
+    // Keep sending for most of the delay.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for w in workers {
+        for (allowed, denied) in w.await.unwrap() {
+            assert_eq!(
+                (allowed, denied),
+                (200, 401),
+                "an answer other than the sidecar's"
+            );
+            total += 1;
+        }
+    }
+    assert!(total > 20, "the load ran: {total} pairs");
+    sidecar
+        .join(Duration::from_secs(10))
+        .await
+        .expect("exits cleanly after the delay");
+}

@@ -118,3 +118,33 @@ fn readme_walkthrough_over_unix_socket_and_tcp() {
         std::panic::resume_unwind(e);
     }
 }
+
+/// Server reflection answers only where the config turns it on (the embedded default does, for
+/// the walk-through above); a production config does not describe its API to any caller.
+#[tokio::test]
+async fn reflection_is_off_unless_configured() {
+    use common::sidecar::{Sidecar, local_dir};
+    let yaml = std::fs::read_to_string(local_dir().join("sidecar.yaml")).unwrap();
+    let without = yaml.replace("  reflection: true", "");
+    assert_ne!(
+        yaml, without,
+        "deploy/local/sidecar.yaml turns reflection on"
+    );
+    for (config, on) in [(&yaml, true), (&without, false)] {
+        let s = Sidecar::start(config, &local_dir(), &[]).await;
+        s.wait_ready(Duration::from_secs(5)).await;
+        let target = s.grpc_addr.to_string();
+        let (ok, out) = tokio::task::spawn_blocking(move || grpcurl(&[&target], None, "list"))
+            .await
+            .unwrap();
+        if on {
+            assert!(
+                ok && out.contains("envoy.service.auth.v3.Authorization"),
+                "{out}"
+            );
+        } else {
+            assert!(!ok, "reflection answered without server.reflection: {out}");
+        }
+        s.stop().await.unwrap();
+    }
+}

@@ -181,6 +181,51 @@ async fn alice_needs_admin_for_admin_routes() {
     s.stop().await.unwrap();
 }
 
+/// The README's way to point at a realm: the embedded default config plus `KEYCLOAK_URL` and
+/// `KEYCLOAK_REALM`. The file's `jwt.issuer` (and challenge realm) belonged to its own key
+/// source, which the variables replaced, so the realm's issuer applies: every Keycloak token
+/// used to be 401 "wrong issuer" here.
+#[tokio::test]
+async fn variables_that_replace_the_key_source_replace_the_files_issuer_too() {
+    let kc = Keycloak::shared().await;
+    let yaml = std::fs::read_to_string(local_dir().join("sidecar.yaml")).unwrap();
+    let base = kc.base_url();
+    let s = Sidecar::start(
+        &yaml,
+        &local_dir(),
+        &[("KEYCLOAK_URL", &base), ("KEYCLOAK_REALM", REALM)],
+    )
+    .await;
+    s.wait_ready(Duration::from_secs(10)).await;
+    let token = kc.password_token("bob", "bob123").await;
+    let r = get(&s, "/api/agents", &token).await;
+    assert_eq!(status(&r), 200, "{r:?}");
+    assert_eq!(header(&r, "x-auth-subject").as_deref(), Some("user:bob"));
+    let r = s.check(Req::get("/api/agents")).await;
+    assert_eq!(status(&r), 401);
+    assert_eq!(
+        header(&r, "www-authenticate").as_deref(),
+        Some(format!("Bearer realm=\"{REALM}\"").as_str()),
+        "the challenge names the realm the keys come from"
+    );
+    // JWT_ISSUER still wins over discovery, and a wrong one says so.
+    let pinned = Sidecar::start(
+        &yaml,
+        &local_dir(),
+        &[
+            ("KEYCLOAK_URL", &base),
+            ("KEYCLOAK_REALM", REALM),
+            ("JWT_ISSUER", "https://elsewhere/realms/x"),
+        ],
+    )
+    .await;
+    pinned.wait_ready(Duration::from_secs(10)).await;
+    let r = get(&pinned, "/api/agents", &token).await;
+    assert_eq!(status(&r), 401, "{r:?}");
+    s.stop().await.unwrap();
+    pinned.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn bob_through_the_jwks_url_path() {
     let kc = Keycloak::shared().await;

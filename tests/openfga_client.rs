@@ -556,7 +556,10 @@ async fn an_outage_opens_the_breaker_and_a_restart_closes_it() {
         }
     }
     assert_eq!(client.stats().breaker, BreakerState::Open);
-    assert!(!client.ready());
+    assert!(
+        client.ready(),
+        "readiness is resolution once, not the breaker: an outage is a 503, not NotReady"
+    );
     let sent = client.stats().requests;
     let fast = Instant::now();
     match client.check(&[q(&grant)]).await {

@@ -544,11 +544,15 @@ async fn outage_fails_closed_then_recovers() {
         200,
         "ready (initialised once) while OpenFGA is down"
     );
-    assert_eq!(
-        serving_status(s.grpc_addr, "envoy.service.auth.v3.Authorization").await,
-        1,
-        "gRPC health SERVING while OpenFGA is down"
-    );
+    // gRPC health follows readiness on a 200 ms loop.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while serving_status(s.grpc_addr, "envoy.service.auth.v3.Authorization").await != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "gRPC health SERVING while OpenFGA is down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (_, metrics) = s.ops_get("/metrics").await;
     assert!(
         metrics

@@ -33,6 +33,17 @@ pub const KEY_PREFIX_LIVE: &str = "mcpkey_live_";
 pub trait ApiKeyStore: Send + Sync {
     /// Verifies the presented key and returns its principal.
     async fn authenticate(&self, key: &str) -> Result<Principal, AuthnError>;
+    /// [`authenticate`](Self::authenticate) with the current policy's bearer-token verifier:
+    /// a store whose keys stand for tokens (the app's key service,
+    /// [`super::api_key_exchange`]) verifies them with it, so they pass exactly the checks a
+    /// bearer token passes, under the JWT settings in force now.
+    async fn authenticate_with(
+        &self,
+        key: &str,
+        _jwt: Option<&super::jwt::JwtVerifier>,
+    ) -> Result<Principal, AuthnError> {
+        self.authenticate(key).await
+    }
     /// Number of records (for the startup log and doctor).
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
@@ -300,7 +311,7 @@ pub struct FileApiKeyStore {
     /// The bcrypt pool: one permit per verification running, across all requests.
     bcrypt_slots: Arc<tokio::sync::Semaphore>,
     bcrypt_concurrency: usize,
-    clock: super::jwt::Clock,
+    clock: crate::clock::Clock,
     bcrypt_runs: AtomicU64,
     bcrypt_busy: AtomicU64,
     miss_hits: AtomicU64,
@@ -324,13 +335,13 @@ impl Default for StoreOptions {
 
 impl FileApiKeyStore {
     /// Loads the file; a missing or invalid file is a startup error naming the problem.
-    pub fn open(path: &Path, clock: super::jwt::Clock) -> Result<Self, ApiKeyFileError> {
+    pub fn open(path: &Path, clock: crate::clock::Clock) -> Result<Self, ApiKeyFileError> {
         Self::open_with(path, clock, &StoreOptions::default())
     }
 
     pub fn open_with(
         path: &Path,
-        clock: super::jwt::Clock,
+        clock: crate::clock::Clock,
         options: &StoreOptions,
     ) -> Result<Self, ApiKeyFileError> {
         let concurrency = options.bcrypt_concurrency.max(1);
@@ -436,7 +447,7 @@ impl FileApiKeyStore {
     }
 }
 
-fn hmac_sha256(key: &[u8], message: &str) -> [u8; 32] {
+pub(crate) fn hmac_sha256(key: &[u8], message: &str) -> [u8; 32] {
     // HMAC takes keys of any length; the error branch cannot happen.
     match <Hmac<Sha256> as Mac>::new_from_slice(key) {
         Ok(mut mac) => {
@@ -627,7 +638,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    fn clock(at: u64) -> (super::super::jwt::Clock, Arc<AtomicU64>) {
+    fn clock(at: u64) -> (crate::clock::Clock, Arc<AtomicU64>) {
         let c = Arc::new(AtomicU64::new(at));
         let c2 = c.clone();
         (Arc::new(move || c2.load(Ordering::Relaxed)), c)

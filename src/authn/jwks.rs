@@ -341,11 +341,14 @@ impl JwksKeySource {
     }
 }
 
-/// A fixed set of keys (tests, benchmarks).
+/// A fixed set of keys, for tests only: unit tests, and other crates' tests through the
+/// `test-util` feature.
+#[cfg(any(test, feature = "test-util"))]
 pub struct StaticKeys {
     keys: HashMap<String, Arc<SigningKey>>,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl StaticKeys {
     pub fn from_jwks(doc: &serde_json::Value) -> Result<Self, String> {
         Ok(Self {
@@ -354,6 +357,7 @@ impl StaticKeys {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 #[async_trait::async_trait]
 impl KeySource for StaticKeys {
     async fn key(&self, kid: &str) -> Result<Arc<SigningKey>, KeyError> {

@@ -4,7 +4,6 @@
 //! repeated token costs a hash and a map lookup, not a signature check.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -16,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::jwks::{KeyError, KeySource};
 use super::{AuthMethod, AuthnError, Principal, PrincipalKind, fingerprint};
+use crate::clock::Clock;
 use crate::config::JwtConfig;
 
 /// Larger than any real Keycloak token (a few KiB with many roles), small enough that a
@@ -25,18 +25,6 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// The latest NumericDate accepted in `exp`, `nbf` and `iat`: 9999-12-31T23:59:59Z. No issuer
 /// writes a later one, and the bound keeps every `claim + leeway` far from `u64::MAX`.
 pub const MAX_NUMERIC_DATE: u64 = 253_402_300_799;
-
-/// Seconds since the epoch; a function so tests can move time.
-pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-pub fn system_clock() -> Clock {
-    Arc::new(|| {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-    })
-}
 
 #[derive(Deserialize)]
 struct RawHeader {
@@ -436,13 +424,6 @@ pub fn mint(
     let mut header = jsonwebtoken::Header::new(alg);
     header.kid = Some(kid.to_string());
     jsonwebtoken::encode(&header, claims, &key)
-}
-
-pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs()
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! [`api_key::ApiKeyStore`] for API keys, so tests and future backends swap in.
 
 pub mod api_key;
+pub mod api_key_exchange;
 pub mod jwks;
 pub mod jwt;
 pub mod principals;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
+use crate::failure::FailureKind;
 use crate::request::{CheckInput, RequestError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -164,6 +166,15 @@ pub enum AuthnError {
     ApiKeyExpired { id: String, ago: u64 },
     #[error("API key store unavailable: {0}")]
     ApiKeyStoreUnavailable(String),
+    /// The app's key service answered 401: the key is invalid, expired or revoked.
+    #[error("API key rejected by the key service")]
+    ApiKeyRejected,
+    /// The key service answered 400: the key did not reach it.
+    #[error("the key service received no API key (HTTP 400)")]
+    ApiKeyNotReceived,
+    /// The key service issued a token that does not pass the bearer-token checks.
+    #[error("token from the key service does not verify: {0}")]
+    ExchangedTokenInvalid(Box<AuthnError>),
     #[error("service principal {id} disabled")]
     PrincipalDisabled { id: String },
     #[error("service principal {id} is not listed in principals.service_principals")]
@@ -184,6 +195,10 @@ impl AuthnError {
             // The expected issuer may be an in-cluster Keycloak address.
             Self::WrongIssuer { got, .. } => format!("wrong issuer {got:?}"),
             Self::ApiKeyStoreUnavailable(_) => "API key verification unavailable".into(),
+            Self::ExchangedTokenInvalid(inner) => format!(
+                "token from the key service does not verify: {}",
+                inner.public_reason()
+            ),
             other => other.to_string(),
         }
     }
@@ -198,18 +213,23 @@ impl AuthnError {
 
     /// A backend problem rather than a bad credential: 503, so clients retry.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::ApiKeyStoreUnavailable(_) | Self::NoKeys { .. })
+        match self {
+            Self::ApiKeyStoreUnavailable(_) | Self::NoKeys { .. } => true,
+            Self::ExchangedTokenInvalid(inner) => inner.is_unavailable(),
+            _ => false,
+        }
     }
 
-    pub fn code(&self) -> &'static str {
+    /// How this failure is answered ([`crate::decision`] maps kinds to statuses).
+    pub fn kind(&self) -> FailureKind {
         if self.is_forbidden() {
-            "forbidden"
+            FailureKind::Forbidden
         } else if self.is_unavailable() {
-            "unavailable"
+            FailureKind::Unavailable
         } else if matches!(self, Self::Missing { .. }) {
-            "unauthenticated"
+            FailureKind::NoCredentials
         } else {
-            "invalid_token"
+            FailureKind::InvalidCredentials
         }
     }
 }
@@ -277,7 +297,9 @@ impl Authenticator {
                     .api_keys
                     .as_ref()
                     .ok_or(AuthnError::ApiKeysNotConfigured)?;
-                store.authenticate(key.trim()).await?
+                store
+                    .authenticate_with(key.trim(), self.jwt.as_ref())
+                    .await?
             }
             (None, None) => {
                 return Err(AuthnError::Missing {

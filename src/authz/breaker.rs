@@ -9,6 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::BackendError;
+use crate::clock::millis;
 
 /// What the breaker is doing now, for metrics and readiness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,10 +162,6 @@ impl CircuitBreaker {
     pub fn last_failure(&self) -> String {
         self.lock().last.clone()
     }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -14,23 +14,15 @@ use std::collections::HashSet;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
 use tokio::sync::watch;
 
 use super::{BackendError, CheckQuery, RelationshipChecker, TupleKey};
+use crate::clock::{MillisClock, millis, monotonic_clock};
 use crate::config::{CacheConfig, Consistency};
-
-/// Milliseconds on a monotonic clock; a function so tests can move time.
-pub type MillisClock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-/// Milliseconds since the clock was made, from [`Instant`] (never goes backwards).
-pub fn monotonic_clock() -> MillisClock {
-    let start = Instant::now();
-    Arc::new(move || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX))
-}
 
 /// Counters for metrics; `size` is the number of entries now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -78,8 +70,10 @@ type Flight = Option<Result<bool, BackendError>>;
 
 pub struct DecisionCache {
     inner: Arc<dyn RelationshipChecker>,
-    allowed_ttl: u64,
-    denied_ttl: u64,
+    /// Milliseconds; reloadable ([`DecisionCache::set_ttls`]): answers stored from then on
+    /// use the new values, answers already stored keep the expiry they were stored with.
+    allowed_ttl: AtomicU64,
+    denied_ttl: AtomicU64,
     max_entries: usize,
     clock: MillisClock,
     hasher: std::collections::hash_map::RandomState,
@@ -109,8 +103,8 @@ impl DecisionCache {
     ) -> Self {
         Self {
             inner,
-            allowed_ttl: millis(cfg.allowed_ttl),
-            denied_ttl: millis(cfg.denied_ttl),
+            allowed_ttl: AtomicU64::new(millis(cfg.allowed_ttl)),
+            denied_ttl: AtomicU64::new(millis(cfg.denied_ttl)),
             max_entries: cfg.max_entries.max(1),
             clock,
             hasher: Default::default(),
@@ -126,6 +120,13 @@ impl DecisionCache {
             evictions: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
         }
+    }
+
+    /// New TTLs (a config reload): answers stored from now on live this long; answers already
+    /// stored expire as they were stored.
+    pub fn set_ttls(&self, allowed: Duration, denied: Duration) {
+        self.allowed_ttl.store(millis(allowed), Ordering::Relaxed);
+        self.denied_ttl.store(millis(denied), Ordering::Relaxed);
     }
 
     pub fn stats(&self) -> CacheStats {
@@ -239,9 +240,9 @@ impl DecisionCache {
             return;
         }
         let ttl = if allowed {
-            self.allowed_ttl
+            self.allowed_ttl.load(Ordering::Relaxed)
         } else {
-            self.denied_ttl
+            self.denied_ttl.load(Ordering::Relaxed)
         };
         if ttl == 0 {
             return;
@@ -335,10 +336,6 @@ fn unindex(index: &DashMap<String, HashSet<Arc<Key>>>, name: &str, key: &Key) {
         set.remove(key);
     }
     index.remove_if(name, |_, set| set.is_empty());
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Removes a flight from the in-flight table when its leader finishes or is cancelled;
@@ -503,8 +500,12 @@ impl RelationshipChecker for DecisionCache {
         format!(
             "{} (cached: allowed {}, denied {}, at most {} entries)",
             self.inner.describe(),
-            humantime::format_duration(Duration::from_millis(self.allowed_ttl)),
-            humantime::format_duration(Duration::from_millis(self.denied_ttl)),
+            humantime::format_duration(Duration::from_millis(
+                self.allowed_ttl.load(Ordering::Relaxed)
+            )),
+            humantime::format_duration(Duration::from_millis(
+                self.denied_ttl.load(Ordering::Relaxed)
+            )),
             self.max_entries
         )
     }

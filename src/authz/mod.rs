@@ -1,7 +1,10 @@
 //! Authorization: what an authenticated principal may do. Owns the route rules
 //! ([`rules`]), the role/scope requirements and the relationship checks a rule asks of a
-//! [`RelationshipChecker`] (OpenFGA, behind the decision cache).
+//! [`RelationshipChecker`] (OpenFGA, behind the decision cache). [`Authorizer`] is the object
+//! the pipeline asks, beside [`crate::authn::Authenticator`]: it holds the checker (bound late,
+//! [`LateChecker`]), the contextual tuples and the readiness of the relationship backend.
 
+mod authorizer;
 pub mod breaker;
 pub mod cache;
 pub mod openfga;
@@ -12,7 +15,10 @@ use std::sync::Arc;
 
 use crate::authn::Principal;
 use crate::config::{Consistency, Match, OnBackendError};
+use crate::failure::FailureKind;
 use rules::{CompiledCheck, EvalContext, Rule};
+
+pub use authorizer::{Authorizer, LateChecker, contextual_tuples};
 
 /// A relationship tuple: `user:alice` `executor` `tool:agent_chat`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -105,11 +111,12 @@ pub enum AuthzError {
 }
 
 impl AuthzError {
-    pub fn code(&self) -> &'static str {
+    /// How this failure is answered ([`crate::decision`] maps kinds to statuses).
+    pub fn kind(&self) -> FailureKind {
         match self {
-            Self::ScopeRequired(_) => "insufficient_scope",
-            Self::BackendUnavailable(_) | Self::NoChecker(_) => "unavailable",
-            _ => "forbidden",
+            Self::ScopeRequired(_) => FailureKind::InsufficientScope,
+            Self::BackendUnavailable(_) | Self::NoChecker(_) => FailureKind::Unavailable,
+            _ => FailureKind::Forbidden,
         }
     }
 }
@@ -123,24 +130,15 @@ pub struct Granted {
     pub relations: Vec<String>,
 }
 
-/// Roles, then scopes, then relationship checks.
-pub async fn authorize(
-    rule: &Rule,
-    principal: &Principal,
-    ctx: &EvalContext<'_>,
-    checker: Option<&dyn RelationshipChecker>,
-    contextual: &Arc<Vec<TupleKey>>,
-) -> Result<Granted, AuthzError> {
-    authorize_all(&[(rule, ctx)], principal, checker, contextual)
-        .await
-        .map_err(|(_, e)| e)
-}
-
-/// [`authorize`] for several parts of one request (the elements of a JSON-RPC batch), each
-/// with the rule that governs it: granted only when every part is. The relationship checks of
-/// all parts go to the checker as one call (one BatchCheck); on a refusal, the index of the
-/// first part refused.
-pub async fn authorize_all(
+/// Roles, then scopes, then relationship checks, for several parts of one request (one part,
+/// or the elements of a JSON-RPC batch), each with the rule that governs it: granted only when
+/// every part is. The relationship checks of all parts go to the checker as one call (one
+/// BatchCheck); on a refusal, the index of the first part refused.
+///
+/// Invariant: a relationship check passes only on the checker's own answer to it. A checker
+/// that returns more or fewer answers than it was asked is a backend failure (the rule's
+/// `on_backend_error` decides), never a short list an `all:` clause could pass over.
+async fn authorize_parts(
     parts: &[(&Rule, &EvalContext<'_>)],
     principal: &Principal,
     checker: Option<&dyn RelationshipChecker>,

@@ -2,8 +2,9 @@
 //! headers and JSON body) and what it demands (public, roles, scopes, relationship checks
 //! built from templates).
 //!
-//! Rules compile once at startup; every mistake in them (an unknown path parameter in a
-//! template, a bad predicate, an empty check) is a config error naming its key.
+//! Rules compile once per policy (at startup; a reload builds a new one); every mistake in
+//! them (an unknown path parameter in a template, a bad predicate, an empty check) is a config
+//! error naming its key.
 //!
 //! Routing ([`RuleSet::route`]) reads request values strictly: a body, query parameter or
 //! header that the app's parser could read differently from ours is a [`Refusal`] (400),
@@ -18,9 +19,10 @@ use super::RelationRef;
 use super::TupleKey;
 use crate::authn::Principal;
 use crate::config::{
-    ConfigError, Consistency, Match, OnBackendError, OpenFgaConfig, RelationCheckConfig,
+    Config, ConfigError, Consistency, Match, OnBackendError, OpenFgaConfig, RelationCheckConfig,
     RoutesConfig, RuleConfig, Unmatched,
 };
+use crate::failure::FailureKind;
 use crate::request::{CheckInput, RequestError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,6 +243,13 @@ pub struct Refusal {
     /// What the rule reads: `body field /method`, `query parameter thread`.
     pub reads: String,
     pub problem: Ambiguity,
+}
+
+impl Refusal {
+    /// A value read two ways is a bad request (400), never a weaker rule.
+    pub fn kind(&self) -> FailureKind {
+        FailureKind::BadRequest
+    }
 }
 
 /// Why a source could not give a value.
@@ -707,6 +716,13 @@ pub struct RuleSet {
 }
 
 impl RuleSet {
+    /// The rules of a loaded config, compiled: the one function `serve`, `check-config` and
+    /// `doctor` compile rules with (the server builds every policy through it). A bad
+    /// rule is an error naming its key.
+    pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
+        Self::compile(&config.routes, config.openfga.as_ref())
+    }
+
     pub fn compile(
         cfg: &RoutesConfig,
         openfga: Option<&OpenFgaConfig>,
@@ -1021,22 +1037,8 @@ mod tests {
                 unmatched: Unmatched::Deny,
                 rules: cfg.rules,
             },
-            Some(&test_openfga()),
+            Some(&crate::config::test_openfga_config()),
         )
-    }
-
-    fn test_openfga() -> OpenFgaConfig {
-        let env: std::collections::BTreeMap<String, String> = [
-            ("OPENFGA_API_URL", "http://127.0.0.1:1"),
-            ("OPENFGA_STORE_ID", "s"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        crate::config::Config::from_yaml("jwt: { jwks_file: k }", std::path::Path::new("/"), &env)
-            .unwrap()
-            .openfga
-            .unwrap()
     }
 
     fn find<'r>(rs: &'r RuleSet, input: &CheckInput) -> Option<(&'r str, Vec<(String, String)>)> {

@@ -29,23 +29,46 @@ pub struct Sidecar {
     pub ops_addr: SocketAddr,
     shutdown: CancellationToken,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// Set by [`Sidecar::start_file`]: what SIGHUP does in `serve`.
+    reload: Option<authz_sidecar::reload::ReloadHandle>,
 }
 
 impl Sidecar {
     /// Starts the sidecar on a config given as YAML (relative paths resolve against
     /// `base_dir`), with `env` standing in for the process environment.
     pub async fn start(yaml: &str, base_dir: &Path, env: &[(&str, &str)]) -> Self {
-        let mut env: BTreeMap<String, String> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        env.insert("AUTHZ_GRPC_ADDR".into(), "127.0.0.1:0".into());
-        env.insert("AUTHZ_OPS_ADDR".into(), "127.0.0.1:0".into());
-        // Tests stop sidecars all the time; the shutdown delay has its own test (tests/cli.rs).
-        env.entry("AUTHZ_SHUTDOWN_DELAY".into())
-            .or_insert_with(|| "0s".into());
+        let env = test_env(env);
         let config = Config::from_yaml(yaml, base_dir, &env).expect("test config is valid");
         Self::start_config(config).await
+    }
+
+    /// Starts the sidecar on the config file at `path` as `serve --config` does: read through
+    /// a `ConfigSource` (with `env` standing in for the process environment), watched every
+    /// `server.reload_interval`, and reloaded by [`Sidecar::reload`] as by SIGHUP.
+    pub async fn start_file(path: &Path, env: &[(&str, &str)]) -> Self {
+        use authz_sidecar::reload::{ConfigSource, channel};
+        let source = ConfigSource::new(path).with_env(test_env(env));
+        let (hash, config) = source.load();
+        let config = config.expect("test config is valid");
+        let (handle, requests) = channel();
+        let reload = authz_sidecar::server::Reload {
+            source,
+            hash,
+            requests,
+        };
+        let mut s = Self::start_inner(config, Some(reload)).await;
+        s.reload = Some(handle);
+        s
+    }
+
+    /// Reloads the config file now (what SIGHUP does) and returns what happened.
+    pub async fn reload(&self) -> authz_sidecar::reload::Outcome {
+        self.reload
+            .as_ref()
+            .expect("started with Sidecar::start_file")
+            .reload(authz_sidecar::reload::Cause::Request)
+            .await
+            .expect("the sidecar is running")
     }
 
     /// The embedded default config from deploy/local.
@@ -55,6 +78,10 @@ impl Sidecar {
     }
 
     pub async fn start_config(config: Config) -> Self {
+        Self::start_inner(config, None).await
+    }
+
+    async fn start_inner(config: Config, reload: Option<authz_sidecar::server::Reload>) -> Self {
         // Captured per test (shown for failing tests only).
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log.filter))
@@ -67,12 +94,18 @@ impl Sidecar {
         };
         let ops_addr = listeners.ops.as_ref().unwrap().local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(authz_sidecar::run(config, listeners, shutdown.clone()));
+        let handle = tokio::spawn(authz_sidecar::server::run_with(
+            config,
+            reload,
+            listeners,
+            shutdown.clone(),
+        ));
         Self {
             grpc_addr,
             ops_addr,
             shutdown,
             handle: Some(handle),
+            reload: None,
         }
     }
 
@@ -118,6 +151,11 @@ impl Sidecar {
         }
     }
 
+    /// What SIGTERM does, without waiting: the shutdown delay and the drain run on.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
     /// Stops and returns what `run` returned.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();
@@ -131,6 +169,21 @@ impl Sidecar {
             .expect("server did not stop")
             .expect("server task")
     }
+}
+
+/// `env` as the tests' process environment: loopback listeners on free ports and no shutdown
+/// delay unless the test sets one.
+fn test_env(env: &[(&str, &str)]) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    env.insert("AUTHZ_GRPC_ADDR".into(), "127.0.0.1:0".into());
+    env.insert("AUTHZ_OPS_ADDR".into(), "127.0.0.1:0".into());
+    // Tests stop sidecars all the time; the shutdown delay has its own test (tests/cli.rs).
+    env.entry("AUTHZ_SHUTDOWN_DELAY".into())
+        .or_insert_with(|| "0s".into());
+    env
 }
 
 impl Drop for Sidecar {
@@ -345,7 +398,7 @@ pub fn mint(claims: serde_json::Value) -> String {
 }
 
 pub fn now() -> u64 {
-    authz_sidecar::authn::jwt::now_secs()
+    authz_sidecar::clock::now_secs()
 }
 
 /// Claims the local config accepts, for `user`, with `roles`.

@@ -147,15 +147,7 @@ async fn a_keycloak_id_token_is_refused_and_an_access_token_is_not() {
         if let Some(t) = typ {
             claims["typ"] = json!(t);
         }
-        let auth = format!("Bearer {}", mint(claims));
-        let r = s
-            .check(http(
-                "GET",
-                "/api/agents",
-                &[("authorization", &auth)],
-                None,
-            ))
-            .await;
+        let r = s.check(Req::get("/api/agents").bearer(&mint(claims))).await;
         match want {
             Ok(()) => assert_eq!(status(&r), 200, "typ {typ:?}: {r:?}"),
             Err(w) => {
@@ -179,16 +171,8 @@ async fn time_claims_near_u64_max_are_refused_without_a_panic() {
     ] {
         let mut claims = local_claims("alice", &["user"]);
         claims[claim] = value.clone();
-        let auth = format!("Bearer {}", mint(claims));
         // A panic in the handler would reset the stream: `check` expects an answer.
-        let r = s
-            .check(http(
-                "GET",
-                "/api/agents",
-                &[("authorization", &auth)],
-                None,
-            ))
-            .await;
+        let r = s.check(Req::get("/api/agents").bearer(&mint(claims))).await;
         assert_eq!(status(&r), 401, "{claim}={value}: {r:?}");
         assert!(
             reason(&r).starts_with(&format!("invalid claim {claim}: not a NumericDate")),

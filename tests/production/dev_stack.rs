@@ -173,6 +173,37 @@ async fn the_stack_script_allows_and_denies_through_envoy_and_ctrl_c_stops_all_i
         "{body}"
     );
 
+    // MCP tools/call through deploy/envoy/envoy.yaml itself: the body is buffered on the
+    // /message route only (per-route with_request_body), and the body rule decides on it.
+    let mcp = |tool: &str| {
+        serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": tool, "arguments": {}}})
+        .to_string()
+    };
+    let send_mcp = |token: String, body: String| {
+        let url = format!("{envoy}/message");
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .header("content-type", "application/json")
+                .body(body)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap_or_default())
+        }
+    };
+    let (code, body) = send_mcp(alice.clone(), mcp("agent_chat")).await;
+    assert_eq!(code, 200, "alice may run agent_chat: {body}");
+    let (code, body) = send_mcp(bob.clone(), mcp("agent_chat")).await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("tool:agent_chat"), "{body}");
+    // Routes without a body rule are not buffered: the body goes straight on.
+    let (code, _) = post(&format!("{envoy}/tools/agent_chat/execute"), &alice).await;
+    assert_eq!(code, 200);
+
     // Ctrl-C: the script stops everything and exits.
     let pids = stack.pids();
     let names: Vec<&str> = pids.iter().map(|(n, _)| n.as_str()).collect();

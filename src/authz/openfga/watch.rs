@@ -227,10 +227,7 @@ impl ChangeWatcher {
     }
 }
 
+/// Now, for `last_poll`; never 0, which means "not yet".
 fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(1)
-        .max(1)
+    crate::clock::now_millis().max(1)
 }

@@ -623,7 +623,7 @@ fn specs(args: &Args) -> anyhow::Result<Vec<Spec>> {
 fn mint_tokens(args: &Args, count: usize) -> anyhow::Result<Vec<String>> {
     let pem = std::fs::read(&args.mint_key)
         .with_context(|| format!("--mint-key {}", args.mint_key.display()))?;
-    let now = authz_sidecar::authn::jwt::now_secs();
+    let now = authz_sidecar::clock::now_secs();
     let started = Instant::now();
     let tokens = (0..count)
         .map(|i| {

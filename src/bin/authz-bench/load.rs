@@ -190,7 +190,7 @@ pub struct ServerSample {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct MetricsSample {
-    /// `decision/code/method` → checks, over warm-up and window.
+    /// `decision/code/credential` → checks, over warm-up and window.
     pub decisions: BTreeMap<String, u64>,
     /// `authz_sidecar_backend` gauges after the run (cache_size, ...).
     pub backend: BTreeMap<String, f64>,
@@ -659,7 +659,7 @@ async fn scrape(url: &str) -> anyhow::Result<(BTreeMap<String, f64>, BTreeMap<St
     Ok(parse_metrics(&text))
 }
 
-/// `authz_sidecar_decisions_total{decision,code,method}` as `decision/code/method`, and
+/// `authz_sidecar_decisions_total{decision,code,credential}` as `decision/code/credential`, and
 /// `authz_sidecar_backend{name}` by name.
 fn parse_metrics(text: &str) -> (BTreeMap<String, f64>, BTreeMap<String, f64>) {
     let mut decisions = BTreeMap::new();
@@ -690,7 +690,10 @@ fn parse_metrics(text: &str) -> (BTreeMap<String, f64>, BTreeMap<String, f64>) {
                     "{}/{}/{}",
                     label("decision").unwrap_or_default(),
                     label("code").unwrap_or_default(),
-                    label("method").unwrap_or_default()
+                    // `credential` since the label was renamed from `method`.
+                    label("credential")
+                        .or_else(|| label("method"))
+                        .unwrap_or_default()
                 );
                 *decisions.entry(key).or_default() += value;
             }
@@ -1064,7 +1067,7 @@ mod tests {
     #[test]
     fn metrics_are_read_by_label() {
         let text = "# HELP x\n\
-            authz_sidecar_decisions_total{decision=\"allow\",code=\"ok\",method=\"jwt\"} 12\n\
+            authz_sidecar_decisions_total{decision=\"allow\",code=\"ok\",credential=\"jwt\"} 12\n\
             authz_sidecar_backend{name=\"cache_size\"} 100000\n\
             other_metric 3\n";
         let (d, b) = parse_metrics(text);

@@ -24,7 +24,7 @@ COPY src ./src
 # of the cached target/ in the same step. Protobuf needs no protoc (protox, see build.rs).
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked \
+    cargo build --release --locked --bin authz-sidecar \
  && install -D -m 0755 target/release/authz-sidecar /out/authz-sidecar
 
 # ---- runtime: distroless, non-root, no shell ---------------------------------------------

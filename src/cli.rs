@@ -285,7 +285,7 @@ pub async fn main(cli: Cli) -> ExitCode {
             }
             match crate::authn::jwt::mint(&pem, alg, &kid, &claims) {
                 Ok(t) => {
-                    println!("{t}");
+                    say(t);
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -317,7 +317,7 @@ pub async fn main(cli: Cli) -> ExitCode {
                     record.principal,
                     file.display()
                 );
-                println!("{key}");
+                say(key);
                 ExitCode::SUCCESS
             }
             Err(e) => {

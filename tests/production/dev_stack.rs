@@ -110,8 +110,12 @@ async fn the_stack_script_allows_and_denies_through_envoy_and_ctrl_c_stops_all_i
         .unwrap();
     let log = tools::test_logs_dir().join(format!("dev-stack-{envoy_port}.log"));
     let out = std::fs::File::create(&log).unwrap();
-    let mut cmd = Command::new("bash");
-    cmd.arg(tools::repo_file("scripts/dev-stack.sh"))
+    // As from a terminal: SIGINT at its default, so the script can trap it. A shell that
+    // started this test in the background without job control ignores SIGINT, the children
+    // inherit that, and bash cannot trap a signal ignored on entry.
+    let mut cmd = Command::new("env");
+    cmd.args(["--default-signal=INT", "bash"])
+        .arg(tools::repo_file("scripts/dev-stack.sh"))
         .env("STACK_DIR", dir.path())
         .env("AUTHZ_SIDECAR_BIN", env!("CARGO_BIN_EXE_authz-sidecar"))
         .env("AUTHZ_TOOLS_DIR", tools::tools_dir())

@@ -11,33 +11,7 @@ use common::sidecar::{local_claims, local_dir, mint, now};
 use serde_json::{Value, json};
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_authz-sidecar"));
-    c.current_dir(env!("CARGO_MANIFEST_DIR"));
-    for v in [
-        "AUTH_PUBLIC_KEY_URL",
-        "KEYCLOAK_URL",
-        "KEYCLOAK_SERVER_URL",
-        "KEYCLOAK_REALM",
-        "OPENFGA_API_URL",
-        "OPENFGA_STORE_ID",
-        "API_KEYS_FILE",
-        "CORS_ORIGINS",
-        "CORS_ALLOWED_ORIGINS",
-        "RUST_LOG",
-        "LOG_LEVEL",
-        "JWT_ISSUER",
-        "JWT_AUDIENCE",
-        "OPENFGA_STORE_NAME",
-        "OPENFGA_MODEL_ID",
-        "OPENFGA_API_TOKEN",
-        "DOCTOR_TOKEN",
-        "DOCTOR_API_KEY",
-    ] {
-        c.env_remove(v);
-    }
-    // The shutdown delay has its own test below; elsewhere SIGTERM stops at once.
-    c.env("AUTHZ_SHUTDOWN_DELAY", "0s");
-    c
+    common::binary::sidecar()
 }
 
 fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {

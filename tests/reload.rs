@@ -494,28 +494,7 @@ type CheckRequestFn = Box<
 
 /// The binary, with the variables that would change its key source or stores removed.
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_authz-sidecar"));
-    for v in [
-        "AUTH_PUBLIC_KEY_URL",
-        "KEYCLOAK_URL",
-        "KEYCLOAK_SERVER_URL",
-        "KEYCLOAK_REALM",
-        "OPENFGA_API_URL",
-        "OPENFGA_STORE_ID",
-        "API_KEYS_FILE",
-        "CORS_ORIGINS",
-        "CORS_ALLOWED_ORIGINS",
-        "RUST_LOG",
-        "LOG_LEVEL",
-        "LOG_FORMAT",
-        "JWT_ISSUER",
-        "JWT_AUDIENCE",
-        "AUTHZ_RELOAD_INTERVAL",
-    ] {
-        c.env_remove(v);
-    }
-    c.env("AUTHZ_SHUTDOWN_DELAY", "0s");
-    c
+    common::binary::sidecar()
 }
 
 fn free_addr() -> std::net::SocketAddr {

@@ -2,6 +2,7 @@
 //! (Envoy, OpenFGA, Keycloak) started as processes on free loopback ports.
 #![allow(dead_code, unused_imports)]
 
+pub mod binary;
 pub mod envoy;
 pub mod keycloak;
 pub mod openfga;

@@ -1,0 +1,44 @@
+//! The `authz-sidecar` binary as the tests run it: from the crate root, with none of the
+//! variables that would change its key source, stores, logging or reload from under a test
+//! (the developer's shell may set any of them), and no shutdown delay (the delay has its own
+//! test in tests/cli.rs, which sets it).
+#![allow(dead_code)]
+
+use std::process::Command;
+
+/// Every variable the config reads that a test must set itself if it wants it.
+const CLEARED: &[&str] = &[
+    "AUTHZ_CONFIG",
+    "AUTH_PUBLIC_KEY_URL",
+    "KEYCLOAK_URL",
+    "KEYCLOAK_SERVER_URL",
+    "KEYCLOAK_REALM",
+    "OPENFGA_API_URL",
+    "OPENFGA_STORE_ID",
+    "OPENFGA_STORE_NAME",
+    "OPENFGA_MODEL_ID",
+    "OPENFGA_API_TOKEN",
+    "API_KEYS_FILE",
+    "API_KEY_EXCHANGE_URL",
+    "CORS_ORIGINS",
+    "CORS_ALLOWED_ORIGINS",
+    "RUST_LOG",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+    "JWT_ISSUER",
+    "JWT_AUDIENCE",
+    "AUTHZ_RELOAD_INTERVAL",
+    "DOCTOR_TOKEN",
+    "DOCTOR_API_KEY",
+    "TOKIO_WORKER_THREADS",
+];
+
+pub fn sidecar() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_authz-sidecar"));
+    c.current_dir(env!("CARGO_MANIFEST_DIR"));
+    for v in CLEARED {
+        c.env_remove(v);
+    }
+    c.env("AUTHZ_SHUTDOWN_DELAY", "0s");
+    c
+}

@@ -208,6 +208,32 @@ async fn the_stack_script_allows_and_denies_through_envoy_and_ctrl_c_stops_all_i
     let (code, _) = post(&format!("{envoy}/tools/agent_chat/execute"), &alice).await;
     assert_eq!(code, 200);
 
+    // Envoy's JSON access log (deploy/envoy/envoy.yaml; flushed about once a second) says who
+    // answered each request: bob's 403s are the sidecar's (ext_authz_denied), the 200s the app's.
+    let access_log = stack.dir.path().join("logs/envoy.log");
+    let mut details = Vec::new();
+    for _ in 0..150 {
+        details = std::fs::read_to_string(&access_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["request_id"].as_str().is_some_and(|id| !id.is_empty()))
+            .map(|v| (v["status"].as_u64().unwrap_or(0), v["details"].to_string()))
+            .collect();
+        if details.contains(&(403, "\"ext_authz_denied\"".into()))
+            && details.contains(&(200, "\"via_upstream\"".into()))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        details.contains(&(403, "\"ext_authz_denied\"".into()))
+            && details.contains(&(200, "\"via_upstream\"".into())),
+        "{details:?} in {}",
+        std::fs::read_to_string(&access_log).unwrap_or_default()
+    );
+
     // Ctrl-C: the script stops everything and exits.
     let pids = stack.pids();
     let names: Vec<&str> = pids.iter().map(|(n, _)| n.as_str()).collect();

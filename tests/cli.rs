@@ -373,15 +373,13 @@ async fn sigterm_keeps_answering_checks_through_the_shutdown_delay() {
         "still running inside the 2 s delay"
     );
     drop(open);
-    for _ in 0..100 {
-        if let Some(code) = child.try_wait().unwrap() {
-            assert_eq!(code.code(), Some(0));
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = child.kill();
-    panic!("sidecar did not exit after the shutdown delay");
+    let code = common::binary::exit_code(
+        &mut child,
+        Duration::from_secs(10),
+        "after the shutdown delay",
+    )
+    .await;
+    assert_eq!(code, Some(0));
 }
 
 /// Runs the binary with `stdin` piped in; (exit code, stdout, stderr).

@@ -585,13 +585,7 @@ async fn sighup_reloads_the_binary_and_does_not_kill_it() {
     assert_eq!(docs(&mut client).await, 200, "the reload applied");
 
     assert!(hup("-TERM"));
-    for _ in 0..100 {
-        if let Some(code) = child.try_wait().unwrap() {
-            assert_eq!(code.code(), Some(0));
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = child.kill();
-    panic!("sidecar did not exit after SIGTERM");
+    let code =
+        common::binary::exit_code(&mut child, Duration::from_secs(10), "after SIGTERM").await;
+    assert_eq!(code, Some(0));
 }

@@ -500,7 +500,6 @@ impl ApiKeyStore for ApiKeySources {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authn::jwks::StaticKeys;
     use serde_json::json;
 
     const KEYS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keys");
@@ -513,18 +512,8 @@ mod tests {
     }
 
     fn verifier(clock: Clock) -> JwtVerifier {
-        let doc: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(format!("{KEYS}/jwks.json")).unwrap())
-                .unwrap();
-        let cfg = crate::config::Config::from_yaml(
+        crate::authn::jwt::test_verifier(
             "jwt: { jwks_file: x, issuer: https://kc/realms/r, audience: mcp-server, leeway: 0s }",
-            std::path::Path::new("/"),
-            &std::collections::BTreeMap::new(),
-        )
-        .unwrap();
-        JwtVerifier::new(
-            &cfg.jwt,
-            Arc::new(StaticKeys::from_jwks(&doc).unwrap()),
             clock,
         )
     }

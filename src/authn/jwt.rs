@@ -426,6 +426,26 @@ pub fn mint(
     jsonwebtoken::encode(&header, claims, &key)
 }
 
+/// For unit tests here and above: a verifier for `jwt_yaml` (a `jwt:` section) over the test
+/// JWKS in tests/fixtures/keys, on `clock`.
+#[cfg(test)]
+pub(crate) fn test_verifier(jwt_yaml: &str, clock: Clock) -> JwtVerifier {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keys/jwks.json");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("test JWKS")).expect("JSON");
+    let cfg = crate::config::Config::from_yaml(
+        jwt_yaml,
+        std::path::Path::new("/"),
+        &std::collections::BTreeMap::new(),
+    )
+    .expect("a valid test config");
+    JwtVerifier::new(
+        &cfg.jwt,
+        Arc::new(crate::authn::jwks::StaticKeys::from_jwks(&doc).expect("test JWKS")),
+        clock,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,18 +460,8 @@ mod tests {
     }
 
     fn verifier(now: Arc<AtomicU64>) -> JwtVerifier {
-        let doc: Value =
-            serde_json::from_str(&std::fs::read_to_string(format!("{KEYS}/jwks.json")).unwrap())
-                .unwrap();
-        let cfg = crate::config::Config::from_yaml(
+        test_verifier(
             "jwt: { jwks_file: x, issuer: https://kc/realms/r, audience: mcp-server, algorithms: [RS256, ES256, EdDSA, PS256] }",
-            std::path::Path::new("/"),
-            &std::collections::BTreeMap::new(),
-        )
-        .unwrap();
-        JwtVerifier::new(
-            &cfg.jwt,
-            Arc::new(StaticKeys::from_jwks(&doc).unwrap()),
             Arc::new(move || now.load(Ordering::Relaxed)),
         )
     }

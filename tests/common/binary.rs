@@ -42,3 +42,21 @@ pub fn sidecar() -> Command {
     c.env("AUTHZ_SHUTDOWN_DELAY", "0s");
     c
 }
+
+/// Waits (async) up to `within` for `child` to exit and returns its exit code; kills it and
+/// panics naming `after` if it is still running then.
+pub async fn exit_code(
+    child: &mut std::process::Child,
+    within: std::time::Duration,
+    after: &str,
+) -> Option<i32> {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    panic!("sidecar did not exit {after}");
+}

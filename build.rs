@@ -1,4 +1,5 @@
-//! Compiles the hand-written protobuf definitions under `proto/` into Rust.
+//! Compiles the hand-written protobuf definitions under `proto/` into Rust, and passes the
+//! git commit to the build info metric when the build environment names it.
 //!
 //! No system `protoc` is needed: `protox` parses the files into a
 //! `FileDescriptorSet` (it ships the `google/protobuf/*` well-known types), and
@@ -20,6 +21,7 @@ const DESCRIPTOR_FILE: &str = "authz_sidecar_descriptor.bin";
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={PROTO_DIR}");
     println!("cargo:rerun-if-changed=build.rs");
+    build_commit();
 
     let mut protos = Vec::new();
     collect_protos(Path::new(PROTO_DIR), &mut protos)?;
@@ -49,6 +51,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_fds(fds)?;
 
     Ok(())
+}
+
+/// The git commit for `authz_sidecar_build_info`, when the build is told it: `AUTHZ_GIT_COMMIT`
+/// (`docker build --build-arg`, a release script) or CI's `GITHUB_SHA`. Git itself is not run:
+/// that would rebuild the crate on every commit, and the image build has no `.git`.
+fn build_commit() {
+    for var in ["AUTHZ_GIT_COMMIT", "GITHUB_SHA"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    let commit = ["AUTHZ_GIT_COMMIT", "GITHUB_SHA"]
+        .into_iter()
+        .filter_map(|var| env::var(var).ok())
+        .map(|v| v.trim().to_string())
+        .find(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric()));
+    if let Some(commit) = commit {
+        println!("cargo:rustc-env=AUTHZ_BUILD_COMMIT={commit}");
+    }
 }
 
 fn collect_protos(dir: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {

@@ -1,10 +1,11 @@
 //! The ops HTTP listener: `/healthz` (alive), `/readyz` (every backend ready, with what is
-//! missing in the body) and `/metrics` (Prometheus text).
+//! missing in the body) and `/metrics` (Prometheus text 0.0.4, or OpenMetrics when the
+//! scraper's `Accept` asks for it).
 
 use std::sync::Arc;
 
 use axum::extract::State as AxumState;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::state::State;
 use crate::telemetry::Metrics;
+use crate::telemetry::exposition::{OPENMETRICS_TEXT, PROMETHEUS_TEXT, wants_openmetrics};
 
 #[derive(Clone)]
 struct Ops {
@@ -58,12 +60,11 @@ async fn readyz(AxumState(ops): AxumState<Ops>) -> impl IntoResponse {
     (status, [(header::CONTENT_TYPE, "application/json")], body)
 }
 
-async fn metrics_text(AxumState(ops): AxumState<Ops>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        ops.metrics.encode(),
-    )
+async fn metrics_text(AxumState(ops): AxumState<Ops>, headers: HeaderMap) -> impl IntoResponse {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    if wants_openmetrics(accept) {
+        ([(header::CONTENT_TYPE, OPENMETRICS_TEXT)], ops.metrics.encode())
+    } else {
+        ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], ops.metrics.encode_text())
+    }
 }

@@ -133,10 +133,12 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let Built { state, mut fatal } = built;
+    metrics.watch_backends(&state);
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::NotServing).await;
 
-    // Readiness: follow the backends, flip health, and log each transition once.
+    // Readiness: follow the backends, flip health, and log each transition once. (The
+    // backends' figures are read by `/metrics` when scraped, not copied here.)
     let draining = CancellationToken::new();
     {
         let state = state.clone();
@@ -166,16 +168,6 @@ pub async fn serve(
                     last = Some(ready);
                 }
                 metrics.ready.set(i64::from(ready));
-                if let Some(s) = state.backends.openfga_stats.get() {
-                    for (name, v) in s.stats() {
-                        metrics.set_backend(name, v);
-                    }
-                }
-                if let Some(keys) = &state.backends.api_keys {
-                    for (name, v) in keys.stats() {
-                        metrics.set_backend(name, v);
-                    }
-                }
                 if draining.is_cancelled() {
                     return;
                 }

@@ -29,15 +29,6 @@ impl CheckService {
     }
 }
 
-/// The `credential` metric label: how the caller authenticated (`jwt`, `api_key`, `none`).
-fn credential_label(d: &Decision) -> &'static str {
-    let p = match d {
-        Decision::Allow(a) => a.principal.as_ref(),
-        Decision::Deny(d) => d.principal.as_ref(),
-    };
-    p.map_or("none", |p| p.method.as_str())
-}
-
 /// The one decision line per check. Never a token or key: ids and hashes only. Path, request
 /// id, reason and the rest are the client's text: the text log's field formatter
 /// ([`crate::telemetry::LogFields`]) escapes them, so none can start a line of its own.
@@ -105,7 +96,7 @@ impl Authorization for CheckService {
                     ..Default::default()
                 };
                 log_decision(&input, &decision, start.elapsed().as_micros());
-                self.metrics.record(&decision, start.elapsed(), "none");
+                self.metrics.record(&policy, &decision, start.elapsed());
                 return Ok(Response::new(response::to_proto(
                     &decision,
                     &request_id,
@@ -117,8 +108,7 @@ impl Authorization for CheckService {
         let decision = pipeline::check(&policy, &input).await;
         let elapsed = start.elapsed();
         log_decision(&input, &decision, elapsed.as_micros());
-        self.metrics
-            .record(&decision, elapsed, credential_label(&decision));
+        self.metrics.record(&policy, &decision, elapsed);
         Ok(Response::new(response::to_proto(
             &decision,
             &input.request_id,
@@ -208,7 +198,8 @@ mod tests {
             keys: None,
             api_keys: Some(keys.clone()),
             checker: None,
-            openfga_stats: Arc::new(OnceLock::new()),
+            openfga: Arc::new(OnceLock::new()),
+            openfga_requests: Default::default(),
             model_gate: Default::default(),
             cache_ttls: Default::default(),
             clock: crate::clock::system_clock(),

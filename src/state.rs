@@ -30,9 +30,8 @@ use crate::authn::api_key_exchange::{self, ExchangeApiKeyStore};
 use crate::authn::jwks::{JwksKeySource, KeySource};
 use crate::authn::jwt::JwtVerifier;
 use crate::authn::{Authenticator, principals::Principals};
-use crate::authz::breaker::BreakerState;
 use crate::authz::cache::{DecisionCache, Invalidate};
-use crate::authz::openfga::{ChangeWatcher, OpenFgaClient, OpenFgaError};
+use crate::authz::openfga::{ChangeWatcher, OpenFgaClient, OpenFgaError, RequestMetrics};
 use crate::authz::rules::RuleSet;
 use crate::authz::{Authorizer, LateChecker, RelationRef, RelationshipChecker};
 use crate::clock::Clock;
@@ -45,9 +44,12 @@ pub use crate::pipeline::Policy;
 #[error("{0}")]
 pub struct Fatal(pub String);
 
-/// Counters a backend exposes for `/metrics`.
-pub trait BackendStats: Send + Sync {
-    fn stats(&self) -> Vec<(&'static str, u64)>;
+/// The OpenFGA client and the decision cache in front of it, once connected. `/metrics`
+/// reads their figures from here when scraped (`ClientStats`, `CacheStats`).
+pub struct OpenFga {
+    pub client: Arc<OpenFgaClient>,
+    /// `None` when the cache is disabled (`cache.enabled: false`).
+    pub cache: Option<Arc<DecisionCache>>,
 }
 
 /// The parts built once: connections, stores, caches and the tasks that keep them fresh.
@@ -57,8 +59,11 @@ pub struct Backends {
     pub api_keys: Option<Arc<dyn ApiKeyStore>>,
     /// OpenFGA (behind the decision cache) once connected; `None` when not configured.
     pub checker: Option<Arc<LateChecker>>,
-    /// OpenFGA client and cache counters, once connected.
-    pub openfga_stats: Arc<OnceLock<Arc<dyn BackendStats>>>,
+    /// The OpenFGA client and its decision cache, once connected.
+    pub openfga: Arc<OnceLock<OpenFga>>,
+    /// Every OpenFGA call by endpoint and outcome, with its latency, from the first
+    /// connection attempt on (empty when OpenFGA is not configured).
+    pub openfga_requests: RequestMetrics,
     /// Where the serving policy's rules are checked against the OpenFGA model.
     pub model_gate: Arc<ModelGate>,
     /// The decision cache's TTLs: the serving config's, applied to the cache once it exists.
@@ -278,7 +283,8 @@ pub async fn build(
         .map(|cfg| Arc::new(ExchangeApiKeyStore::http(cfg, clock.clone())));
     let api_keys = api_key_exchange::compose(api_keys, exchange);
 
-    let openfga_stats = Arc::new(OnceLock::new());
+    let openfga = Arc::new(OnceLock::new());
+    let openfga_requests = RequestMetrics::default();
     let cache_ttls = Arc::new(CacheTtls::default());
     let model_gate = Arc::new(match &config.openfga {
         None => ModelGate::default(),
@@ -297,7 +303,7 @@ pub async fn build(
                 cache_ttls.clone(),
                 model_gate.clone(),
                 late.clone(),
-                openfga_stats.clone(),
+                (openfga.clone(), openfga_requests.clone()),
                 fatal_tx.clone(),
                 shutdown.clone(),
             );
@@ -309,7 +315,8 @@ pub async fn build(
         keys,
         api_keys,
         checker,
-        openfga_stats,
+        openfga,
+        openfga_requests,
         model_gate,
         cache_ttls,
         clock,
@@ -375,38 +382,6 @@ fn spawn_key_refresh(source: Arc<dyn KeySource>, config: &Config, shutdown: Canc
     });
 }
 
-struct OpenFgaStats {
-    client: Arc<OpenFgaClient>,
-    cache: Option<Arc<DecisionCache>>,
-}
-
-impl BackendStats for OpenFgaStats {
-    fn stats(&self) -> Vec<(&'static str, u64)> {
-        let c = self.client.stats();
-        let mut out = vec![
-            ("openfga_requests", c.requests),
-            ("openfga_errors", c.errors),
-            ("openfga_short_circuited", c.short_circuited),
-            (
-                "openfga_breaker_open",
-                u64::from(c.breaker != BreakerState::Closed),
-            ),
-        ];
-        if let Some(cache) = &self.cache {
-            let s = cache.stats();
-            out.extend([
-                ("cache_hits", s.hits),
-                ("cache_misses", s.misses),
-                ("cache_coalesced", s.coalesced),
-                ("cache_evictions", s.evictions),
-                ("cache_invalidations", s.invalidations),
-                ("cache_size", s.size),
-            ]);
-        }
-        out
-    }
-}
-
 /// Connects to OpenFGA in the background: retries while it is unreachable (readiness stays
 /// NOT_SERVING and checks answer 503 naming the cause), stops the process when the
 /// configuration cannot work (store or model missing, a rule naming a relation the model
@@ -419,7 +394,7 @@ fn spawn_openfga(
     cache_ttls: Arc<CacheTtls>,
     gate: Arc<ModelGate>,
     late: Arc<LateChecker>,
-    stats: Arc<OnceLock<Arc<dyn BackendStats>>>,
+    (connected, requests): (Arc<OnceLock<OpenFga>>, RequestMetrics),
     fatal: tokio::sync::mpsc::Sender<Fatal>,
     shutdown: CancellationToken,
 ) {
@@ -427,7 +402,7 @@ fn spawn_openfga(
         let mut delay = Duration::from_millis(200);
         let mut last = String::new();
         let client = loop {
-            match OpenFgaClient::connect(&cfg).await {
+            match OpenFgaClient::connect_observed(&cfg, requests.clone()).await {
                 Ok(c) => break c,
                 Err(e) if e.is_transient() => {
                     let msg = e.to_string();
@@ -491,10 +466,10 @@ fn spawn_openfga(
             cfg.changelog_interval,
         )
         .spawn(shutdown.clone());
-        let _ = stats.set(Arc::new(OpenFgaStats {
+        let _ = connected.set(OpenFga {
             client: client.clone(),
             cache: cache.clone(),
-        }));
+        });
         let checker: Arc<dyn RelationshipChecker> = match cache {
             Some(cache) => cache,
             None => client,

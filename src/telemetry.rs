@@ -1,6 +1,10 @@
 //! Logs and metrics: the tracing subscriber (text or JSON, `LOG_LEVEL`/`RUST_LOG`), the text
 //! log's field formatter ([`LogFields`]: no value can forge a line), and the Prometheus
-//! registry served on the ops listener at `/metrics`.
+//! registry served on the ops listener at `/metrics` ([`Metrics`]; the backends' figures are
+//! read when scraped by [`backends`], the two text formats are in [`exposition`]).
+
+mod backends;
+pub mod exposition;
 
 use std::fmt::{self, Write as _};
 use std::sync::Arc;
@@ -18,6 +22,9 @@ use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
 use tracing_subscriber::fmt::format::Writer;
 
 use crate::config::LogConfig;
+use crate::decision::Decision;
+use crate::pipeline::Policy;
+use crate::state::State;
 
 /// Installs the global subscriber. Safe to call twice (tests): the second call is a no-op.
 pub fn init_logging(cfg: &LogConfig) {
@@ -154,14 +161,16 @@ impl VisitFmt for LogVisitor<'_> {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
     pub decision: &'static str,
-    pub code: &'static str,
+    /// The HTTP status the caller gets: 200 for an allow (a preflight's own status), the
+    /// deny's status otherwise.
+    pub status: u16,
+    /// The deny's machine-readable code (`invalid_token`, `forbidden`, ...); `none` for an
+    /// allow, `failed_open` for an allow after a backend error.
+    pub error: &'static str,
     /// How the caller authenticated: `jwt`, `api_key` or `none` (not the HTTP method).
     pub credential: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct NameLabel {
-    pub name: &'static str,
+    /// The rule that decided ([`rule_label`]): bounded by the config.
+    pub rule: String,
 }
 
 /// `result="ok"` or `result="error"`.
@@ -170,16 +179,19 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
-/// The sidecar's metrics. Counters from backends (cache, OpenFGA client) are copied in every
-/// 200 ms by the readiness loop in `server` ([`Metrics::set_backend`]), so those modules stay
-/// free of the registry.
+/// `version` and, when the build knew it, `commit`.
+type BuildLabels = Vec<(&'static str, &'static str)>;
+
+/// The sidecar's metrics: what the check path records ([`Metrics::record`]) and, once
+/// [`Metrics::watch_backends`] ran, the backends' own figures, read when scraped. Metric
+/// names are conventional: `_total` counters, `_seconds` in seconds, HELP saying what is
+/// counted.
 pub struct Metrics {
     pub registry: std::sync::Mutex<Registry>,
     pub decisions: Family<DecisionLabels, Counter>,
     pub check_seconds: Histogram,
     pub failed_open: Counter,
     pub ready: Gauge,
-    pub backend: Family<NameLabel, Gauge>,
     /// Config reloads by result (`authz_sidecar_config_reloads_total`).
     pub config_reloads: Family<ResultLabel, Counter>,
     /// Unix time of the last config that was applied, the startup one included.
@@ -194,7 +206,7 @@ impl Metrics {
         let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
             "decisions",
-            "Check decisions by outcome, error code and credential kind (jwt, api_key, none)",
+            "Check decisions by decision, HTTP status, error code, credential kind (jwt, api_key, none) and the rule that decided",
             decisions.clone(),
         );
         let check_seconds = Histogram::new([
@@ -203,7 +215,7 @@ impl Metrics {
         ]);
         registry.register(
             "check_duration_seconds",
-            "Time to decide one check",
+            "Time to decide one check, from the request's arrival to the answer",
             check_seconds.clone(),
         );
         let failed_open = Counter::default();
@@ -214,12 +226,6 @@ impl Metrics {
         );
         let ready = Gauge::default();
         registry.register("ready", "1 when every backend is ready", ready.clone());
-        let backend = Family::<NameLabel, Gauge>::default();
-        registry.register(
-            "backend",
-            "Backend counters: decision cache and OpenFGA client (hits, misses, coalesced, evictions, size, requests, errors), API keys (bcrypt verifications, busy, failed-key cache hits)",
-            backend.clone(),
-        );
         let config_reloads = Family::<ResultLabel, Counter>::default();
         registry.register(
             "config_reloads",
@@ -243,17 +249,44 @@ impl Metrics {
         for result in ["ok", "error"] {
             let _ = config_reloads.get_or_create(&ResultLabel { result });
         }
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info.get_or_create(&build_labels()).set(1);
+        registry.register(
+            "build_info",
+            "Always 1, labelled with the running build: version, and git commit when the build knew it (AUTHZ_GIT_COMMIT)",
+            build_info,
+        );
         Arc::new(Self {
             registry: std::sync::Mutex::new(registry),
             decisions,
             check_seconds,
             failed_open,
             ready,
-            backend,
             config_reloads,
             config_last_success,
             config_last_ok,
         })
+    }
+
+    /// Exports the backends' figures: OpenFGA calls (counted and timed by the client as
+    /// they happen) and everything read when scraped ([`backends::BackendCollector`]: the
+    /// decision cache, the breaker, signing keys, API keys). Nothing is copied on a timer.
+    pub fn watch_backends(&self, state: &Arc<State>) {
+        let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if state.backends.checker.is_some() {
+            let requests = &state.backends.openfga_requests;
+            registry.register(
+                "openfga_requests",
+                "OpenFGA HTTP API calls by endpoint (check, batch_check, read_changes, ...) and outcome (ok, timeout, connect_error, transport_error, invalid_response, unavailable, unauthorized, rejected)",
+                requests.requests.clone(),
+            );
+            registry.register(
+                "openfga_request_duration_seconds",
+                "Time of one OpenFGA HTTP API call by endpoint, the stale-connection retry included",
+                requests.duration.clone(),
+            );
+        }
+        registry.register_collector(Box::new(backends::BackendCollector::new(state.clone())));
     }
 
     /// One reload's result; `now` is the Unix time it was applied (for an `ok`).
@@ -269,37 +302,41 @@ impl Metrics {
         }
     }
 
-    pub fn record(
-        &self,
-        decision: &crate::decision::Decision,
-        elapsed: Duration,
-        credential: &'static str,
-    ) {
-        use crate::decision::Decision;
-        let (decision, code) = match decision {
-            Decision::Allow(a) if a.failed_open.is_some() => {
-                self.failed_open.inc();
-                ("allow", "failed_open")
+    /// One check: its decision (under `policy`, which names the rules) and how long it took.
+    pub fn record(&self, policy: &Policy, decision: &Decision, elapsed: Duration) {
+        let (decision_label, status, error, principal, rule) = match decision {
+            Decision::Allow(a) => {
+                let error = if a.failed_open.is_some() {
+                    self.failed_open.inc();
+                    "failed_open"
+                } else {
+                    "none"
+                };
+                let status = a.local_reply.unwrap_or(200);
+                let rule = Some(a.rule.as_str());
+                ("allow", status, error, a.principal.as_ref(), rule)
             }
-            Decision::Allow(_) => ("allow", "ok"),
-            Decision::Deny(d) => ("deny", d.error),
+            Decision::Deny(d) => (
+                "deny",
+                d.http_status,
+                d.error,
+                d.principal.as_ref(),
+                d.rule.as_deref(),
+            ),
         };
         self.decisions
             .get_or_create(&DecisionLabels {
-                decision,
-                code,
-                credential,
+                decision: decision_label,
+                status,
+                error,
+                credential: principal.map_or("none", |p| p.method.as_str()),
+                rule: rule_label(policy, rule).to_string(),
             })
             .inc();
         self.check_seconds.observe(elapsed.as_secs_f64());
     }
 
-    pub fn set_backend(&self, name: &'static str, value: u64) {
-        self.backend
-            .get_or_create(&NameLabel { name })
-            .set(i64::try_from(value).unwrap_or(i64::MAX));
-    }
-
+    /// OpenMetrics text (`application/openmetrics-text`), as prometheus-client writes it.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -307,6 +344,35 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
     }
+
+    /// The Prometheus text format (`text/plain; version=0.0.4`), for a scraper or a person
+    /// that does not ask for OpenMetrics ([`exposition::to_prometheus_text`]).
+    pub fn encode_text(&self) -> String {
+        exposition::to_prometheus_text(&self.encode())
+    }
+}
+
+/// The `rule` label of a decision: one of `policy`'s rule names, or a fixed value: `none`
+/// (no rule decided), `batch` (a JSON-RPC batch whose elements different rules governed),
+/// `unmatched` (the unmatched policy decided), `cors-preflight`, `other` (anything else).
+/// Never text from the request, so the number of series is bounded by the config.
+pub fn rule_label<'a>(policy: &'a Policy, rule: Option<&'a str>) -> &'a str {
+    match rule {
+        None | Some("") => "none",
+        Some(r) if r.contains(',') => "batch",
+        Some(r @ ("unmatched" | "cors-preflight")) => r,
+        Some(r) if policy.rules.rules().iter().any(|known| known.name == r) => r,
+        Some(_) => "other",
+    }
+}
+
+fn build_labels() -> BuildLabels {
+    let mut labels = vec![("version", env!("CARGO_PKG_VERSION"))];
+    // Set by build.rs from AUTHZ_GIT_COMMIT (or CI's GITHUB_SHA) when the build had one.
+    if let Some(commit) = option_env!("AUTHZ_BUILD_COMMIT") {
+        labels.push(("commit", commit));
+    }
+    labels
 }
 
 #[cfg(test)]

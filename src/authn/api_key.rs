@@ -50,10 +50,50 @@ pub trait ApiKeyStore: Send + Sync {
         self.len() == 0
     }
     fn describe(&self) -> String;
-    /// Counters for `/metrics` (name, value).
-    fn stats(&self) -> Vec<(&'static str, u64)> {
-        Vec::new()
+    /// Figures for `/metrics`, read when scraped.
+    fn stats(&self) -> ApiKeyStats {
+        ApiKeyStats::default()
     }
+}
+
+/// What an API-key store reports for `/metrics`: the keys file's part and the key service's
+/// part, each present when that source is configured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApiKeyStats {
+    pub file: Option<KeyFileStats>,
+    pub exchange: Option<ExchangeStats>,
+}
+
+/// The keys file ([`FileApiKeyStore`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyFileStats {
+    /// Records in the file in use.
+    pub keys: u64,
+    /// Reloads that applied a changed file.
+    pub reloads_ok: u64,
+    /// Reloads refused (unreadable or invalid file): the previous keys stay in use.
+    pub reloads_error: u64,
+    /// Unix seconds the keys in use were loaded (at startup or by the last good reload).
+    pub loaded_at: u64,
+    /// bcrypt verifications run.
+    pub bcrypt_verifications: u64,
+    /// Requests answered 503 because every bcrypt slot stayed busy.
+    pub bcrypt_busy: u64,
+    /// Keys refused from the failed-key cache, without running bcrypt again.
+    pub failed_cache_hits: u64,
+}
+
+/// The app's key service ([`super::api_key_exchange::ExchangeApiKeyStore`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExchangeStats {
+    /// Calls made to the key service.
+    pub requests: u64,
+    /// Of those, the ones it could not answer (5xx, timeout, refused, unreadable).
+    pub errors: u64,
+    /// Keys answered from the token or refusal cache, without a call.
+    pub cache_hits: u64,
+    /// Exchanged tokens cached now.
+    pub cached_tokens: u64,
 }
 
 /// How long a request waits for a bcrypt slot before it is answered 503: a flood of keys that
@@ -315,6 +355,10 @@ pub struct FileApiKeyStore {
     bcrypt_runs: AtomicU64,
     bcrypt_busy: AtomicU64,
     miss_hits: AtomicU64,
+    reloads_ok: AtomicU64,
+    reloads_error: AtomicU64,
+    /// Unix seconds (the store's clock) the index in use was loaded.
+    loaded_at: AtomicU64,
 }
 
 /// What the store needs from `api_keys.*` besides the file.
@@ -359,8 +403,11 @@ impl FileApiKeyStore {
             bcrypt_runs: AtomicU64::new(0),
             bcrypt_busy: AtomicU64::new(0),
             miss_hits: AtomicU64::new(0),
+            reloads_ok: AtomicU64::new(0),
+            reloads_error: AtomicU64::new(0),
+            loaded_at: AtomicU64::new(0),
         };
-        store.reload().map_err(|message| ApiKeyFileError::Invalid {
+        store.load().map_err(|message| ApiKeyFileError::Invalid {
             path: path.to_path_buf(),
             message,
         })?;
@@ -379,8 +426,20 @@ impl FileApiKeyStore {
     }
 
     /// Re-reads the file if it changed. Returns whether a new index was swapped in. On error
-    /// the old index stays.
+    /// the old index stays. Counted for `/metrics`: a swap as `ok`, an error as `error`, an
+    /// unchanged file not at all.
     pub fn reload(&self) -> Result<bool, String> {
+        let result = self.load();
+        match &result {
+            Ok(true) => self.reloads_ok.fetch_add(1, Ordering::Relaxed),
+            Ok(false) => 0,
+            Err(_) => self.reloads_error.fetch_add(1, Ordering::Relaxed),
+        };
+        result
+    }
+
+    /// [`reload`](Self::reload) without the count (the first load is not a reload).
+    fn load(&self) -> Result<bool, String> {
         let (modified, len, text) = self.read_stamp()?;
         let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
         if let Some((_, _, d)) = self.index.load().stamp
@@ -392,6 +451,7 @@ impl FileApiKeyStore {
         index.stamp = Some((modified, len, digest));
         let count = index.len();
         self.index.store(Arc::new(index));
+        self.loaded_at.store((self.clock)(), Ordering::Relaxed);
         tracing::info!(path = %self.path.display(), keys = count, "API keys loaded");
         Ok(true)
     }
@@ -537,18 +597,20 @@ impl ApiKeyStore for FileApiKeyStore {
         format!("API keys file {}", self.path.display())
     }
 
-    fn stats(&self) -> Vec<(&'static str, u64)> {
-        vec![
-            ("api_key_bcrypt_verifications", self.bcrypt_runs()),
-            (
-                "api_key_bcrypt_busy",
-                self.bcrypt_busy.load(Ordering::Relaxed),
-            ),
-            (
-                "api_key_failed_cache_hits",
-                self.miss_hits.load(Ordering::Relaxed),
-            ),
-        ]
+    fn stats(&self) -> ApiKeyStats {
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        ApiKeyStats {
+            file: Some(KeyFileStats {
+                keys: self.len() as u64,
+                reloads_ok: load(&self.reloads_ok),
+                reloads_error: load(&self.reloads_error),
+                loaded_at: load(&self.loaded_at),
+                bcrypt_verifications: self.bcrypt_runs(),
+                bcrypt_busy: load(&self.bcrypt_busy),
+                failed_cache_hits: load(&self.miss_hits),
+            }),
+            exchange: None,
+        }
     }
 }
 
@@ -694,8 +756,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.yaml");
         std::fs::write(&path, "# comment kept\nkeys:\n").unwrap();
-        let (c, _) = clock(1_700_000_000);
+        let (c, now) = clock(1_700_000_000);
         let store = FileApiKeyStore::open(&path, c).unwrap();
+        let stats = || store.stats().file.unwrap();
+        assert_eq!(
+            (stats().reloads_ok, stats().reloads_error, stats().loaded_at),
+            (0, 0, 1_700_000_000),
+            "the first load is not a reload"
+        );
+        now.store(1_700_000_100, Ordering::Relaxed);
         let (key, rec) =
             append_new_key(&path, "user:alice", &["execute:tools".into()], None, None).unwrap();
         assert!(key.starts_with(KEY_PREFIX_LIVE) && key.len() == 12 + 43);
@@ -706,12 +775,23 @@ mod tests {
         );
         assert!(store.authenticate(&key).await.is_err());
         assert!(store.reload().unwrap());
+        assert!(!store.reload().unwrap(), "unchanged: nothing to apply");
         assert_eq!(store.authenticate(&key).await.unwrap().key_id, rec.id);
+        assert_eq!(
+            (stats().keys, stats().reloads_ok, stats().loaded_at),
+            (1, 1, 1_700_000_100)
+        );
+        now.store(1_700_000_200, Ordering::Relaxed);
         std::fs::write(&path, "keys: [ {id: x, hash: nope, principal: user:a} ]").unwrap();
         assert!(store.reload().unwrap_err().contains("keys[0].hash"));
         assert!(
             store.authenticate(&key).await.is_ok(),
             "old keys stay after a bad reload"
+        );
+        assert_eq!(
+            (stats().keys, stats().reloads_error, stats().loaded_at),
+            (1, 1, 1_700_000_100),
+            "a refused reload is counted and the keys in use keep their time"
         );
     }
 
@@ -880,13 +960,14 @@ mod tests {
             assert_eq!(got, want.map(String::from), "{key}");
             assert_eq!(store.bcrypt_runs(), runs, "bcrypt runs after {key}");
         }
+        let stats = store.stats().file.unwrap();
         assert_eq!(
-            store.stats(),
-            vec![
-                ("api_key_bcrypt_verifications", 4),
-                ("api_key_bcrypt_busy", 0),
-                ("api_key_failed_cache_hits", 1)
-            ]
+            (
+                stats.bcrypt_verifications,
+                stats.bcrypt_busy,
+                stats.failed_cache_hits
+            ),
+            (4, 0, 1)
         );
     }
 

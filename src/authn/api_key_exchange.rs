@@ -28,7 +28,7 @@ use base64::Engine;
 use dashmap::DashMap;
 use serde::Deserialize;
 
-use super::api_key::{ApiKeyStore, hmac_sha256};
+use super::api_key::{ApiKeyStats, ApiKeyStore, ExchangeStats, hmac_sha256};
 use super::jwt::JwtVerifier;
 use super::{AuthMethod, AuthnError, Principal, fingerprint};
 use crate::clock::Clock;
@@ -422,21 +422,16 @@ impl ApiKeyStore for ExchangeApiKeyStore {
         self.exchange.describe()
     }
 
-    fn stats(&self) -> Vec<(&'static str, u64)> {
-        vec![
-            (
-                "api_key_exchange_requests",
-                self.requests.load(Ordering::Relaxed),
-            ),
-            (
-                "api_key_exchange_errors",
-                self.errors.load(Ordering::Relaxed),
-            ),
-            (
-                "api_key_exchange_cache_hits",
-                self.cache_hits.load(Ordering::Relaxed),
-            ),
-        ]
+    fn stats(&self) -> ApiKeyStats {
+        ApiKeyStats {
+            file: None,
+            exchange: Some(ExchangeStats {
+                requests: self.requests.load(Ordering::Relaxed),
+                errors: self.errors.load(Ordering::Relaxed),
+                cache_hits: self.cache_hits.load(Ordering::Relaxed),
+                cached_tokens: self.tokens.len() as u64,
+            }),
+        }
     }
 }
 
@@ -490,10 +485,11 @@ impl ApiKeyStore for ApiKeySources {
         )
     }
 
-    fn stats(&self) -> Vec<(&'static str, u64)> {
-        let mut out = self.file.stats();
-        out.extend(self.exchange.stats());
-        out
+    fn stats(&self) -> ApiKeyStats {
+        ApiKeyStats {
+            file: self.file.stats().file,
+            exchange: self.exchange.stats().exchange,
+        }
     }
 }
 
@@ -570,12 +566,13 @@ mod tests {
         store.authenticate_with("k", Some(&jwt)).await.unwrap();
         assert_eq!(service.calls(), 2);
         assert_eq!(
-            store.stats(),
-            vec![
-                ("api_key_exchange_requests", 2),
-                ("api_key_exchange_errors", 0),
-                ("api_key_exchange_cache_hits", 1)
-            ]
+            store.stats().exchange,
+            Some(ExchangeStats {
+                requests: 2,
+                errors: 0,
+                cache_hits: 1,
+                cached_tokens: 1
+            })
         );
     }
 
@@ -676,7 +673,7 @@ mod tests {
         let calls = service.calls();
         let _ = store.authenticate_with("down", Some(&jwt)).await;
         assert_eq!(service.calls(), calls + 1);
-        assert_eq!(store.stats()[1], ("api_key_exchange_errors", 2));
+        assert_eq!(store.stats().exchange.unwrap().errors, 2);
     }
 
     #[tokio::test]
@@ -741,9 +738,9 @@ mod tests {
             2,
             "only remote and neither reached the service"
         );
-        let names: Vec<_> = both.stats().into_iter().map(|(n, _)| n).collect();
-        assert!(names.contains(&"api_key_bcrypt_verifications"));
-        assert!(names.contains(&"api_key_exchange_requests"));
+        let stats = both.stats();
+        assert!(stats.file.is_some(), "the file's figures");
+        assert_eq!(stats.exchange.unwrap().requests, 2, "the service's figures");
     }
 
     #[test]

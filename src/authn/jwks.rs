@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -39,6 +40,19 @@ pub enum KeyError {
     Empty { origin: String, cause: String },
 }
 
+/// What a key source reports for `/metrics`, read when scraped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeySourceStats {
+    /// Fetches that loaded keys.
+    pub refreshes_ok: u64,
+    /// Fetches that failed or found no usable key (the last good keys were kept).
+    pub refreshes_error: u64,
+    /// Signing keys loaded now.
+    pub keys: u64,
+    /// Unix seconds of the last fetch that loaded keys; `None` before the first.
+    pub last_success: Option<u64>,
+}
+
 /// Where verification keys come from.
 #[async_trait::async_trait]
 pub trait KeySource: Send + Sync {
@@ -54,6 +68,13 @@ pub trait KeySource: Send + Sync {
     fn describe(&self) -> String;
     /// Loaded key ids, for `doctor` and the startup log.
     fn key_ids(&self) -> Vec<String>;
+    /// Refreshes and keys for `/metrics`; a source that never fetches has only keys.
+    fn stats(&self) -> KeySourceStats {
+        KeySourceStats {
+            keys: self.key_ids().len() as u64,
+            ..KeySourceStats::default()
+        }
+    }
 }
 
 #[derive(Default)]
@@ -79,6 +100,10 @@ pub struct JwksKeySource {
     last_fetch: Mutex<Option<Instant>>,
     last_error: Mutex<Option<String>>,
     fetch_lock: tokio::sync::Mutex<()>,
+    refreshes_ok: AtomicU64,
+    refreshes_error: AtomicU64,
+    /// Unix seconds of the last fetch that loaded keys; 0 = none yet.
+    last_success: AtomicU64,
 }
 
 #[derive(Deserialize)]
@@ -106,6 +131,9 @@ impl JwksKeySource {
             last_fetch: Mutex::new(None),
             last_error: Mutex::new(None),
             fetch_lock: tokio::sync::Mutex::new(()),
+            refreshes_ok: AtomicU64::new(0),
+            refreshes_error: AtomicU64::new(0),
+            last_success: AtomicU64::new(0),
         })
     }
 
@@ -305,6 +333,18 @@ impl KeySource for JwksKeySource {
         ids.sort();
         ids
     }
+
+    fn stats(&self) -> KeySourceStats {
+        KeySourceStats {
+            refreshes_ok: self.refreshes_ok.load(Ordering::Relaxed),
+            refreshes_error: self.refreshes_error.load(Ordering::Relaxed),
+            keys: self.set.load().keys.len() as u64,
+            last_success: match self.last_success.load(Ordering::Relaxed) {
+                0 => None,
+                t => Some(t),
+            },
+        }
+    }
 }
 
 impl JwksKeySource {
@@ -312,6 +352,7 @@ impl JwksKeySource {
         *self.last_fetch.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         match self.fetch().await {
             Ok(set) if set.keys.is_empty() => {
+                self.refreshes_error.fetch_add(1, Ordering::Relaxed);
                 let cause = "the JWKS has no usable signing keys".to_string();
                 self.set_error(Some(cause.clone()));
                 Err(KeyError::Empty {
@@ -326,9 +367,13 @@ impl JwksKeySource {
                 tracing::debug!(source = %self.source_name(), kids = ?ids, "signing keys loaded");
                 self.set.store(Arc::new(set));
                 self.set_error(None);
+                self.refreshes_ok.fetch_add(1, Ordering::Relaxed);
+                self.last_success
+                    .store(crate::clock::now_secs().max(1), Ordering::Relaxed);
                 Ok(n)
             }
             Err(cause) => {
+                self.refreshes_error.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(source = %self.source_name(), %cause, "signing key refresh failed; keeping the last good keys");
                 self.set_error(Some(cause.clone()));
                 Err(KeyError::Unavailable {
@@ -429,5 +474,33 @@ mod tests {
         }
         // Known kids still come from the last good set.
         assert!(source.key("rsa-a").await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn refreshes_are_counted_by_result_and_a_failure_keeps_the_keys_and_their_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        let source = file_source(&path);
+        assert_eq!(source.stats(), KeySourceStats::default(), "nothing fetched yet");
+        assert!(source.refresh().await.is_err(), "no file yet");
+        std::fs::copy(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keys/jwks.json"),
+            &path,
+        )
+        .unwrap();
+        let loaded = source.refresh().await.unwrap() as u64;
+        let after_load = source.stats();
+        assert_eq!(
+            (after_load.refreshes_ok, after_load.refreshes_error, after_load.keys),
+            (1, 1, loaded)
+        );
+        let loaded_at = after_load.last_success.expect("a success time");
+        assert!(loaded_at.abs_diff(crate::clock::now_secs()) < 5);
+        std::fs::write(&path, r#"{"keys": []}"#).unwrap();
+        assert!(source.refresh().await.is_err(), "no usable key");
+        let after_empty = source.stats();
+        assert_eq!(after_empty.refreshes_error, 2);
+        assert_eq!(after_empty.keys, loaded, "the last good keys stay");
+        assert_eq!(after_empty.last_success, Some(loaded_at));
     }
 }

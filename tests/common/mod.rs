@@ -5,6 +5,7 @@
 pub mod binary;
 pub mod envoy;
 pub mod keycloak;
+pub mod metrics;
 pub mod openfga;
 pub mod process;
 pub mod raw_http;

@@ -136,6 +136,13 @@ impl Sidecar {
         (r.status().as_u16(), r.text().await.unwrap_or_default())
     }
 
+    /// `/metrics` as a scraper without an `Accept` header reads it (Prometheus text 0.0.4).
+    pub async fn scrape(&self) -> super::metrics::Scrape {
+        let (status, text) = self.ops_get("/metrics").await;
+        assert_eq!(status, 200, "/metrics: {text}");
+        super::metrics::Scrape(text)
+    }
+
     /// Waits until `/readyz` says ready.
     pub async fn wait_ready(&self, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;

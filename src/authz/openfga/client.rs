@@ -16,6 +16,7 @@ use reqwest::Method;
 use tokio::task::JoinSet;
 
 use super::OpenFgaError;
+use super::metrics::RequestMetrics;
 use super::model::Model;
 use super::resolve::{latest_model, resolve, store_label};
 use super::transport::Transport;
@@ -64,7 +65,16 @@ impl std::fmt::Debug for OpenFgaClient {
 impl OpenFgaClient {
     /// Finds the store and the model, or says in one line which variable to fix.
     pub async fn connect(cfg: &OpenFgaConfig) -> Result<Self, OpenFgaError> {
-        let transport = Arc::new(Transport::new(cfg));
+        Self::connect_observed(cfg, RequestMetrics::default()).await
+    }
+
+    /// [`connect`](Self::connect), counting every call (the ones that find the store and
+    /// the model included) in `metrics`.
+    pub async fn connect_observed(
+        cfg: &OpenFgaConfig,
+        metrics: RequestMetrics,
+    ) -> Result<Self, OpenFgaError> {
+        let transport = Arc::new(Transport::new(cfg, metrics));
         let resolved = resolve(&transport, cfg).await?;
         Ok(Self {
             transport,

@@ -8,6 +8,7 @@
 //! - `model`: what a model says (types, relations, which changes reach other objects).
 //! - `transport`: HTTP, the stale-connection retry, and the one classification of a failed
 //!   call by its status.
+//! - `metrics`: every call counted by endpoint and outcome, and timed.
 //! - `wire`: the JSON of the OpenFGA HTTP API.
 //!
 //! Imports point down that list. The client does not know the decision cache: the cache
@@ -20,6 +21,7 @@
 //! a cache that imported them would be tied to one backend.
 
 mod client;
+mod metrics;
 mod model;
 mod resolve;
 mod transport;
@@ -27,6 +29,7 @@ mod watch;
 mod wire;
 
 pub use client::{ClientStats, OpenFgaClient};
+pub use metrics::{Endpoint, Outcome, RequestMetrics};
 pub use watch::ChangeWatcher;
 
 use transport::{StatusClass, status_text};

@@ -6,14 +6,16 @@
 //! transport error or the HTTP status, never from message text; checks
 //! ([`CallError::into_backend`]), the breaker behind them and startup
 //! ([`CallError::into_startup`], [`OpenFgaError::is_transient`]) all read the same
-//! [`StatusClass`].
+//! [`StatusClass`]. Every call is counted and timed here ([`RequestMetrics`]), the one
+//! place all of them pass.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
 use super::OpenFgaError;
+use super::metrics::{Endpoint, Outcome, RequestMetrics};
 use super::wire::ErrorBody;
 use crate::authz::BackendError;
 use crate::config::OpenFgaConfig;
@@ -21,7 +23,7 @@ use crate::http_client;
 
 /// What a non-2xx status says about a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum StatusClass {
+pub enum StatusClass {
     /// 5xx, 429 (overloaded) or 408 (too slow): OpenFGA cannot answer now and may later.
     /// A check fails as unavailable (the breaker counts it); startup retries.
     Unavailable,
@@ -148,17 +150,19 @@ pub(super) struct Transport {
     base: String,
     token: Option<String>,
     timeout: Duration,
+    metrics: RequestMetrics,
 }
 
 // === impl Transport ===
 
 impl Transport {
-    pub(super) fn new(cfg: &OpenFgaConfig) -> Self {
+    pub(super) fn new(cfg: &OpenFgaConfig, metrics: RequestMetrics) -> Self {
         Self {
             http: http_client::client(cfg.timeout),
             base: cfg.api_url.trim_end_matches('/').to_string(),
             token: cfg.api_token.clone(),
             timeout: cfg.timeout,
+            metrics,
         }
     }
 
@@ -167,12 +171,35 @@ impl Transport {
         &self.base
     }
 
+    /// One call, counted by endpoint and outcome and timed (the stale-connection retry
+    /// included: it is part of what the caller waited for).
     pub(super) async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, CallError> {
+        let started = Instant::now();
+        let (result, outcome) = self.exchange(method, path, body).await;
+        self.metrics
+            .observe(Endpoint::of(path), outcome, started.elapsed());
+        result
+    }
+
+    /// The call itself, and how it ended for the metrics (a transport failure's kind is not
+    /// kept in its [`CallError`], which only describes it).
+    async fn exchange<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> (Result<T, CallError>, Outcome) {
+        let failed = |e: &reqwest::Error| {
+            (
+                Err(CallError::Transport(http_client::describe(e, self.timeout))),
+                Outcome::of_send(e),
+            )
+        };
         let body = body.map(bytes::Bytes::from);
         let send = || {
             let mut req = self
@@ -194,34 +221,41 @@ impl Transport {
             // us) fails without a new connection being tried. Every call here only reads, so
             // one immediate retry on a fresh connection is safe; without it each pooled
             // connection costs a failed check (a denial) after every OpenFGA restart.
-            Err(e) if e.is_request() && !e.is_connect() && !e.is_timeout() => send()
-                .await
-                .map_err(|e| CallError::Transport(http_client::describe(&e, self.timeout)))?,
-            Err(e) => {
-                return Err(CallError::Transport(http_client::describe(
-                    &e,
-                    self.timeout,
-                )));
+            Err(e) if e.is_request() && !e.is_connect() && !e.is_timeout() => {
+                match send().await {
+                    Ok(resp) => resp,
+                    Err(e) => return failed(&e),
+                }
             }
+            Err(e) => return failed(&e),
         };
         let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| CallError::Transport(http_client::describe(&e, self.timeout)))?;
+        let bytes = match resp.bytes().await {
+            Ok(bytes) => bytes,
+            Err(e) => return failed(&e),
+        };
         if !status.is_success() {
             let body: ErrorBody = serde_json::from_slice(&bytes).unwrap_or_else(|_| ErrorBody {
                 code: String::new(),
                 message: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
             });
-            return Err(CallError::Status {
+            let outcome = Outcome::Status(StatusClass::of(status.as_u16()));
+            let error = CallError::Status {
                 status,
                 code: body.code,
                 message: body.message,
-            });
+            };
+            return (Err(error), outcome);
         }
-        serde_json::from_slice(&bytes)
-            .map_err(|e| CallError::Transport(format!("unreadable answer to {path}: {e}")))
+        match serde_json::from_slice(&bytes) {
+            Ok(answer) => (Ok(answer), Outcome::Ok),
+            Err(e) => (
+                Err(CallError::Transport(format!(
+                    "unreadable answer to {path}: {e}"
+                ))),
+                Outcome::InvalidResponse,
+            ),
+        }
     }
 
     pub(super) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CallError> {

@@ -457,6 +457,78 @@ mod tests {
         }
     }
 
+    fn decisions_policy() -> Policy {
+        let config = crate::Config::from_yaml(
+            "jwt: { jwks_file: k }\nroutes: { rules: [ { name: api, path: \"/api/**\" }, { name: docs, path: /docs } ] }\n",
+            std::path::Path::new("/"),
+            &std::collections::BTreeMap::new(),
+        )
+        .unwrap();
+        let backends = crate::state::Backends {
+            keys: None,
+            api_keys: None,
+            checker: None,
+            openfga: Default::default(),
+            openfga_requests: Default::default(),
+            model_gate: Default::default(),
+            cache_ttls: Default::default(),
+            clock: crate::clock::system_clock(),
+        };
+        crate::state::policy(&config, &backends).unwrap()
+    }
+
+    fn allow(rule: &str, failed_open: bool) -> Decision {
+        use crate::authn::{AuthMethod, Principal, PrincipalKind};
+        Decision::Allow(crate::decision::Allow {
+            principal: Some(Principal::new(PrincipalKind::User, "a", AuthMethod::Jwt)),
+            rule: rule.into(),
+            failed_open: failed_open.then(|| "OpenFGA down".into()),
+            response_headers: Vec::new(),
+            relations: Vec::new(),
+            local_reply: None,
+        })
+    }
+
+    /// The rule label is one of the config's rule names or a fixed value, whatever string a
+    /// decision carries; a deny keeps its status and code.
+    #[test]
+    fn decisions_are_counted_by_bounded_labels() {
+        let policy = decisions_policy();
+        let metrics = Metrics::new();
+        let second = Duration::from_millis(1);
+        metrics.record(&policy, &allow("api", false), second);
+        metrics.record(&policy, &allow("api", false), second);
+        metrics.record(&policy, &allow("api,docs", false), second);
+        metrics.record(&policy, &allow("/api/secret?token=x", false), second);
+        metrics.record(&policy, &allow("docs", true), second);
+        let deny = crate::decision::deny(
+            &crate::decision::Failure::Authn(crate::authn::AuthnError::Missing {
+                api_key_header: "x-api-key".into(),
+            }),
+            "realm",
+            crate::decision::Context::default(),
+        );
+        metrics.record(&policy, &Decision::Deny(deny), second);
+        let text = metrics.encode_text();
+        for (series, want) in [
+            (r#"decision="allow",status="200",error="none",credential="jwt",rule="api""#, 2),
+            (r#"decision="allow",status="200",error="none",credential="jwt",rule="batch""#, 1),
+            (r#"decision="allow",status="200",error="none",credential="jwt",rule="other""#, 1),
+            (r#"decision="allow",status="200",error="failed_open",credential="jwt",rule="docs""#, 1),
+            (r#"decision="deny",status="401",error="unauthenticated",credential="none",rule="none""#, 1),
+        ] {
+            let line = format!("authz_sidecar_decisions_total{{{series}}} {want}");
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        assert!(!text.contains("secret"), "request text never becomes a label");
+        assert!(text.contains("authz_sidecar_failed_open_total 1"));
+        assert!(text.contains("authz_sidecar_check_duration_seconds_count 6"));
+        assert!(text.contains(&format!(
+            "authz_sidecar_build_info{{version=\"{}\"",
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+
     /// The line without its quoted values (escapes honoured): what a logfmt reader takes for
     /// field names.
     fn outside_quotes(line: &str) -> String {

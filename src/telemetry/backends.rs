@@ -257,3 +257,119 @@ fn counter_by<L: EncodeLabelSet>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+
+    use super::*;
+    use crate::authn::api_key::{ApiKeyStore, FileApiKeyStore};
+    use crate::authn::jwks::{JwksKeySource, KeySource};
+    use crate::config::Config;
+    use crate::state::Backends;
+    use crate::telemetry::Metrics;
+
+    const LOCAL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/local");
+
+    /// The deploy/local signing keys and API keys, read from their files; no OpenFGA.
+    async fn local_state() -> (Arc<State>, Arc<dyn KeySource>) {
+        let config = Config::from_yaml(
+            "jwt: { jwks_file: dev-jwks.json }\napi_keys: { file: api-keys.yaml }\nroutes: { rules: [ { name: api, path: \"/api/**\" } ] }\n",
+            std::path::Path::new(LOCAL),
+            &std::collections::BTreeMap::new(),
+        )
+        .unwrap();
+        let keys: Arc<dyn KeySource> = Arc::new(JwksKeySource::new(&config.jwt).unwrap());
+        keys.refresh().await.unwrap();
+        let api_keys = FileApiKeyStore::open(
+            &std::path::Path::new(LOCAL).join("api-keys.yaml"),
+            crate::clock::system_clock(),
+        )
+        .unwrap();
+        let backends = Backends {
+            keys: Some(keys.clone()),
+            api_keys: Some(Arc::new(api_keys) as Arc<dyn ApiKeyStore>),
+            checker: None,
+            openfga: Arc::new(OnceLock::new()),
+            openfga_requests: Default::default(),
+            model_gate: Default::default(),
+            cache_ttls: Default::default(),
+            clock: crate::clock::system_clock(),
+        };
+        let policy = crate::state::policy(&config, &backends).unwrap();
+        (Arc::new(State::new(policy, backends)), keys)
+    }
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[tokio::test]
+    async fn backend_figures_are_read_when_scraped_with_the_type_their_meaning_has() {
+        let (state, keys) = local_state().await;
+        let metrics = Metrics::new();
+        metrics.watch_backends(&state);
+        let text = metrics.encode_text();
+        let series = [
+            ("authz_sidecar_jwks_refreshes_total{result=\"ok\"}", 1.0),
+            ("authz_sidecar_jwks_refreshes_total{result=\"error\"}", 0.0),
+            ("authz_sidecar_jwks_keys", 1.0),
+            ("authz_sidecar_api_key_file_keys", 3.0),
+            ("authz_sidecar_api_key_file_reloads_total{result=\"ok\"}", 0.0),
+            ("authz_sidecar_api_key_bcrypt_verifications_total", 0.0),
+        ];
+        for (name, want) in series {
+            assert_eq!(value(&text, name), Some(want), "{name} in:\n{text}");
+        }
+        let loaded = value(
+            &text,
+            "authz_sidecar_jwks_last_refresh_success_timestamp_seconds",
+        )
+        .unwrap();
+        assert!((loaded - crate::clock::now_secs() as f64).abs() < 60.0);
+        for family in ["openfga_requests", "decision_cache", "openfga_breaker"] {
+            assert!(
+                !text.contains(&format!("authz_sidecar_{family}")),
+                "OpenFGA is not configured: no {family} in\n{text}"
+            );
+        }
+
+        // Nothing is copied: the next scrape reads the source again.
+        keys.refresh().await.unwrap();
+        let text = metrics.encode_text();
+        assert_eq!(
+            value(&text, "authz_sidecar_jwks_refreshes_total{result=\"ok\"}"),
+            Some(2.0)
+        );
+    }
+
+    /// What promtool's lint checks first, on the families this collector and the registry
+    /// write: counters end in `_total`, nothing else does, every family says what it counts.
+    #[tokio::test]
+    async fn every_family_has_help_and_only_counters_end_in_total() {
+        let (state, _) = local_state().await;
+        let metrics = Metrics::new();
+        metrics.watch_backends(&state);
+        let text = metrics.encode_text();
+        let mut families = 0;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                families += 1;
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert_eq!(
+                    name.ends_with("_total"),
+                    kind == "counter",
+                    "{name} is a {kind}"
+                );
+                assert!(
+                    text.lines().any(|l| l
+                        .strip_prefix(&format!("# HELP {name} "))
+                        .is_some_and(|h| h.len() > 10 && h.ends_with('.'))),
+                    "{name} has no HELP"
+                );
+            }
+        }
+        assert!(families >= 15, "{text}");
+    }
+}

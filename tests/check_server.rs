@@ -383,7 +383,7 @@ async fn health_readiness_and_metrics() {
     let (code, text) = s.ops_get("/metrics").await;
     assert_eq!(code, 200);
     assert!(
-        text.contains("authz_sidecar_decisions_total{decision=\"deny\",code=\"unauthenticated\""),
+        text.contains("authz_sidecar_decisions_total{decision=\"deny\",status=\"401\",error=\"unauthenticated\",credential=\"none\",rule=\"api\"} 1"),
         "{text}"
     );
     s.stop().await.unwrap();

@@ -62,15 +62,19 @@ fn bearer(user: &str, roles: &[&str], groups: &[&str]) -> String {
     format!("Bearer {}", mint(c))
 }
 
-async fn backend(s: &Sidecar, name: &str) -> u64 {
-    // Backend counters are copied into the registry every 200 ms.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (_, text) = s.ops_get("/metrics").await;
-    let prefix = format!("authz_sidecar_backend{{name=\"{name}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in metrics:\n{text}"))
+/// OpenFGA `/check` calls so far, whatever their outcome.
+async fn checks_sent(s: &Sidecar) -> u64 {
+    s.scrape().await.sum(
+        "authz_sidecar_openfga_requests_total",
+        &[("endpoint", "check")],
+    ) as u64
+}
+
+/// The decision-cache counter `authz_sidecar_decision_cache_<name>_total`.
+async fn cache_counter(s: &Sidecar, name: &str) -> u64 {
+    s.scrape()
+        .await
+        .get(&format!("authz_sidecar_decision_cache_{name}_total"), &[]) as u64
 }
 
 #[tokio::test]
@@ -286,17 +290,17 @@ async fn cache_saves_calls_and_coalesces() {
             None,
         )
     };
-    let before = backend(&s, "openfga_requests").await;
+    let before = checks_sent(&s).await;
     assert_eq!(status(&s.check(req("t1")).await), 200);
-    let after_first = backend(&s, "openfga_requests").await;
+    let after_first = checks_sent(&s).await;
     assert_eq!(after_first, before + 1);
     assert_eq!(status(&s.check(req("t1")).await), 200);
     assert_eq!(
-        backend(&s, "openfga_requests").await,
+        checks_sent(&s).await,
         after_first,
         "second identical check answered from the cache"
     );
-    assert!(backend(&s, "cache_hits").await >= 1);
+    assert!(cache_counter(&s, "hits").await >= 1);
 
     // 100 concurrent identical misses: one OpenFGA call.
     let client = s.client().await;
@@ -312,11 +316,11 @@ async fn cache_saves_calls_and_coalesces() {
         assert_eq!(status(&t.await.unwrap()), 200);
     }
     assert_eq!(
-        backend(&s, "openfga_requests").await,
+        checks_sent(&s).await,
         after_first + 1,
         "100 identical misses made one call"
     );
-    assert!(backend(&s, "cache_coalesced").await >= 1);
+    assert!(cache_counter(&s, "coalesced").await >= 1);
     s.stop().await.unwrap();
 }
 
@@ -451,6 +455,216 @@ async fn startup_errors_are_one_line_and_exit_2() {
         assert!(lines[0].contains(want), "{stderr} should say {want}");
     }
     // The unknown store's error lists the stores the server has.
+}
+
+/// The signing keys of deploy/local served as a JWKS URL, as Keycloak serves its own; stops
+/// when dropped.
+struct JwksServer {
+    url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl JwksServer {
+    async fn start() -> Self {
+        let jwks = std::fs::read_to_string(local_dir().join("dev-jwks.json")).unwrap();
+        let app = axum::Router::new().route(
+            "/certs",
+            axum::routing::get(move || {
+                let jwks = jwks.clone();
+                async move { ([("content-type", "application/json")], jwks) }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/certs", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { url, task }
+    }
+}
+
+impl Drop for JwksServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `promtool check metrics` on a text; its complaints (empty when it passes).
+fn promtool_check(text: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(common::tools::tool("promtool"))
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
+}
+
+/// A real scrape after known traffic (JWT allows through OpenFGA, a cache hit, an OpenFGA
+/// deny, an API key, no credentials, a public route, an unmatched path) passes promtool's
+/// lint, and each series says what the traffic implies.
+#[tokio::test]
+async fn metrics_pass_promtool_and_count_the_traffic() {
+    let fga = OpenFga::shared().await;
+    let (store, _) = fga
+        .store("metrics")
+        .tuples(&[("user:alice", "executor", "tool:t1")])
+        .create()
+        .await;
+    let jwks = JwksServer::start().await;
+    let s = Sidecar::start(
+        &config(),
+        &local_dir(),
+        &[
+            ("OPENFGA_API_URL", &fga.http_url()),
+            ("OPENFGA_STORE_ID", &store),
+            ("AUTH_PUBLIC_KEY_URL", &jwks.url),
+        ],
+    )
+    .await;
+    s.wait_ready(Duration::from_secs(10)).await;
+    let execute = |who: &str| Req::post("/tools/t1/execute").bearer(&mint(local_claims(who, &[])));
+    let traffic = [
+        (execute("alice"), 200, "OpenFGA allows: one check"),
+        (execute("alice"), 200, "the same question: a cache hit"),
+        (execute("bob"), 403, "OpenFGA denies: one more check"),
+        (
+            Req::get("/api/agents").api_key("mcpkey_test_local_alice"),
+            200,
+            "an API key",
+        ),
+        (Req::get("/api/agents"), 401, "no credentials"),
+        (Req::get("/public/page"), 200, "a public route"),
+    ];
+    for (req, want, what) in traffic {
+        let r = s.check(req).await;
+        assert_eq!(status(&r), want, "{what}: {r:?}");
+    }
+    let unmatched = status(&s.check(Req::get("/nowhere")).await).to_string();
+
+    let scrape = s.scrape().await;
+    let (passed, complaints) = promtool_check(&scrape.0);
+    assert!(
+        passed && complaints.trim().is_empty(),
+        "promtool check metrics: {complaints}\n{}",
+        scrape.0
+    );
+
+    let decisions = |labels: [(&str, &str); 5]| scrape.get("authz_sidecar_decisions_total", &labels);
+    let by = |decision, status, error, credential, rule| {
+        [
+            ("decision", decision),
+            ("status", status),
+            ("error", error),
+            ("credential", credential),
+            ("rule", rule),
+        ]
+    };
+    assert_eq!(decisions(by("allow", "200", "none", "jwt", "tool-execute")), 2.0);
+    assert_eq!(
+        scrape.sum(
+            "authz_sidecar_decisions_total",
+            &[("decision", "deny"), ("status", "403"), ("credential", "jwt"), ("rule", "tool-execute")]
+        ),
+        1.0
+    );
+    assert_eq!(decisions(by("allow", "200", "none", "api_key", "api")), 1.0);
+    assert_eq!(decisions(by("deny", "401", "unauthenticated", "none", "api")), 1.0);
+    assert_eq!(decisions(by("allow", "200", "none", "none", "public")), 1.0);
+    assert_eq!(
+        scrape.sum(
+            "authz_sidecar_decisions_total",
+            &[("status", &unmatched), ("rule", "none")]
+        ),
+        1.0,
+        "no rule matched: the fixed rule label"
+    );
+    assert_eq!(scrape.get("authz_sidecar_check_duration_seconds_count", &[]), 7.0);
+    assert_eq!(scrape.get("authz_sidecar_failed_open_total", &[]), 0.0);
+
+    // OpenFGA: two checks (alice's miss and bob's), none for the cache hit; startup read the
+    // store and its model through the same client.
+    let fga_calls = |endpoint, outcome| {
+        scrape.get(
+            "authz_sidecar_openfga_requests_total",
+            &[("endpoint", endpoint), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(fga_calls("check", "ok"), 2.0);
+    assert_eq!(
+        scrape.sum("authz_sidecar_openfga_requests_total", &[("endpoint", "check")]),
+        2.0
+    );
+    assert!(fga_calls("get_store", "ok") >= 1.0);
+    assert_eq!(
+        scrape.get(
+            "authz_sidecar_openfga_request_duration_seconds_count",
+            &[("endpoint", "check")]
+        ),
+        2.0
+    );
+    let breaker = |state| scrape.get("authz_sidecar_openfga_breaker_state", &[("state", state)]);
+    assert_eq!((breaker("closed"), breaker("open"), breaker("half_open")), (1.0, 0.0, 0.0));
+
+    // The decision cache: two misses, one hit, both answers kept.
+    let cache = |name: &str| scrape.get(&format!("authz_sidecar_decision_cache_{name}"), &[]);
+    assert_eq!(cache("hits_total"), 1.0);
+    assert_eq!(cache("misses_total"), 2.0);
+    assert_eq!(cache("coalesced_total"), 0.0);
+    assert_eq!(cache("entries"), 2.0);
+
+    // Signing keys from the JWKS URL; API keys from the file.
+    assert!(scrape.get("authz_sidecar_jwks_refreshes_total", &[("result", "ok")]) >= 1.0);
+    assert_eq!(scrape.get("authz_sidecar_jwks_keys", &[]), 1.0);
+    let refreshed = scrape.get("authz_sidecar_jwks_last_refresh_success_timestamp_seconds", &[]);
+    assert!((refreshed - now() as f64).abs() < 60.0, "{refreshed}");
+    assert_eq!(scrape.get("authz_sidecar_api_key_file_keys", &[]), 3.0);
+    assert_eq!(
+        scrape.get("authz_sidecar_api_key_file_reloads_total", &[("result", "error")]),
+        0.0
+    );
+    assert_eq!(scrape.get("authz_sidecar_config_reloads_total", &[("result", "ok")]), 0.0);
+    assert_eq!(
+        scrape.get(
+            "authz_sidecar_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+    assert!(!scrape.0.contains("authz_sidecar_backend"), "the old gauge family is gone");
+
+    // A scraper that asks for OpenMetrics gets it: the same counters, framed as OpenMetrics.
+    let open = reqwest::Client::new()
+        .get(format!("http://{}/metrics", s.ops_addr))
+        .header("accept", "application/openmetrics-text;version=1.0.0,text/plain;q=0.5")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        open.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let open = open.text().await.unwrap();
+    assert!(open.ends_with("# EOF\n"), "{open}");
+    assert!(open.contains("# TYPE authz_sidecar_decision_cache_hits counter\n"));
+    assert!(open.contains("authz_sidecar_decision_cache_hits_total 1\n"));
+    s.stop().await.unwrap();
 }
 
 #[tokio::test]

@@ -268,25 +268,26 @@ async fn the_decision_caches_ttls_reload() {
     s.wait_ready(Duration::from_secs(10)).await;
     let alice = mint(local_claims("alice", &[]));
     let tool = |t: &str| Req::get(&format!("/tools/{t}")).bearer(&alice);
-    let requests = "authz_sidecar_backend{name=\"openfga_requests\"}";
-    // Backend figures are copied to /metrics on a 200 ms loop.
-    let settled = || tokio::time::sleep(Duration::from_millis(450));
+    // Every OpenFGA /check call, whatever its outcome (read when scraped).
+    let checks_sent = || async {
+        s.scrape().await.sum(
+            "authz_sidecar_openfga_requests_total",
+            &[("endpoint", "check")],
+        )
+    };
     assert_eq!(status(&s.check(tool("a")).await), 200);
     assert_eq!(status(&s.check(tool("a")).await), 200);
-    settled().await;
-    let before = metric(&s, requests).await;
+    let before = checks_sent().await;
     assert_eq!(status(&s.check(tool("a")).await), 200);
-    settled().await;
-    assert_eq!(metric(&s, requests).await, before, "cached for an hour");
+    assert_eq!(checks_sent().await, before, "cached for an hour");
 
     dir.write(&config("0s"));
     assert!(s.reload().await.applied());
     for _ in 0..3 {
         assert_eq!(status(&s.check(tool("b")).await), 200);
     }
-    settled().await;
     assert_eq!(
-        metric(&s, requests).await,
+        checks_sent().await,
         before + 3.0,
         "with allowed_ttl 0s every check asks OpenFGA"
     );

@@ -250,15 +250,11 @@ async fn a_401_does_not_name_the_jwks_url_but_doctor_does() {
     );
 }
 
-/// Metric `authz_sidecar_backend{name="<name>"}` from `/metrics`, once the 200 ms copy ran.
+/// The counter `authz_sidecar_<name>_total`, read from `/metrics` now (scrape time).
 async fn backend_metric(s: &Sidecar, name: &str) -> u64 {
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let (_, text) = s.ops_get("/metrics").await;
-    let prefix = format!("authz_sidecar_backend{{name=\"{name}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+    s.scrape()
+        .await
+        .get(&format!("authz_sidecar_{name}_total"), &[]) as u64
 }
 
 fn sha256_hex(text: &str) -> String {

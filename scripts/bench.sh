@@ -166,7 +166,7 @@ def proc_sample(pid):
         return None
 
 def metrics(ops):
-    """The sidecar's decision counters, backend gauges and check histogram."""
+    """The sidecar's decision counters, cache and OpenFGA counters and check histogram."""
     with urllib.request.urlopen(f"http://{ops}/metrics", timeout=5) as r:
         text = r.read().decode()
     out = {"decisions": {}, "backend": {}, "hist": {}}
@@ -185,9 +185,19 @@ def metrics(ops):
             base = name
         v = float(value)
         if base == "authz_sidecar_decisions_total":
-            out["decisions"][f'{labels["decision"]}/{labels["code"]}/{labels.get("credential", labels.get("method"))}'] = v
+            # decision/code/credential, summed over status and rule; an allow's error="none"
+            # reads as the code "ok" (older builds: a `code` label).
+            code = labels.get("code") or {"none": "ok"}.get(labels.get("error"), labels.get("error"))
+            key = f'{labels["decision"]}/{code}/{labels.get("credential", labels.get("method"))}'
+            out["decisions"][key] = out["decisions"].get(key, 0) + v
         elif base == "authz_sidecar_backend":
             out["backend"][labels["name"]] = v
+        elif base.startswith("authz_sidecar_decision_cache_"):
+            name = base[len("authz_sidecar_decision_cache_"):].removesuffix("_total")
+            out["backend"]["cache_size" if name == "entries" else f"cache_{name}"] = v
+        elif base == "authz_sidecar_openfga_requests_total" and labels.get("endpoint") in ("check", "batch_check"):
+            for name in ["openfga_requests"] + (["openfga_errors"] if labels.get("outcome") != "ok" else []):
+                out["backend"][name] = out["backend"].get(name, 0) + v
         elif base == "authz_sidecar_check_duration_seconds_bucket":
             out["hist"][labels["le"]] = v
     return out
@@ -480,7 +490,7 @@ run_scenario() {
                 || die "ghz $name/$shape failed or ran longer than ${RUN_LIMIT}s"
             timef=""
         fi
-        # The sidecar copies its cache/OpenFGA counters into /metrics every 200 ms.
+        # Let the last checks finish before /metrics is read.
         sleep 0.5
         helper snapshot "$OUT/after.json" "$OPS" "$SIDECAR_LOG" "${pids[@]}"
         if [ "$shape" = warmup ]; then

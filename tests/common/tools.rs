@@ -1,7 +1,8 @@
 //! Where the external programs used by the integration tests live.
 //!
 //! They are installed by `scripts/install-tools.sh` into `${AUTHZ_TOOLS_DIR:-<repo>/target/tools}`:
-//! `bin/openfga`, `bin/grpcurl`, `bin/ghz`, `bin/envoy`, and `keycloak/` (unzipped distribution).
+//! `bin/openfga`, `bin/grpcurl`, `bin/ghz`, `bin/envoy`, `bin/promtool`, and `keycloak/` (unzipped
+//! distribution).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};

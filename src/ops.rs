@@ -63,8 +63,14 @@ async fn readyz(AxumState(ops): AxumState<Ops>) -> impl IntoResponse {
 async fn metrics_text(AxumState(ops): AxumState<Ops>, headers: HeaderMap) -> impl IntoResponse {
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     if wants_openmetrics(accept) {
-        ([(header::CONTENT_TYPE, OPENMETRICS_TEXT)], ops.metrics.encode())
+        (
+            [(header::CONTENT_TYPE, OPENMETRICS_TEXT)],
+            ops.metrics.encode(),
+        )
     } else {
-        ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], ops.metrics.encode_text())
+        (
+            [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+            ops.metrics.encode_text(),
+        )
     }
 }

@@ -511,16 +511,34 @@ mod tests {
         metrics.record(&policy, &Decision::Deny(deny), second);
         let text = metrics.encode_text();
         for (series, want) in [
-            (r#"decision="allow",status="200",error="none",credential="jwt",rule="api""#, 2),
-            (r#"decision="allow",status="200",error="none",credential="jwt",rule="batch""#, 1),
-            (r#"decision="allow",status="200",error="none",credential="jwt",rule="other""#, 1),
-            (r#"decision="allow",status="200",error="failed_open",credential="jwt",rule="docs""#, 1),
-            (r#"decision="deny",status="401",error="unauthenticated",credential="none",rule="none""#, 1),
+            (
+                r#"decision="allow",status="200",error="none",credential="jwt",rule="api""#,
+                2,
+            ),
+            (
+                r#"decision="allow",status="200",error="none",credential="jwt",rule="batch""#,
+                1,
+            ),
+            (
+                r#"decision="allow",status="200",error="none",credential="jwt",rule="other""#,
+                1,
+            ),
+            (
+                r#"decision="allow",status="200",error="failed_open",credential="jwt",rule="docs""#,
+                1,
+            ),
+            (
+                r#"decision="deny",status="401",error="unauthenticated",credential="none",rule="none""#,
+                1,
+            ),
         ] {
             let line = format!("authz_sidecar_decisions_total{{{series}}} {want}");
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
-        assert!(!text.contains("secret"), "request text never becomes a label");
+        assert!(
+            !text.contains("secret"),
+            "request text never becomes a label"
+        );
         assert!(text.contains("authz_sidecar_failed_open_total 1"));
         assert!(text.contains("authz_sidecar_check_duration_seconds_count 6"));
         assert!(text.contains(&format!(

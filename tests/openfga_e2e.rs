@@ -564,7 +564,8 @@ async fn metrics_pass_promtool_and_count_the_traffic() {
         scrape.0
     );
 
-    let decisions = |labels: [(&str, &str); 5]| scrape.get("authz_sidecar_decisions_total", &labels);
+    let decisions =
+        |labels: [(&str, &str); 5]| scrape.get("authz_sidecar_decisions_total", &labels);
     let by = |decision, status, error, credential, rule| {
         [
             ("decision", decision),
@@ -574,16 +575,27 @@ async fn metrics_pass_promtool_and_count_the_traffic() {
             ("rule", rule),
         ]
     };
-    assert_eq!(decisions(by("allow", "200", "none", "jwt", "tool-execute")), 2.0);
+    assert_eq!(
+        decisions(by("allow", "200", "none", "jwt", "tool-execute")),
+        2.0
+    );
     assert_eq!(
         scrape.sum(
             "authz_sidecar_decisions_total",
-            &[("decision", "deny"), ("status", "403"), ("credential", "jwt"), ("rule", "tool-execute")]
+            &[
+                ("decision", "deny"),
+                ("status", "403"),
+                ("credential", "jwt"),
+                ("rule", "tool-execute")
+            ]
         ),
         1.0
     );
     assert_eq!(decisions(by("allow", "200", "none", "api_key", "api")), 1.0);
-    assert_eq!(decisions(by("deny", "401", "unauthenticated", "none", "api")), 1.0);
+    assert_eq!(
+        decisions(by("deny", "401", "unauthenticated", "none", "api")),
+        1.0
+    );
     assert_eq!(decisions(by("allow", "200", "none", "none", "public")), 1.0);
     assert_eq!(
         scrape.sum(
@@ -593,7 +605,10 @@ async fn metrics_pass_promtool_and_count_the_traffic() {
         1.0,
         "no rule matched: the fixed rule label"
     );
-    assert_eq!(scrape.get("authz_sidecar_check_duration_seconds_count", &[]), 7.0);
+    assert_eq!(
+        scrape.get("authz_sidecar_check_duration_seconds_count", &[]),
+        7.0
+    );
     assert_eq!(scrape.get("authz_sidecar_failed_open_total", &[]), 0.0);
 
     // OpenFGA: two checks (alice's miss and bob's), none for the cache hit; startup read the
@@ -606,7 +621,10 @@ async fn metrics_pass_promtool_and_count_the_traffic() {
     };
     assert_eq!(fga_calls("check", "ok"), 2.0);
     assert_eq!(
-        scrape.sum("authz_sidecar_openfga_requests_total", &[("endpoint", "check")]),
+        scrape.sum(
+            "authz_sidecar_openfga_requests_total",
+            &[("endpoint", "check")]
+        ),
         2.0
     );
     assert!(fga_calls("get_store", "ok") >= 1.0);
@@ -618,7 +636,10 @@ async fn metrics_pass_promtool_and_count_the_traffic() {
         2.0
     );
     let breaker = |state| scrape.get("authz_sidecar_openfga_breaker_state", &[("state", state)]);
-    assert_eq!((breaker("closed"), breaker("open"), breaker("half_open")), (1.0, 0.0, 0.0));
+    assert_eq!(
+        (breaker("closed"), breaker("open"), breaker("half_open")),
+        (1.0, 0.0, 0.0)
+    );
 
     // The decision cache: two misses, one hit, both answers kept.
     let cache = |name: &str| scrape.get(&format!("authz_sidecar_decision_cache_{name}"), &[]);
@@ -630,14 +651,23 @@ async fn metrics_pass_promtool_and_count_the_traffic() {
     // Signing keys from the JWKS URL; API keys from the file.
     assert!(scrape.get("authz_sidecar_jwks_refreshes_total", &[("result", "ok")]) >= 1.0);
     assert_eq!(scrape.get("authz_sidecar_jwks_keys", &[]), 1.0);
-    let refreshed = scrape.get("authz_sidecar_jwks_last_refresh_success_timestamp_seconds", &[]);
+    let refreshed = scrape.get(
+        "authz_sidecar_jwks_last_refresh_success_timestamp_seconds",
+        &[],
+    );
     assert!((refreshed - now() as f64).abs() < 60.0, "{refreshed}");
     assert_eq!(scrape.get("authz_sidecar_api_key_file_keys", &[]), 3.0);
     assert_eq!(
-        scrape.get("authz_sidecar_api_key_file_reloads_total", &[("result", "error")]),
+        scrape.get(
+            "authz_sidecar_api_key_file_reloads_total",
+            &[("result", "error")]
+        ),
         0.0
     );
-    assert_eq!(scrape.get("authz_sidecar_config_reloads_total", &[("result", "ok")]), 0.0);
+    assert_eq!(
+        scrape.get("authz_sidecar_config_reloads_total", &[("result", "ok")]),
+        0.0
+    );
     assert_eq!(
         scrape.get(
             "authz_sidecar_build_info",
@@ -645,12 +675,18 @@ async fn metrics_pass_promtool_and_count_the_traffic() {
         ),
         1.0
     );
-    assert!(!scrape.0.contains("authz_sidecar_backend"), "the old gauge family is gone");
+    assert!(
+        !scrape.0.contains("authz_sidecar_backend"),
+        "the old gauge family is gone"
+    );
 
     // A scraper that asks for OpenMetrics gets it: the same counters, framed as OpenMetrics.
     let open = reqwest::Client::new()
         .get(format!("http://{}/metrics", s.ops_addr))
-        .header("accept", "application/openmetrics-text;version=1.0.0,text/plain;q=0.5")
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+        )
         .send()
         .await
         .unwrap();

@@ -481,7 +481,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jwks.json");
         let source = file_source(&path);
-        assert_eq!(source.stats(), KeySourceStats::default(), "nothing fetched yet");
+        assert_eq!(
+            source.stats(),
+            KeySourceStats::default(),
+            "nothing fetched yet"
+        );
         assert!(source.refresh().await.is_err(), "no file yet");
         std::fs::copy(
             concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keys/jwks.json"),
@@ -491,7 +495,11 @@ mod tests {
         let loaded = source.refresh().await.unwrap() as u64;
         let after_load = source.stats();
         assert_eq!(
-            (after_load.refreshes_ok, after_load.refreshes_error, after_load.keys),
+            (
+                after_load.refreshes_ok,
+                after_load.refreshes_error,
+                after_load.keys
+            ),
             (1, 1, loaded)
         );
         let loaded_at = after_load.last_success.expect("a success time");

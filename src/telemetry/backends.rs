@@ -165,12 +165,7 @@ fn openfga(out: &mut DescriptorEncoder, s: &ClientStats) -> fmt::Result {
         BreakerState::Open,
         BreakerState::HalfOpen,
     ];
-    let series = states.map(|state| {
-        (
-            [("state", state.as_str())],
-            u64::from(state == s.breaker),
-        )
-    });
+    let series = states.map(|state| ([("state", state.as_str())], u64::from(state == s.breaker)));
     let mut family = out.encode_descriptor(
         "openfga_breaker_state",
         &help(
@@ -316,7 +311,10 @@ mod tests {
             ("authz_sidecar_jwks_refreshes_total{result=\"error\"}", 0.0),
             ("authz_sidecar_jwks_keys", 1.0),
             ("authz_sidecar_api_key_file_keys", 3.0),
-            ("authz_sidecar_api_key_file_reloads_total{result=\"ok\"}", 0.0),
+            (
+                "authz_sidecar_api_key_file_reloads_total{result=\"ok\"}",
+                0.0,
+            ),
             ("authz_sidecar_api_key_bcrypt_verifications_total", 0.0),
         ];
         for (name, want) in series {

@@ -63,9 +63,10 @@ impl Scrape {
 
     /// Whether a family of this name is exported (a TYPE line names it).
     pub fn has_family(&self, name: &str) -> bool {
-        self.0
-            .lines()
-            .any(|l| l.strip_prefix("# TYPE ").is_some_and(|r| r.split(' ').next() == Some(name)))
+        self.0.lines().any(|l| {
+            l.strip_prefix("# TYPE ")
+                .is_some_and(|r| r.split(' ').next() == Some(name))
+        })
     }
 }
 

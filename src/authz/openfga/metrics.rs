@@ -182,7 +182,10 @@ mod tests {
     fn each_api_path_is_its_endpoint_and_ids_never_become_labels() {
         let table = [
             ("/stores?page_size=100", "list_stores"),
-            ("/stores?page_size=100&continuation_token=abc", "list_stores"),
+            (
+                "/stores?page_size=100&continuation_token=abc",
+                "list_stores",
+            ),
             ("/stores/01J9", "get_store"),
             ("/stores/01J9/check", "check"),
             ("/stores/01J9/batch-check", "batch_check"),

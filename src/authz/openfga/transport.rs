@@ -221,12 +221,10 @@ impl Transport {
             // us) fails without a new connection being tried. Every call here only reads, so
             // one immediate retry on a fresh connection is safe; without it each pooled
             // connection costs a failed check (a denial) after every OpenFGA restart.
-            Err(e) if e.is_request() && !e.is_connect() && !e.is_timeout() => {
-                match send().await {
-                    Ok(resp) => resp,
-                    Err(e) => return failed(&e),
-                }
-            }
+            Err(e) if e.is_request() && !e.is_connect() && !e.is_timeout() => match send().await {
+                Ok(resp) => resp,
+                Err(e) => return failed(&e),
+            },
             Err(e) => return failed(&e),
         };
         let status = resp.status();
@@ -390,6 +388,98 @@ mod tests {
             e.to_string(),
             "OpenFGA unreachable at http://fga:8080 (OPENFGA_API_URL): connection refused"
         );
+    }
+
+    fn transport_to(url: &str, metrics: RequestMetrics) -> Transport {
+        let env = [
+            ("OPENFGA_API_URL".to_string(), url.to_string()),
+            ("OPENFGA_STORE_ID".to_string(), "s".to_string()),
+        ];
+        let config = crate::Config::from_yaml(
+            "jwt: { jwks_file: k }\nopenfga: { timeout: 300ms }\n",
+            std::path::Path::new("/"),
+            &env.into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        )
+        .unwrap();
+        Transport::new(&config.openfga.unwrap(), metrics)
+    }
+
+    /// Each way a call can end is counted once, under its endpoint and its own outcome.
+    #[tokio::test]
+    async fn every_call_is_counted_under_its_endpoint_and_outcome() {
+        use axum::http::StatusCode as Code;
+        use axum::routing::post;
+        let app = axum::Router::new()
+            .route("/stores/ok/check", post(|| async { r#"{"allowed":true}"# }))
+            .route("/stores/garbled/check", post(|| async { "<html>" }))
+            .route(
+                "/stores/down/check",
+                post(|| async { (Code::SERVICE_UNAVAILABLE, "{}") }),
+            )
+            .route(
+                "/stores/refused/check",
+                post(|| async { (Code::FORBIDDEN, "{}") }),
+            )
+            .route(
+                "/stores/bad/batch-check",
+                post(|| async { (Code::BAD_REQUEST, r#"{"code":"validation_error"}"#) }),
+            )
+            .route(
+                "/stores/slow/check",
+                post(|| async {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    "{}"
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let metrics = RequestMetrics::default();
+        let t = transport_to(&url, metrics.clone());
+        let call = |path: &'static str| {
+            let t = &t;
+            async move {
+                t.call::<serde_json::Value>(Method::POST, path, Some(b"{}".to_vec()))
+                    .await
+            }
+        };
+        assert!(call("/stores/ok/check").await.is_ok());
+        for path in [
+            "/stores/garbled/check",
+            "/stores/down/check",
+            "/stores/refused/check",
+            "/stores/bad/batch-check",
+            "/stores/slow/check",
+        ] {
+            assert!(call(path).await.is_err(), "{path}");
+        }
+        server.abort();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let nobody = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let unreachable = transport_to(&nobody, metrics.clone());
+        let _ = unreachable.get::<serde_json::Value>("/stores/s").await;
+
+        use Endpoint::{BatchCheck, Check, GetStore};
+        for (endpoint, outcome) in [
+            (Check, Outcome::Ok),
+            (Check, Outcome::InvalidResponse),
+            (Check, Outcome::Status(StatusClass::Unavailable)),
+            (Check, Outcome::Status(StatusClass::Unauthorized)),
+            (BatchCheck, Outcome::Status(StatusClass::Rejected)),
+            (Check, Outcome::Timeout),
+            (GetStore, Outcome::ConnectError),
+        ] {
+            assert_eq!(
+                metrics.count(endpoint, outcome),
+                1,
+                "{} {}",
+                endpoint.as_str(),
+                outcome.as_str()
+            );
+        }
+        assert_eq!(metrics.count(Check, Outcome::TransportError), 0);
     }
 
     #[test]

@@ -803,13 +803,22 @@ async fn outage_fails_closed_then_recovers() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (_, metrics) = s.ops_get("/metrics").await;
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.contains("openfga_breaker_open") && l.trim_end().ends_with(" 1")),
-        "the outage shows in the metrics: {metrics}"
+    let scrape = s.scrape().await;
+    assert_eq!(
+        scrape.get("authz_sidecar_openfga_breaker_state", &[("state", "open")]),
+        1.0,
+        "the outage shows in the metrics: {}",
+        scrape.0
     );
+    assert!(
+        scrape.get(
+            "authz_sidecar_openfga_requests_total",
+            &[("endpoint", "check"), ("outcome", "connect_error")]
+        ) >= 1.0,
+        "the refused connections are counted as such: {}",
+        scrape.0
+    );
+    assert!(scrape.get("authz_sidecar_openfga_short_circuited_total", &[]) >= 1.0);
 
     fga.start_again().await;
     let start = Instant::now();

@@ -659,8 +659,10 @@ async fn scrape(url: &str) -> anyhow::Result<(BTreeMap<String, f64>, BTreeMap<St
     Ok(parse_metrics(&text))
 }
 
-/// `authz_sidecar_decisions_total{decision,code,credential}` as `decision/code/credential`, and
-/// `authz_sidecar_backend{name}` by name.
+/// `authz_sidecar_decisions_total` as `decision/code/credential` (summed over status and rule;
+/// the code is the `error` label, `ok` for an allow's `none`; older builds: `code`), and the
+/// decision cache and OpenFGA counters by their short names (`cache_hits`, `cache_size`,
+/// `openfga_requests`: check and batch-check calls; older builds: `authz_sidecar_backend{name}`).
 fn parse_metrics(text: &str) -> (BTreeMap<String, f64>, BTreeMap<String, f64>) {
     let mut decisions = BTreeMap::new();
     let mut backend = BTreeMap::new();
@@ -689,7 +691,13 @@ fn parse_metrics(text: &str) -> (BTreeMap<String, f64>, BTreeMap<String, f64>) {
                 let key = format!(
                     "{}/{}/{}",
                     label("decision").unwrap_or_default(),
-                    label("code").unwrap_or_default(),
+                    label("code")
+                        .or_else(|| label("error").map(|e| if e == "none" {
+                            "ok".into()
+                        } else {
+                            e
+                        }))
+                        .unwrap_or_default(),
                     // `credential` since the label was renamed from `method`.
                     label("credential")
                         .or_else(|| label("method"))
@@ -702,7 +710,22 @@ fn parse_metrics(text: &str) -> (BTreeMap<String, f64>, BTreeMap<String, f64>) {
                     backend.insert(n, value);
                 }
             }
-            _ => {}
+            "authz_sidecar_decision_cache_entries" => {
+                backend.insert("cache_size".into(), value);
+            }
+            "authz_sidecar_openfga_requests_total"
+                if matches!(label("endpoint").as_deref(), Some("check" | "batch_check")) =>
+            {
+                *backend.entry("openfga_requests".into()).or_default() += value;
+            }
+            _ => {
+                if let Some(name) = base
+                    .strip_prefix("authz_sidecar_decision_cache_")
+                    .and_then(|n| n.strip_suffix("_total"))
+                {
+                    backend.insert(format!("cache_{name}"), value);
+                }
+            }
         }
     }
     (decisions, backend)
@@ -1074,5 +1097,21 @@ mod tests {
         assert_eq!(d["allow/ok/jwt"], 12.0);
         assert_eq!(b["cache_size"], 100000.0);
         assert_eq!(d.len() + b.len(), 2);
+
+        let text = "authz_sidecar_decisions_total{decision=\"allow\",status=\"200\",error=\"none\",credential=\"jwt\",rule=\"a\"} 12\n\
+            authz_sidecar_decisions_total{decision=\"allow\",status=\"200\",error=\"none\",credential=\"jwt\",rule=\"b\"} 3\n\
+            authz_sidecar_decision_cache_hits_total 7\n\
+            authz_sidecar_decision_cache_entries 100000\n\
+            authz_sidecar_openfga_requests_total{endpoint=\"check\",outcome=\"ok\"} 4\n\
+            authz_sidecar_openfga_requests_total{endpoint=\"check\",outcome=\"timeout\"} 1\n\
+            authz_sidecar_openfga_requests_total{endpoint=\"read_changes\",outcome=\"ok\"} 9\n";
+        let (d, b) = parse_metrics(text);
+        assert_eq!(d["allow/ok/jwt"], 15.0, "summed over rules");
+        assert_eq!(b["cache_hits"], 7.0);
+        assert_eq!(b["cache_size"], 100000.0);
+        assert_eq!(
+            b["openfga_requests"], 5.0,
+            "check calls, whatever the outcome"
+        );
     }
 }

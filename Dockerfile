@@ -16,6 +16,9 @@ ARG RUST_VERSION=1.95.0
 # ---- build: Debian 12 (bookworm), the same glibc as the runtime image -------------------
 FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
+# The git commit authz_sidecar_build_info reports (the context has no .git):
+#   docker build --build-arg AUTHZ_GIT_COMMIT=$(git rev-parse HEAD) -t authz-sidecar:0.1.0 .
+ARG AUTHZ_GIT_COMMIT=
 # Only what the build reads (.dockerignore allows nothing else into the context).
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto

@@ -541,10 +541,18 @@ mod tests {
         );
         assert!(text.contains("authz_sidecar_failed_open_total 1"));
         assert!(text.contains("authz_sidecar_check_duration_seconds_count 6"));
-        assert!(text.contains(&format!(
-            "authz_sidecar_build_info{{version=\"{}\"",
-            env!("CARGO_PKG_VERSION")
-        )));
+        let build = text
+            .lines()
+            .find(|l| l.starts_with("authz_sidecar_build_info{"))
+            .unwrap();
+        let version = format!("version=\"{}\"", env!("CARGO_PKG_VERSION"));
+        match option_env!("AUTHZ_BUILD_COMMIT") {
+            Some(commit) => assert_eq!(
+                build,
+                format!("authz_sidecar_build_info{{{version},commit=\"{commit}\"}} 1")
+            ),
+            None => assert_eq!(build, format!("authz_sidecar_build_info{{{version}}} 1")),
+        }
     }
 
     /// The line without its quoted values (escapes honoured): what a logfmt reader takes for

@@ -564,6 +564,30 @@ async fn metrics_pass_promtool_and_count_the_traffic() {
         scrape.0
     );
 
+    // The alerting rules shipped in deploy/ are valid and name only series this scrape has.
+    let rules = common::tools::repo_file("deploy/prometheus/alerts.yaml");
+    let checked = std::process::Command::new(common::tools::tool("promtool"))
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check rules: {checked:?}"
+    );
+    let text = std::fs::read_to_string(&rules).unwrap();
+    let samples = scrape.samples();
+    for (i, _) in text.match_indices("authz_sidecar_") {
+        let name: String = text[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        assert!(
+            scrape.has_family(&name) || samples.iter().any(|s| s.name == name),
+            "deploy/prometheus/alerts.yaml names {name}, which /metrics does not export"
+        );
+    }
+
     let decisions =
         |labels: [(&str, &str); 5]| scrape.get("authz_sidecar_decisions_total", &labels);
     let by = |decision, status, error, credential, rule| {

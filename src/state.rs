@@ -303,7 +303,8 @@ pub async fn build(
                 cache_ttls.clone(),
                 model_gate.clone(),
                 late.clone(),
-                (openfga.clone(), openfga_requests.clone()),
+                openfga.clone(),
+                openfga_requests.clone(),
                 fatal_tx.clone(),
                 shutdown.clone(),
             );
@@ -394,7 +395,8 @@ fn spawn_openfga(
     cache_ttls: Arc<CacheTtls>,
     gate: Arc<ModelGate>,
     late: Arc<LateChecker>,
-    (connected, requests): (Arc<OnceLock<OpenFga>>, RequestMetrics),
+    connected: Arc<OnceLock<OpenFga>>,
+    requests: RequestMetrics,
     fatal: tokio::sync::mpsc::Sender<Fatal>,
     shutdown: CancellationToken,
 ) {

@@ -1,7 +1,7 @@
 //! Logs and metrics: the tracing subscriber (text or JSON, `LOG_LEVEL`/`RUST_LOG`), the text
 //! log's field formatter ([`LogFields`]: no value can forge a line), and the Prometheus
 //! registry served on the ops listener at `/metrics` ([`Metrics`]; the backends' figures are
-//! read when scraped by [`backends`], the two text formats are in [`exposition`]).
+//! read when scraped by `backends`, the two text formats are in [`exposition`]).
 
 mod backends;
 pub mod exposition;
@@ -269,7 +269,7 @@ impl Metrics {
     }
 
     /// Exports the backends' figures: OpenFGA calls (counted and timed by the client as
-    /// they happen) and everything read when scraped ([`backends::BackendCollector`]: the
+    /// they happen) and everything read when scraped (`backends::BackendCollector`: the
     /// decision cache, the breaker, signing keys, API keys). Nothing is copied on a timer.
     pub fn watch_backends(&self, state: &Arc<State>) {
         let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());

@@ -2,6 +2,10 @@
 //! ([`crate::request`]), runs [`crate::pipeline::check`], logs one decision line, records
 //! metrics and converts the answer ([`crate::response`]). A policy deny is an `Ok` answer;
 //! `Err(Status)` only for a request that is not an HTTP check at all.
+//!
+//! Each check gets a [`DecisionId`]: in its decision line (when `log.decisions` and
+//! `log.allow_sample` keep it), its deny body and the dynamic metadata Envoy logs, so one id
+//! joins the three.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,16 +20,28 @@ use crate::proto::pb::envoy::service::auth::v3::{
 use crate::request::{self, RequestError};
 use crate::response;
 use crate::state::State;
-use crate::telemetry::Metrics;
+use crate::telemetry::{DecisionId, DecisionLog, Metrics};
 
 pub struct CheckService {
     state: Arc<State>,
     metrics: Arc<Metrics>,
+    log: DecisionLog,
 }
 
 impl CheckService {
+    /// Logs every decision; see [`CheckService::with_decision_log`].
     pub fn new(state: Arc<State>, metrics: Arc<Metrics>) -> Self {
-        Self { state, metrics }
+        Self {
+            state,
+            metrics,
+            log: DecisionLog::default(),
+        }
+    }
+
+    /// Which decisions get a line (`log.decisions`, `log.allow_sample`).
+    pub fn with_decision_log(mut self, log: DecisionLog) -> Self {
+        self.log = log;
+        self
     }
 }
 
@@ -38,16 +54,18 @@ fn credential_label(d: &Decision) -> &'static str {
     p.map_or("none", |p| p.method.as_str())
 }
 
-/// The one decision line per check. Never a token or key: ids and hashes only. Path, request
-/// id, reason and the rest are the client's text: the text log's field formatter
+/// The one decision line per check. Never a token or key: ids and hashes only. Path, host,
+/// request id, reason and the rest are the client's text: the text log's field formatter
 /// ([`crate::telemetry::LogFields`]) escapes them, so none can start a line of its own.
-fn log_decision(input: &request::CheckInput, d: &Decision, micros: u128) {
+fn log_decision(input: &request::CheckInput, d: &Decision, id: DecisionId, micros: u128) {
     match d {
         Decision::Allow(a) => {
             let p = a.principal.as_ref();
             tracing::info!(
                 decision = "allow",
+                decision_id = %id,
                 request_id = %input.request_id,
+                host = %input.host,
                 method = %input.method,
                 path = %input.path,
                 rule = %a.rule,
@@ -65,7 +83,9 @@ fn log_decision(input: &request::CheckInput, d: &Decision, micros: u128) {
             let p = d.principal.as_ref();
             tracing::info!(
                 decision = "deny",
+                decision_id = %id,
                 request_id = %input.request_id,
+                host = %input.host,
                 method = %input.method,
                 path = %input.path,
                 rule = d.rule.as_deref().unwrap_or("-"),
@@ -88,6 +108,7 @@ impl Authorization for CheckService {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let start = Instant::now();
+        let id = DecisionId::new();
         // The policy this check decides on, to the end, whatever a reload swaps in meanwhile.
         let policy = self.state.policy();
         let input = match request::from_proto(request.into_inner(), policy.path_policy) {
@@ -104,11 +125,14 @@ impl Authorization for CheckService {
                     request_id: request_id.clone(),
                     ..Default::default()
                 };
-                log_decision(&input, &decision, start.elapsed().as_micros());
+                if self.log.logs(false, id) {
+                    log_decision(&input, &decision, id, start.elapsed().as_micros());
+                }
                 self.metrics.record(&decision, start.elapsed(), "none");
-                return Ok(Response::new(response::to_proto(
+                return Ok(Response::new(response::to_proto_with_id(
                     &decision,
                     &request_id,
+                    &id.to_string(),
                     &policy.authn.strip_from_upstream,
                 )));
             }
@@ -116,12 +140,15 @@ impl Authorization for CheckService {
         tracing::debug!(request_id = %input.request_id, method = %input.method, path = %input.path, host = %input.host, peer = ?input.peer, "check received");
         let decision = pipeline::check(&policy, &input).await;
         let elapsed = start.elapsed();
-        log_decision(&input, &decision, elapsed.as_micros());
+        if self.log.logs(decision.is_allow(), id) {
+            log_decision(&input, &decision, id, elapsed.as_micros());
+        }
         self.metrics
             .record(&decision, elapsed, credential_label(&decision));
-        Ok(Response::new(response::to_proto(
+        Ok(Response::new(response::to_proto_with_id(
             &decision,
             &input.request_id,
+            &id.to_string(),
             &policy.authn.strip_from_upstream,
         )))
     }

@@ -302,6 +302,7 @@ async fn admin_routes_answer_loopback_only_while_probes_answer_anyone() {
         eprintln!("no non-loopback address here: only 127.0.0.6 and the unit tests of ops::admin_refusal cover remote peers");
         return;
     };
+    eprintln!("a non-loopback peer: {ip}");
     let ops_addr = SocketAddr::new(ip, 0).to_string();
     let s = Sidecar::start_config(config_with_ops(&local_yaml(), &local_dir(), &ops_addr)).await;
     for path in ["/healthz", "/metrics"] {

@@ -1857,14 +1857,40 @@ mod tests {
             "the variables win over the file, as LOG_LEVEL and LOG_FORMAT do"
         );
         for (yaml, vars, names) in [
-            ("log: { decisions: some }", &[][..], "log.decisions (LOG_DECISIONS)"),
-            ("", &[("LOG_DECISIONS", "allows")][..], "log.decisions (LOG_DECISIONS)"),
-            ("log: { allow_sample: 1.5 }", &[][..], "log.allow_sample (LOG_ALLOW_SAMPLE)"),
-            ("log: { allow_sample: -0.1 }", &[][..], "log.allow_sample (LOG_ALLOW_SAMPLE)"),
-            ("", &[("LOG_ALLOW_SAMPLE", "half")][..], "log.allow_sample (LOG_ALLOW_SAMPLE)"),
-            ("", &[("LOG_ALLOW_SAMPLE", "NaN")][..], "log.allow_sample (LOG_ALLOW_SAMPLE)"),
+            (
+                "log: { decisions: some }",
+                &[][..],
+                "log.decisions (LOG_DECISIONS)",
+            ),
+            (
+                "",
+                &[("LOG_DECISIONS", "allows")][..],
+                "log.decisions (LOG_DECISIONS)",
+            ),
+            (
+                "log: { allow_sample: 1.5 }",
+                &[][..],
+                "log.allow_sample (LOG_ALLOW_SAMPLE)",
+            ),
+            (
+                "log: { allow_sample: -0.1 }",
+                &[][..],
+                "log.allow_sample (LOG_ALLOW_SAMPLE)",
+            ),
+            (
+                "",
+                &[("LOG_ALLOW_SAMPLE", "half")][..],
+                "log.allow_sample (LOG_ALLOW_SAMPLE)",
+            ),
+            (
+                "",
+                &[("LOG_ALLOW_SAMPLE", "NaN")][..],
+                "log.allow_sample (LOG_ALLOW_SAMPLE)",
+            ),
         ] {
-            let err = load(&format!("{MIN}{yaml}\n"), vars).unwrap_err().to_string();
+            let err = load(&format!("{MIN}{yaml}\n"), vars)
+                .unwrap_err()
+                .to_string();
             assert!(err.starts_with(names), "{yaml} {vars:?}: {err}");
         }
     }
@@ -1908,9 +1934,12 @@ mod tests {
                 allow_remote: true
             }
         );
-        let err = load("jwt: { jwks_file: k }\nserver: { admin: { remote: true } }\n", &[])
-            .unwrap_err()
-            .to_string();
+        let err = load(
+            "jwt: { jwks_file: k }\nserver: { admin: { remote: true } }\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("remote"), "{err}");
     }
 
@@ -1947,9 +1976,15 @@ routes:
         );
         assert_eq!(
             shown["routes"]["rules"][0]["when"],
-            serde_json::json!(["header:x-internal-auth == <redacted>", "body:/method == tools/call"])
+            serde_json::json!([
+                "header:x-internal-auth == <redacted>",
+                "body:/method == tools/call"
+            ])
         );
-        assert_eq!(shown["routes"]["rules"][0]["roles"], serde_json::json!(["admin"]));
+        assert_eq!(
+            shown["routes"]["rules"][0]["roles"],
+            serde_json::json!(["admin"])
+        );
         assert_eq!(shown["api_keys"]["file"], "/etc/authz/keys.yaml");
         assert_eq!(shown["cache"]["allowed_ttl"], "1m");
         // Unset secrets read as unset, not as redacted.

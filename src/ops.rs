@@ -114,11 +114,7 @@ pub fn admin_refusal(admin: &AdminConfig, peer: IpAddr) -> Option<(StatusCode, S
 
 /// The admin gate, run first by every admin route; logs who was refused and who was served.
 fn gate(ops: &Ops, peer: SocketAddr, route: &str) -> Result<(), Response> {
-    let admin = ops
-        .state
-        .config()
-        .map(|c| c.admin)
-        .unwrap_or_default();
+    let admin = ops.state.config().map(|c| c.admin).unwrap_or_default();
     match admin_refusal(&admin, peer.ip()) {
         None => {
             tracing::info!(route, peer = %peer, "admin request");
@@ -183,10 +179,7 @@ async fn jwks_refresh(
         }
         Err(error) => {
             tracing::warn!(%error, "operator's signing key refresh failed; the last good keys keep serving");
-            json(
-                StatusCode::BAD_GATEWAY,
-                serde_json::json!({"error": error}),
-            )
+            json(StatusCode::BAD_GATEWAY, serde_json::json!({"error": error}))
         }
     }
 }
@@ -226,10 +219,20 @@ mod tests {
         for peer in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
             assert!(admin_refusal(&LOCAL_ONLY, ip(peer)).is_none(), "{peer}");
         }
-        for peer in ["127.0.0.6", "10.0.0.7", "192.0.2.2", "::ffff:10.0.0.7", "fd00::2", "0.0.0.0"] {
+        for peer in [
+            "127.0.0.6",
+            "10.0.0.7",
+            "192.0.2.2",
+            "::ffff:10.0.0.7",
+            "fd00::2",
+            "0.0.0.0",
+        ] {
             let (status, why) = admin_refusal(&LOCAL_ONLY, ip(peer)).expect(peer);
             assert_eq!(status, StatusCode::FORBIDDEN, "{peer}");
-            assert!(why.contains(peer) && why.contains("server.admin.allow_remote"), "{why}");
+            assert!(
+                why.contains(peer) && why.contains("server.admin.allow_remote"),
+                "{why}"
+            );
             assert_eq!(why.lines().count(), 1, "one line: {why}");
         }
     }

@@ -809,8 +809,16 @@ mod tests {
     fn the_request_id_is_envoys_x_request_id_so_the_decision_line_joins_the_access_log() {
         let mut req = check_request("/x", "h", &[("x-request-id", "6c1f-uuid")]);
         let http = |r: &mut auth::CheckRequest| {
-            r.attributes.as_mut().unwrap().request.as_mut().unwrap().http.as_mut().unwrap().id =
-                "1074468394509502465".into();
+            r.attributes
+                .as_mut()
+                .unwrap()
+                .request
+                .as_mut()
+                .unwrap()
+                .http
+                .as_mut()
+                .unwrap()
+                .id = "1074468394509502465".into();
         };
         http(&mut req);
         let input = from_proto(req, PathPolicy::Strict).unwrap();
@@ -818,7 +826,10 @@ mod tests {
         let mut no_header = check_request("/x", "h", &[]);
         http(&mut no_header);
         let input = from_proto(no_header, PathPolicy::Strict).unwrap();
-        assert_eq!(input.request_id, "1074468394509502465", "the stream id, failing the header");
+        assert_eq!(
+            input.request_id, "1074468394509502465",
+            "the stream id, failing the header"
+        );
     }
 
     #[test]

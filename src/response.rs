@@ -314,7 +314,12 @@ mod tests {
             relations: Vec::new(),
             local_reply: None,
         };
-        let r = to_proto_with_id(&Decision::Allow(allow.clone()), "rid", "00c0ffee00c0ffee", &[]);
+        let r = to_proto_with_id(
+            &Decision::Allow(allow.clone()),
+            "rid",
+            "00c0ffee00c0ffee",
+            &[],
+        );
         let m = metadata(&r);
         assert_eq!(m["decision_id"], "00c0ffee00c0ffee");
         assert_eq!(m["decision"], "allow");
@@ -327,14 +332,22 @@ mod tests {
             local_reply: Some(204),
             ..allow
         };
-        let m = metadata(&to_proto_with_id(&Decision::Allow(preflight), "rid", "0a", &[]));
+        let m = metadata(&to_proto_with_id(
+            &Decision::Allow(preflight),
+            "rid",
+            "0a",
+            &[],
+        ));
         assert_eq!((m["decision_id"].as_str(), m.get("subject")), ("0a", None));
 
         let refused = crate::decision::Failure::CorsOrigin("https://evil.example".into());
         let deny = crate::decision::deny_for(&refused, "realm");
         let r = to_proto_with_id(&Decision::Deny(deny), "rid", "0b", &[]);
         let m = metadata(&r);
-        assert_eq!((m["decision_id"].as_str(), m["decision"].as_str()), ("0b", "deny"));
+        assert_eq!(
+            (m["decision_id"].as_str(), m["decision"].as_str()),
+            ("0b", "deny")
+        );
         let Some(HttpResponse::DeniedResponse(denied)) = &r.http_response else {
             panic!("a deny is a denied response");
         };
@@ -343,7 +356,11 @@ mod tests {
         assert_eq!(body["request_id"], "rid");
 
         // An answer that is only shown carries no id.
-        let shown = to_proto(&Decision::Deny(crate::decision::deny_for(&refused, "r")), "rid", &[]);
+        let shown = to_proto(
+            &Decision::Deny(crate::decision::deny_for(&refused, "r")),
+            "rid",
+            &[],
+        );
         assert!(shown.dynamic_metadata.is_none());
     }
 }

@@ -504,7 +504,10 @@ mod tests {
         let (allows, denies) = kept(DecisionLog::new(&log_config(All, 0.25)), n);
         assert_eq!(denies, n);
         let share = allows as f64 / n as f64;
-        assert!((0.23..0.27).contains(&share), "{share} of allows kept at 0.25");
+        assert!(
+            (0.23..0.27).contains(&share),
+            "{share} of allows kept at 0.25"
+        );
     }
 
     #[test]
@@ -514,7 +517,10 @@ mod tests {
         assert_eq!(ids.len(), 10_000);
         for id in &ids {
             assert_eq!(id.len(), 16, "{id}");
-            assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            assert!(
+                id.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            );
         }
     }
 }

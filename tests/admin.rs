@@ -20,12 +20,7 @@ use common::sidecar::*;
 use serde_json::{Value, json};
 
 /// (status, body) of an ops request, from `from` when given (the client's source address).
-async fn ops(
-    method: &str,
-    addr: SocketAddr,
-    path: &str,
-    from: Option<IpAddr>,
-) -> (u16, String) {
+async fn ops(method: &str, addr: SocketAddr, path: &str, from: Option<IpAddr>) -> (u16, String) {
     let mut client = reqwest::Client::builder().timeout(Duration::from_secs(10));
     if let Some(ip) = from {
         client = client.local_address(ip);
@@ -111,7 +106,10 @@ async fn a_cache_flush_sends_the_next_identical_check_to_openfga_again() {
     assert_eq!(status(&first), 200, "OpenFGA holds the tuple");
     fga.delete_tuples(&store, &[("user:alice", "executor", "tool:agent_chat")])
         .await;
-    assert!(!fga.check(&store, "user:alice", "executor", "tool:agent_chat").await);
+    assert!(
+        !fga.check(&store, "user:alice", "executor", "tool:agent_chat")
+            .await
+    );
     assert_eq!(
         status(&s.check(run()).await),
         200,
@@ -125,13 +123,21 @@ async fn a_cache_flush_sends_the_next_identical_check_to_openfga_again() {
     assert_eq!(flushed["tokens"], 1, "alice's verified token: {body}");
 
     let after = s.check(run()).await;
-    assert_eq!(status(&after), 403, "the next identical check is OpenFGA's answer");
+    assert_eq!(
+        status(&after),
+        403,
+        "the next identical check is OpenFGA's answer"
+    );
     // The deny names its decision id in the body and in the metadata Envoy logs.
     let (m, body) = (metadata(&after), deny_body(&after));
     assert_eq!(m["decision_id"].len(), 16, "{m:?}");
     assert_eq!(body["decision_id"], m["decision_id"].as_str(), "{body}");
     assert_eq!(
-        (m["decision"].as_str(), m["rule"].as_str(), m["subject"].as_str()),
+        (
+            m["decision"].as_str(),
+            m["rule"].as_str(),
+            m["subject"].as_str()
+        ),
         ("deny", "tool-execute", "user:alice")
     );
     assert_ne!(metadata(&first)["decision_id"], m["decision_id"]);
@@ -144,9 +150,8 @@ async fn a_cache_flush_sends_the_next_identical_check_to_openfga_again() {
 
 /// A JWKS document holding the fixture keys named by `kids`.
 fn jwks_with(kids: &[&str]) -> String {
-    let all = json_of(
-        &std::fs::read_to_string(repo().join("tests/fixtures/keys/jwks.json")).unwrap(),
-    );
+    let all =
+        json_of(&std::fs::read_to_string(repo().join("tests/fixtures/keys/jwks.json")).unwrap());
     let keys: Vec<Value> = all["keys"]
         .as_array()
         .unwrap()
@@ -176,31 +181,55 @@ async fn a_jwks_refresh_picks_up_a_rotated_key_file_at_once() {
     assert_eq!(status(&check().await), 401, "rsa-b is not trusted yet");
 
     std::fs::write(&file, jwks_with(&["rsa-a", "rsa-b"])).unwrap();
-    assert_eq!(status(&check().await), 401, "the cooldown holds back a refetch");
+    assert_eq!(
+        status(&check().await),
+        401,
+        "the cooldown holds back a refetch"
+    );
     let (code, body) = ops("POST", s.ops_addr, "/admin/jwks/refresh", None).await;
     assert_eq!(code, 200, "{body}");
     let answer = json_of(&body);
     assert_eq!(answer["key_ids"], json!(["rsa-a", "rsa-b"]), "{body}");
-    assert!(answer["source"].as_str().unwrap().contains("jwks.json"), "{body}");
-    assert_eq!(status(&check().await), 200, "rsa-b trusted from the refresh on");
+    assert!(
+        answer["source"].as_str().unwrap().contains("jwks.json"),
+        "{body}"
+    );
+    assert_eq!(
+        status(&check().await),
+        200,
+        "rsa-b trusted from the refresh on"
+    );
 
     // Rotated out: the refresh also forgets the verified token, so it is refused at once.
     std::fs::write(&file, jwks_with(&["rsa-a"])).unwrap();
     let (code, body) = ops("POST", s.ops_addr, "/admin/jwks/refresh", None).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(json_of(&body)["tokens_forgotten"], 1, "{body}");
-    assert_eq!(status(&check().await), 401, "rsa-b's token refused after rotation");
+    assert_eq!(
+        status(&check().await),
+        401,
+        "rsa-b's token refused after rotation"
+    );
 
     // A broken file: the operator reads why (naming the file), the last good keys serve.
     std::fs::write(&file, "{ not json").unwrap();
     let (code, body) = ops("POST", s.ops_addr, "/admin/jwks/refresh", None).await;
     assert_eq!(code, 502, "{body}");
-    assert!(json_of(&body)["error"].as_str().unwrap().contains("jwks.json"), "{body}");
+    assert!(
+        json_of(&body)["error"]
+            .as_str()
+            .unwrap()
+            .contains("jwks.json"),
+        "{body}"
+    );
     let pem_a = std::fs::read(repo().join("tests/fixtures/keys/rsa-a.pem")).unwrap();
     let token_a =
         authz_sidecar::authn::jwt::mint(&pem_a, jsonwebtoken::Algorithm::RS256, "rsa-a", &claims)
             .unwrap();
-    assert_eq!(status(&s.check(Req::get("/api/x").bearer(&token_a)).await), 200);
+    assert_eq!(
+        status(&s.check(Req::get("/api/x").bearer(&token_a)).await),
+        200
+    );
 }
 
 #[tokio::test]
@@ -232,7 +261,10 @@ openfga:
             ),
         token = secrets[0],
     );
-    assert!(yaml.contains(secrets[1]) && yaml.contains(secrets[3]), "{yaml}");
+    assert!(
+        yaml.contains(secrets[1]) && yaml.contains(secrets[3]),
+        "{yaml}"
+    );
     let s = Sidecar::start(
         &yaml,
         &local_dir(),
@@ -250,7 +282,10 @@ openfga:
     // Nor the API-key records' hashes: they stay in their own file.
     let keys = std::fs::read_to_string(local_dir().join("api-keys.yaml")).unwrap();
     for hash in keys.lines().filter_map(|l| l.trim().strip_prefix("hash: ")) {
-        assert!(!body.contains(hash.trim_start_matches("sha256:")), "{hash} shown");
+        assert!(
+            !body.contains(hash.trim_start_matches("sha256:")),
+            "{hash} shown"
+        );
     }
     let shown = json_of(&body);
     assert_eq!(shown["openfga"]["api_token"], "<redacted>");
@@ -267,39 +302,74 @@ openfga:
 /// A non-loopback address of this host (the one a route to the outside would leave from);
 /// no packet is sent.
 fn non_loopback_local_ip() -> Option<IpAddr> {
-    ["192.0.2.1:9", "10.255.255.1:9", "8.8.8.8:53", "[2001:db8::1]:9"]
-        .iter()
-        .find_map(|probe| {
-            let bind = if probe.starts_with('[') { "[::]:0" } else { "0.0.0.0:0" };
-            let socket = std::net::UdpSocket::bind(bind).ok()?;
-            socket.connect(probe).ok()?;
-            let ip = socket.local_addr().ok()?.ip();
-            (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
-        })
+    [
+        "192.0.2.1:9",
+        "10.255.255.1:9",
+        "8.8.8.8:53",
+        "[2001:db8::1]:9",
+    ]
+    .iter()
+    .find_map(|probe| {
+        let bind = if probe.starts_with('[') {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        };
+        let socket = std::net::UdpSocket::bind(bind).ok()?;
+        socket.connect(probe).ok()?;
+        let ip = socket.local_addr().ok()?.ip();
+        (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+    })
 }
 
 #[tokio::test]
 async fn admin_routes_answer_loopback_only_while_probes_answer_anyone() {
     // Istio's inbound traffic arrives from 127.0.0.6: loopback, but not this host's operator.
     let s = Sidecar::local().await;
-    let (code, body) = ops("GET", s.ops_addr, "/admin/config", Some("127.0.0.6".parse().unwrap())).await;
+    let (code, body) = ops(
+        "GET",
+        s.ops_addr,
+        "/admin/config",
+        Some("127.0.0.6".parse().unwrap()),
+    )
+    .await;
     assert_eq!(code, 403, "{body}");
     assert!(
         body.contains("127.0.0.6") && body.contains("server.admin.allow_remote"),
         "{body}"
     );
     assert_eq!(body.trim_end().lines().count(), 1, "one line: {body}");
-    let (code, _) = ops("POST", s.ops_addr, "/admin/cache/flush", Some("127.0.0.6".parse().unwrap())).await;
+    let (code, _) = ops(
+        "POST",
+        s.ops_addr,
+        "/admin/cache/flush",
+        Some("127.0.0.6".parse().unwrap()),
+    )
+    .await;
     assert_eq!(code, 403);
-    let (code, _) = ops("GET", s.ops_addr, "/healthz", Some("127.0.0.6".parse().unwrap())).await;
+    let (code, _) = ops(
+        "GET",
+        s.ops_addr,
+        "/healthz",
+        Some("127.0.0.6".parse().unwrap()),
+    )
+    .await;
     assert_eq!(code, 200, "probes answer any peer");
-    let (code, _) = ops("GET", s.ops_addr, "/admin/config", Some("127.0.0.1".parse().unwrap())).await;
+    let (code, _) = ops(
+        "GET",
+        s.ops_addr,
+        "/admin/config",
+        Some("127.0.0.1".parse().unwrap()),
+    )
+    .await;
     assert_eq!(code, 200);
     s.stop().await.unwrap();
 
     // A real non-loopback peer, when this host has an address other than loopback.
     let Some(ip) = non_loopback_local_ip() else {
-        eprintln!("no non-loopback address here: only 127.0.0.6 and the unit tests of ops::admin_refusal cover remote peers");
+        eprintln!(
+            "no non-loopback address here: only 127.0.0.6 and the unit tests of ops::admin_refusal cover remote peers"
+        );
         return;
     };
     eprintln!("a non-loopback peer: {ip}");

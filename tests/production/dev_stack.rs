@@ -249,13 +249,23 @@ async fn the_stack_script_allows_and_denies_through_envoy_and_ctrl_c_stops_all_i
     let (code, body) = post(&url, &alice).await;
     assert_eq!(code, 200, "{body}");
     let echo: Value = serde_json::from_str(&body).unwrap();
-    let allowed_request = echo["headers"]["x-request-id"].as_str().unwrap().to_string();
+    let allowed_request = echo["headers"]["x-request-id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (code, body) = post(&url, &bob).await;
     assert_eq!(code, 403, "{body}");
     let deny_body: Value = serde_json::from_str(&body).unwrap();
     let denied_request = deny_body["request_id"].as_str().unwrap().to_string();
-    let denied_id = deny_body["decision_id"].as_str().unwrap_or_default().to_string();
-    assert_eq!(denied_id.len(), 16, "16 hex digits in the deny body: {body}");
+    let denied_id = deny_body["decision_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        denied_id.len(),
+        16,
+        "16 hex digits in the deny body: {body}"
+    );
     let sidecar_log = stack.dir.path().join("logs/sidecar.log");
     let mut joined = None;
     for _ in 0..150 {
@@ -285,7 +295,11 @@ async fn the_stack_script_allows_and_denies_through_envoy_and_ctrl_c_stops_all_i
             tail_log(&sidecar_log, 20)
         )
     });
-    assert_eq!(access_deny["decision_id"], denied_id.as_str(), "{access_deny}");
+    assert_eq!(
+        access_deny["decision_id"],
+        denied_id.as_str(),
+        "{access_deny}"
+    );
     assert_eq!(line_deny["decision_id"], denied_id.as_str(), "{line_deny}");
     assert_eq!(line_deny["decision"], "deny");
     assert_eq!(access_deny["status"], 403);
@@ -297,10 +311,24 @@ async fn the_stack_script_allows_and_denies_through_envoy_and_ctrl_c_stops_all_i
     assert_eq!(line_allow["decision"], "allow");
     assert_eq!(access_allow["status"], 200);
     assert_eq!(access_allow["auth_subject"], "user:alice", "{access_allow}");
-    assert_eq!(access_allow["auth_rule"], line_allow["rule"], "{access_allow}");
-    assert_eq!(line_allow["host"], access_allow["authority"].as_str().unwrap().split(':').next().unwrap());
+    assert_eq!(
+        access_allow["auth_rule"], line_allow["rule"],
+        "{access_allow}"
+    );
+    assert_eq!(
+        line_allow["host"],
+        access_allow["authority"]
+            .as_str()
+            .unwrap()
+            .split(':')
+            .next()
+            .unwrap()
+    );
     let whole = std::fs::read_to_string(&sidecar_log).unwrap();
-    assert!(!whole.contains(&alice) && !whole.contains(&bob), "no token in the sidecar's log");
+    assert!(
+        !whole.contains(&alice) && !whole.contains(&bob),
+        "no token in the sidecar's log"
+    );
 
     // Ctrl-C: the script stops everything and exits.
     let pids = stack.pids();

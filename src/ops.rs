@@ -112,17 +112,18 @@ pub fn admin_refusal(admin: &AdminConfig, peer: IpAddr) -> Option<(StatusCode, S
     ))
 }
 
-/// The admin gate, run first by every admin route; logs who was refused and who was served.
-fn gate(ops: &Ops, peer: SocketAddr, route: &str) -> Result<(), Response> {
+/// The admin gate, run first by every admin route: the refusal to answer instead, if any.
+/// Logs who was refused and who was served.
+fn gate(ops: &Ops, peer: SocketAddr, route: &str) -> Option<Response> {
     let admin = ops.state.config().map(|c| c.admin).unwrap_or_default();
     match admin_refusal(&admin, peer.ip()) {
         None => {
             tracing::info!(route, peer = %peer, "admin request");
-            Ok(())
+            None
         }
         Some((status, why)) => {
             tracing::warn!(route, peer = %peer, status = status.as_u16(), "admin request refused");
-            Err((status, [(header::CONTENT_TYPE, "text/plain")], why).into_response())
+            Some((status, [(header::CONTENT_TYPE, "text/plain")], why).into_response())
         }
     }
 }
@@ -141,7 +142,7 @@ async fn cache_flush(
     AxumState(ops): AxumState<Ops>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Response {
-    if let Err(refused) = gate(&ops, peer, "/admin/cache/flush") {
+    if let Some(refused) = gate(&ops, peer, "/admin/cache/flush") {
         return refused;
     }
     let flushed = ops.state.flush_caches();
@@ -162,7 +163,7 @@ async fn jwks_refresh(
     AxumState(ops): AxumState<Ops>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Response {
-    if let Err(refused) = gate(&ops, peer, "/admin/jwks/refresh") {
+    if let Some(refused) = gate(&ops, peer, "/admin/jwks/refresh") {
         return refused;
     }
     match ops.state.refresh_keys().await {
@@ -189,7 +190,7 @@ async fn config(
     AxumState(ops): AxumState<Ops>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Response {
-    if let Err(refused) = gate(&ops, peer, "/admin/config") {
+    if let Some(refused) = gate(&ops, peer, "/admin/config") {
         return refused;
     }
     match ops.state.config() {

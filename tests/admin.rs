@@ -396,3 +396,45 @@ async fn admin_routes_answer_loopback_only_while_probes_answer_anyone() {
     assert_eq!(code, 404, "{body}");
     s.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_config_shown_is_the_one_serving_after_a_reload_restart_only_keys_as_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = local_dir();
+    let base = local_yaml()
+        .replace(
+            "jwks_file: dev-jwks.json",
+            &format!("jwks_file: {}", local.join("dev-jwks.json").display()),
+        )
+        .replace(
+            "file: api-keys.yaml",
+            &format!("file: {}", local.join("api-keys.yaml").display()),
+        )
+        .replace("server:\n", "server:\n  reload_interval: 0s\n");
+    let path = dir.path().join("sidecar.yaml");
+    std::fs::write(&path, &base).unwrap();
+    let s = Sidecar::start_file(&path, &[]).await;
+    let shown = json_of(&ops("GET", s.ops_addr, "/admin/config", None).await.1);
+    assert_eq!(shown["server"]["drain_timeout"], "20s");
+    assert_eq!(shown["routes"]["rules"].as_array().unwrap().len(), 4);
+
+    let changed = base
+        .replace("server:\n", "server:\n  drain_timeout: 3s\n")
+        .replace(
+            "    - { name: api, path: \"/api/**\" }",
+            "    - { name: api, path: \"/api/**\" }\n    - { name: docs, path: /docs, public: true }",
+        );
+    std::fs::write(&path, changed).unwrap();
+    let outcome = s.reload().await;
+    assert!(outcome.applied(), "{outcome:?}");
+    let shown = json_of(&ops("GET", s.ops_addr, "/admin/config", None).await.1);
+    assert_eq!(
+        shown["routes"]["rules"][4]["name"], "docs",
+        "the reloaded rules"
+    );
+    assert_eq!(
+        shown["server"]["drain_timeout"], "20s",
+        "a restart-only key shows the value that runs"
+    );
+    s.stop().await.unwrap();
+}

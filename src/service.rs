@@ -266,4 +266,91 @@ mod tests {
             "the next check is decided by admins-only"
         );
     }
+
+    /// Everything written to it, shared with the test.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn get(path: &str) -> Request<CheckRequest> {
+        let mut r = get_docs();
+        let http = r.get_mut().attributes.as_mut().unwrap();
+        let http = http.request.as_mut().unwrap().http.as_mut().unwrap();
+        http.path = path.into();
+        http.headers.clear();
+        r
+    }
+
+    /// The decision id of an answer's dynamic metadata.
+    fn decision_id(r: &CheckResponse) -> String {
+        match &r.dynamic_metadata.as_ref().unwrap().fields["decision_id"].kind {
+            Some(prost_types::value::Kind::StringValue(s)) => s.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn under_log_decisions_deny_only_denies_get_a_line_and_it_names_the_answers_id() {
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(move || writer.clone())
+            .finish();
+        // This thread runs the whole test (current_thread runtime).
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let cfg = Config::from_yaml(
+            "jwt: { jwks_file: k }\nlog: { decisions: deny }\nroutes: { rules: [ { name: docs, path: /docs, public: true } ] }\n",
+            std::path::Path::new("/"),
+            &std::collections::BTreeMap::new(),
+        )
+        .unwrap();
+        let backends = Backends {
+            keys: None,
+            api_keys: None,
+            checker: None,
+            openfga_stats: Arc::new(OnceLock::new()),
+            model_gate: Default::default(),
+            cache_ttls: Default::default(),
+            clock: crate::clock::system_clock(),
+        };
+        let policy = crate::state::policy(&cfg, &backends).unwrap();
+        let service = CheckService::new(Arc::new(State::new(policy, backends)), Metrics::new())
+            .with_decision_log(DecisionLog::new(&cfg.log));
+
+        let allowed = Authorization::check(&service, get("/docs"))
+            .await
+            .unwrap()
+            .into_inner();
+        let denied = Authorization::check(&service, get("/elsewhere"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            allowed.status.as_ref().unwrap().code,
+            tonic::Code::Ok as i32
+        );
+        assert_ne!(decision_id(&allowed), decision_id(&denied));
+
+        let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|v: &serde_json::Value| v["message"] == "check")
+            .collect();
+        assert_eq!(lines.len(), 1, "one line, the deny's:\n{text}");
+        assert_eq!(lines[0]["decision"], "deny");
+        assert_eq!(lines[0]["decision_id"], decision_id(&denied).as_str());
+        assert_eq!(lines[0]["host"], "app");
+    }
 }

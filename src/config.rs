@@ -111,6 +111,17 @@ pub struct RawServer {
     pub reflection: Option<bool>,
     #[serde(default, with = "humantime_serde")]
     pub reload_interval: Option<Duration>,
+    /// The admin endpoints on the ops listener (`/admin/...`).
+    #[serde(default)]
+    pub admin: RawAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub enabled: Option<bool>,
+    /// Answer peers that are not this host's loopback (`127.0.0.1`, `::1`).
+    pub allow_remote: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -118,6 +129,10 @@ pub struct RawServer {
 pub struct RawLog {
     pub level: Option<String>,
     pub format: Option<String>,
+    /// Which decisions get a log line: `all`, `deny` or `none`.
+    pub decisions: Option<String>,
+    /// The fraction of allows logged (0..1); denies are always logged unless `none`.
+    pub allow_sample: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -373,6 +388,8 @@ pub struct Config {
     /// How often the config file's content hash is compared with the running one (a change
     /// reloads); zero: the file is not watched, SIGHUP still reloads.
     pub reload_interval: Duration,
+    /// The admin endpoints on the ops listener (`server.admin`).
+    pub admin: AdminConfig,
     pub log: LogConfig,
     pub jwt: JwtConfig,
     pub api_keys: Option<ApiKeysConfig>,
@@ -391,7 +408,64 @@ pub struct Config {
 pub struct LogConfig {
     /// A tracing `EnvFilter` directive (`info`, `debug`, `authz_sidecar=debug`).
     pub filter: String,
+    /// JSON lines; when neither `LOG_FORMAT` nor `log.format` says, JSON unless stdout is a
+    /// terminal (a collector reads JSON, a person reads text).
     pub json: bool,
+    /// Which decisions get a log line (`log.decisions`).
+    pub decisions: DecisionLogMode,
+    /// The fraction of allows logged, `0.0..=1.0` (`log.allow_sample`).
+    pub allow_sample: f64,
+}
+
+/// `log.decisions`: which checks get a decision line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DecisionLogMode {
+    /// Every deny, and the sampled fraction of allows.
+    #[default]
+    All,
+    /// Denies only.
+    Deny,
+    /// No decision lines (metrics still count every check).
+    None,
+}
+
+impl DecisionLogMode {
+    pub const NAMES: &'static str = "all, deny or none";
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "all" => Some(Self::All),
+            "deny" => Some(Self::Deny),
+            "none" => Some(Self::None),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Deny => "deny",
+            Self::None => "none",
+        }
+    }
+}
+
+/// `server.admin`: the operator endpoints on the ops listener. The listener itself must stay
+/// reachable for probes and Prometheus, so the admin routes check the peer themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    /// Answer peers other than this host's loopback (`127.0.0.1`, `::1`).
+    pub allow_remote: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            allow_remote: false,
+        }
+    }
 }
 
 /// Where signing keys come from, in precedence order.
@@ -749,18 +823,46 @@ impl Config {
         })?;
         let format = env_any(env, &["LOG_FORMAT"])
             .map(|(_, v)| v)
-            .or(raw.log.format)
-            .unwrap_or_else(|| "text".into());
-        let json = match format.as_str() {
-            "json" => true,
-            "text" => false,
-            other => {
+            .or(raw.log.format);
+        let json = match format.as_deref() {
+            // Unset: JSON for a collector, text for a person at a terminal.
+            None => !std::io::IsTerminal::is_terminal(&std::io::stdout()),
+            Some("json") => true,
+            Some("text") => false,
+            Some(other) => {
                 return Err(ConfigError::invalid(
                     "log.format (LOG_FORMAT)",
                     format!("{other:?}: want text or json"),
                 ));
             }
         };
+        let decisions = match env_any(env, &["LOG_DECISIONS"])
+            .map(|(_, v)| v)
+            .or(raw.log.decisions)
+        {
+            None => DecisionLogMode::default(),
+            Some(name) => DecisionLogMode::parse(name.trim()).ok_or_else(|| {
+                ConfigError::invalid(
+                    "log.decisions (LOG_DECISIONS)",
+                    format!("{name:?}: want {}", DecisionLogMode::NAMES),
+                )
+            })?,
+        };
+        let allow_sample = match env_any(env, &["LOG_ALLOW_SAMPLE"]) {
+            Some((_, v)) => v.parse::<f64>().map_err(|_| {
+                ConfigError::invalid(
+                    "log.allow_sample (LOG_ALLOW_SAMPLE)",
+                    format!("{v:?} is not a number from 0 to 1"),
+                )
+            })?,
+            None => raw.log.allow_sample.unwrap_or(1.0),
+        };
+        if !(0.0..=1.0).contains(&allow_sample) {
+            return Err(ConfigError::invalid(
+                "log.allow_sample (LOG_ALLOW_SAMPLE)",
+                format!("{allow_sample} is not a fraction from 0 to 1 (1: every allow, 0: none)"),
+            ));
+        }
 
         let jwt = resolve_jwt(raw.jwt, env, &rel)?;
 
@@ -983,7 +1085,16 @@ impl Config {
             shutdown_delay,
             reflection: raw.server.reflection.unwrap_or(false),
             reload_interval,
-            log: LogConfig { filter, json },
+            admin: AdminConfig {
+                enabled: raw.server.admin.enabled.unwrap_or(true),
+                allow_remote: raw.server.admin.allow_remote.unwrap_or(false),
+            },
+            log: LogConfig {
+                filter,
+                json,
+                decisions,
+                allow_sample,
+            },
             jwt,
             api_keys,
             api_key_exchange,
@@ -1218,6 +1329,209 @@ fn resolve_openfga(
         breaker_failures: raw.breaker_failures.unwrap_or(DEFAULT_BREAKER_FAILURES),
         breaker_open_for: raw.breaker_open_for.unwrap_or(DEFAULT_BREAKER_OPEN_FOR),
     }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The effective config as an operator may see it (`GET /admin/config`).
+// ---------------------------------------------------------------------------------------------
+
+/// What a secret shows as: whether it is set, never its value.
+pub const REDACTED: &str = "<redacted>";
+
+/// A URL without what may carry a credential: userinfo (`http://user:pass@host`), query and
+/// fragment (`?token=...`) become `redacted` (plain, so it needs no percent-encoding).
+fn redact_url(url: &str) -> String {
+    let Ok(mut parsed) = reqwest::Url::parse(url) else {
+        // Validated at resolve time; never echo something that did not parse.
+        return REDACTED.into();
+    };
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        let _ = parsed.set_username("redacted");
+        let _ = parsed.set_password(None);
+    }
+    if parsed.query().is_some() {
+        parsed.set_query(Some("redacted"));
+    }
+    if parsed.fragment().is_some() {
+        parsed.set_fragment(Some("redacted"));
+    }
+    parsed.to_string().trim_end_matches('/').to_string()
+}
+
+fn secret(value: &Option<String>) -> serde_json::Value {
+    match value {
+        Some(_) => REDACTED.into(),
+        None => serde_json::Value::Null,
+    }
+}
+
+/// A rule predicate with the value a header is compared with hidden (`header:authorization
+/// == Bearer ...` would hold a credential); body and query predicates are shown as written.
+fn redact_predicate(p: &str) -> String {
+    for op in [" == ", " != "] {
+        if let Some((left, _)) = p.split_once(op)
+            && left.trim_start().starts_with("header:")
+        {
+            return format!("{left}{op}{REDACTED}");
+        }
+    }
+    p.to_string()
+}
+
+fn secs(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+impl Config {
+    /// The effective config as JSON for operators, built field by field from an allowlist:
+    /// a field appears only because it is written out here, so a secret added to the config
+    /// later stays out until someone decides it is safe. Secrets (the OpenFGA API token, the
+    /// API-key lookup secret) show as [`REDACTED`] when set; URLs lose userinfo and query;
+    /// values compared with headers in rule predicates are hidden. API-key records (hashes)
+    /// live in their own file and are never read here.
+    pub fn redacted(&self) -> serde_json::Value {
+        use serde_json::json;
+        let jwt = &self.jwt;
+        let source = match &jwt.source {
+            KeySourceConfig::JwksUrl(u) => json!({"jwks_url": redact_url(u)}),
+            KeySourceConfig::Discovery { base_url, realm } => {
+                json!({"keycloak_url": redact_url(base_url), "keycloak_realm": realm})
+            }
+            KeySourceConfig::File(p) => json!({"jwks_file": p.display().to_string()}),
+            KeySourceConfig::None => serde_json::Value::Null,
+        };
+        let rules: Vec<_> = self
+            .routes
+            .rules
+            .iter()
+            .map(|r| {
+                let check = r.check.as_ref().map(|c| {
+                    let relations = |list: &[RelationCheckConfig]| -> Vec<serde_json::Value> {
+                        list.iter()
+                            .map(|rc| json!({"relation": rc.relation, "object": rc.object, "user": rc.user}))
+                            .collect()
+                    };
+                    json!({
+                        "all": relations(&c.all),
+                        "any": relations(&c.any),
+                        "consistency": c.consistency.map(Consistency::as_str),
+                        "on_backend_error": match c.on_backend_error {
+                            OnBackendError::Deny => "deny",
+                            OnBackendError::Allow => "allow",
+                        },
+                    })
+                });
+                json!({
+                    "name": r.name,
+                    "hosts": r.hosts,
+                    "path": r.path,
+                    "methods": r.methods,
+                    "when": r.when.iter().map(|p| redact_predicate(p)).collect::<Vec<_>>(),
+                    "public": r.public,
+                    "roles": r.roles,
+                    "roles_match": match r.roles_match { Match::Any => "any", Match::All => "all" },
+                    "scopes": r.scopes,
+                    "check": check,
+                })
+            })
+            .collect();
+        let openfga = self.openfga.as_ref().map(|f| {
+            let (store_id, store_name) = match &f.store {
+                StoreRef::Id(id) => (Some(id.as_str()), None),
+                StoreRef::Name(n) => (None, Some(n.as_str())),
+            };
+            json!({
+                "api_url": redact_url(&f.api_url),
+                "store_id": store_id,
+                "store_name": store_name,
+                "model_id": f.model_id,
+                "api_token": secret(&f.api_token),
+                "timeout": secs(f.timeout),
+                "consistency": f.consistency.as_str(),
+                "max_batch_size": f.max_batch_size,
+                "changelog_interval": secs(f.changelog_interval),
+                "contextual_tuples": f.contextual_tuples.iter().map(|t| json!({
+                    "from": match t.from { ClaimSet::Roles => "roles", ClaimSet::Groups => "groups" },
+                    "relation": t.relation,
+                    "object": t.object,
+                })).collect::<Vec<_>>(),
+                "breaker_failures": f.breaker_failures,
+                "breaker_open_for": secs(f.breaker_open_for),
+            })
+        });
+        json!({
+            "server": {
+                "grpc_addr": self.grpc_addr.to_string(),
+                "ops_addr": self.ops_addr.map(|a| a.to_string()),
+                "drain_timeout": secs(self.drain_timeout),
+                "shutdown_delay": secs(self.shutdown_delay),
+                "reflection": self.reflection,
+                "reload_interval": secs(self.reload_interval),
+                "admin": {"enabled": self.admin.enabled, "allow_remote": self.admin.allow_remote},
+            },
+            "log": {
+                "level": self.log.filter,
+                "format": if self.log.json { "json" } else { "text" },
+                "decisions": self.log.decisions.as_str(),
+                "allow_sample": self.log.allow_sample,
+            },
+            "jwt": {
+                "source": source,
+                "source_from": jwt.source_from,
+                "issuer": jwt.issuer,
+                "audience": jwt.audience,
+                "client_id": jwt.client_id,
+                "realm": jwt.realm,
+                "algorithms": jwt.algorithms.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>(),
+                "leeway": secs(jwt.leeway),
+                "required_claims": jwt.required_claims,
+                "require_typ": jwt.require_typ,
+                "refresh_interval": secs(jwt.refresh_interval),
+                "refresh_cooldown": secs(jwt.refresh_cooldown),
+                "fetch_timeout": secs(jwt.fetch_timeout),
+                "token_cache_size": jwt.token_cache_size,
+            },
+            "api_keys": {
+                "file": self.api_keys.as_ref().map(|k| k.file.display().to_string()),
+                "header": self.api_key_header.name,
+                "forward_to_app": self.api_key_header.forward_to_app,
+                "reload_interval": self.api_keys.as_ref().map(|k| secs(k.reload_interval)),
+                "bcrypt_concurrency": self.api_keys.as_ref().map(|k| k.bcrypt_concurrency),
+                "lookup_secret": secret(&self.api_keys.as_ref().and_then(|k| k.lookup_secret.clone())),
+                "exchange_url": self.api_key_exchange.as_ref().map(|x| redact_url(&x.url)),
+                "exchange_timeout": self.api_key_exchange.as_ref().map(|x| secs(x.timeout)),
+                "exchange_cache_ttl": self.api_key_exchange.as_ref().map(|x| secs(x.cache_ttl)),
+            },
+            "principals": {
+                "require_listed": self.principals.require_listed,
+                "service_principals": self.principals.service_principals.iter().map(|p| json!({
+                    "id": p.id, "enabled": p.enabled, "scopes": p.scopes,
+                })).collect::<Vec<_>>(),
+            },
+            "cors": {
+                "allowed_origins": self.cors.allowed_origins,
+                "allowed_methods": self.cors.allowed_methods,
+                "allowed_headers": self.cors.allowed_headers,
+                "max_age": self.cors.max_age,
+            },
+            "routes": {
+                "unmatched": match self.routes.unmatched {
+                    Unmatched::Deny => "deny",
+                    Unmatched::Authenticated => "authenticated",
+                    Unmatched::Allow => "allow",
+                },
+                "rules": rules,
+            },
+            "openfga": openfga,
+            "cache": {
+                "enabled": self.cache.enabled,
+                "allowed_ttl": secs(self.cache.allowed_ttl),
+                "denied_ttl": secs(self.cache.denied_ttl),
+                "max_entries": self.cache.max_entries,
+            },
+            "request": {"path_policy": self.request.path_policy.as_str()},
+        })
+    }
 }
 
 /// For unit tests above this layer: the OpenFGA settings of a config whose OpenFGA is at a
@@ -1514,5 +1828,168 @@ mod tests {
     fn unix_socket_address() {
         let c = load(MIN, &[("AUTHZ_GRPC_ADDR", "unix:/run/authz.sock")]).unwrap();
         assert_eq!(c.grpc_addr, ListenAddr::Unix("/run/authz.sock".into()));
+    }
+
+    #[test]
+    fn decision_log_settings_default_to_every_decision_and_name_their_key_when_wrong() {
+        let c = load(MIN, &[]).unwrap();
+        assert_eq!(
+            (c.log.decisions, c.log.allow_sample),
+            (DecisionLogMode::All, 1.0)
+        );
+        let c = load(
+            "jwt: { jwks_file: k }\nlog: { decisions: deny, allow_sample: 0.25 }\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.log.decisions, c.log.allow_sample),
+            (DecisionLogMode::Deny, 0.25)
+        );
+        let c = load(
+            "jwt: { jwks_file: k }\nlog: { decisions: deny, allow_sample: 0.25 }\n",
+            &[("LOG_DECISIONS", "none"), ("LOG_ALLOW_SAMPLE", "0.5")],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.log.decisions, c.log.allow_sample),
+            (DecisionLogMode::None, 0.5),
+            "the variables win over the file, as LOG_LEVEL and LOG_FORMAT do"
+        );
+        for (yaml, vars, names) in [
+            (
+                "log: { decisions: some }",
+                &[][..],
+                "log.decisions (LOG_DECISIONS)",
+            ),
+            (
+                "",
+                &[("LOG_DECISIONS", "allows")][..],
+                "log.decisions (LOG_DECISIONS)",
+            ),
+            (
+                "log: { allow_sample: 1.5 }",
+                &[][..],
+                "log.allow_sample (LOG_ALLOW_SAMPLE)",
+            ),
+            (
+                "log: { allow_sample: -0.1 }",
+                &[][..],
+                "log.allow_sample (LOG_ALLOW_SAMPLE)",
+            ),
+            (
+                "",
+                &[("LOG_ALLOW_SAMPLE", "half")][..],
+                "log.allow_sample (LOG_ALLOW_SAMPLE)",
+            ),
+            (
+                "",
+                &[("LOG_ALLOW_SAMPLE", "NaN")][..],
+                "log.allow_sample (LOG_ALLOW_SAMPLE)",
+            ),
+        ] {
+            let err = load(&format!("{MIN}{yaml}\n"), vars)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(names), "{yaml} {vars:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_log_format_the_operator_names_wins_over_the_terminal_guess() {
+        let json = load("jwt: { jwks_file: k }\nlog: { format: json }\n", &[]).unwrap();
+        assert!(json.log.json);
+        let text = load(
+            "jwt: { jwks_file: k }\nlog: { format: json }\n",
+            &[("LOG_FORMAT", "text")],
+        )
+        .unwrap();
+        assert!(!text.log.json);
+        // Unset: JSON unless stdout is a terminal (under the test runner it is not).
+        let guessed = load(MIN, &[]).unwrap();
+        assert_eq!(
+            guessed.log.json,
+            !std::io::IsTerminal::is_terminal(&std::io::stdout())
+        );
+    }
+
+    #[test]
+    fn admin_endpoints_are_on_for_loopback_peers_unless_the_config_says_otherwise() {
+        assert_eq!(
+            load(MIN, &[]).unwrap().admin,
+            AdminConfig {
+                enabled: true,
+                allow_remote: false
+            }
+        );
+        let c = load(
+            "jwt: { jwks_file: k }\nserver: { admin: { enabled: false, allow_remote: true } }\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.admin,
+            AdminConfig {
+                enabled: false,
+                allow_remote: true
+            }
+        );
+        let err = load(
+            "jwt: { jwks_file: k }\nserver: { admin: { remote: true } }\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("remote"), "{err}");
+    }
+
+    #[test]
+    fn the_redacted_config_shows_no_secret_and_every_setting() {
+        let yaml = r#"
+jwt: { jwks_url: "https://kc-user:kc-pass-SECRET@kc.example/certs?access_token=url-token-SECRET" }
+api_keys:
+  file: keys.yaml
+  lookup_secret: lookup-SECRET-value
+  exchange_url: "http://svc:exchange-pass-SECRET@app:8000/validate?key=exchange-query-SECRET"
+openfga:
+  api_url: "http://fga-user:fga-pass-SECRET@openfga:8080"
+  store_id: 01STORE
+  api_token: fga-api-token-SECRET
+routes:
+  rules:
+    - name: internal
+      path: /internal
+      when: ["header:x-internal-auth == header-value-SECRET", "body:/method == tools/call"]
+      roles: [admin]
+"#;
+        let c = load(yaml, &[]).unwrap();
+        let shown = c.redacted();
+        let text = shown.to_string();
+        assert!(!text.contains("SECRET"), "a secret is shown: {text}");
+        assert_eq!(shown["openfga"]["api_token"], REDACTED);
+        assert_eq!(shown["api_keys"]["lookup_secret"], REDACTED);
+        assert_eq!(shown["openfga"]["api_url"], "http://redacted@openfga:8080");
+        assert_eq!(shown["openfga"]["store_id"], "01STORE");
+        assert_eq!(
+            shown["jwt"]["source"]["jwks_url"],
+            "https://redacted@kc.example/certs?redacted"
+        );
+        assert_eq!(
+            shown["routes"]["rules"][0]["when"],
+            serde_json::json!([
+                "header:x-internal-auth == <redacted>",
+                "body:/method == tools/call"
+            ])
+        );
+        assert_eq!(
+            shown["routes"]["rules"][0]["roles"],
+            serde_json::json!(["admin"])
+        );
+        assert_eq!(shown["api_keys"]["file"], "/etc/authz/keys.yaml");
+        assert_eq!(shown["cache"]["allowed_ttl"], "1m");
+        // Unset secrets read as unset, not as redacted.
+        let plain = load(MIN, &[]).unwrap().redacted();
+        assert!(plain["openfga"].is_null());
+        assert!(plain["api_keys"]["lookup_secret"].is_null());
     }
 }

@@ -152,7 +152,13 @@ const SECTIONS: &[Section] = &[
     },
     Section {
         name: "log",
-        vars: &["LOG_LEVEL", "RUST_LOG", "LOG_FORMAT"],
+        vars: &[
+            "LOG_LEVEL",
+            "RUST_LOG",
+            "LOG_FORMAT",
+            "LOG_DECISIONS",
+            "LOG_ALLOW_SAMPLE",
+        ],
     },
     Section {
         name: "jwt",

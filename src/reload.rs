@@ -381,6 +381,16 @@ pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str>
     );
     changed(&mut keys, "log.level", running.log.filter != new.log.filter);
     changed(&mut keys, "log.format", running.log.json != new.log.json);
+    changed(
+        &mut keys,
+        "log.decisions",
+        running.log.decisions != new.log.decisions,
+    );
+    changed(
+        &mut keys,
+        "log.allow_sample",
+        running.log.allow_sample != new.log.allow_sample,
+    );
 
     let (a, b) = (&running.jwt, &new.jwt);
     changed(&mut keys, key_source_key(&b.source), a.source != b.source);

@@ -290,13 +290,12 @@ pub fn from_proto(req: auth::CheckRequest, policy: PathPolicy) -> Result<CheckIn
         query_raw = http.query.clone();
     }
     let host = canonical_host(&http.host, &headers)?;
-    let request_id = if http.id.is_empty() {
-        headers
-            .first("x-request-id")
-            .map(str::to_string)
-            .unwrap_or_else(new_request_id)
-    } else {
-        http.id
+    // Envoy's `x-request-id` first: it is what Envoy's access log, the app and the client
+    // see. `http.id` is Envoy's internal stream id, which nothing else shows.
+    let request_id = match headers.first("x-request-id") {
+        Some(id) if !id.is_empty() => id.to_string(),
+        _ if !http.id.is_empty() => http.id,
+        _ => new_request_id(),
     };
     let body = if !http.raw_body.is_empty() {
         Some(Bytes::from(http.raw_body))
@@ -804,6 +803,33 @@ mod tests {
                 ..Default::default()
             }),
         }
+    }
+
+    #[test]
+    fn the_request_id_is_envoys_x_request_id_so_the_decision_line_joins_the_access_log() {
+        let mut req = check_request("/x", "h", &[("x-request-id", "6c1f-uuid")]);
+        let http = |r: &mut auth::CheckRequest| {
+            r.attributes
+                .as_mut()
+                .unwrap()
+                .request
+                .as_mut()
+                .unwrap()
+                .http
+                .as_mut()
+                .unwrap()
+                .id = "1074468394509502465".into();
+        };
+        http(&mut req);
+        let input = from_proto(req, PathPolicy::Strict).unwrap();
+        assert_eq!(input.request_id, "6c1f-uuid");
+        let mut no_header = check_request("/x", "h", &[]);
+        http(&mut no_header);
+        let input = from_proto(no_header, PathPolicy::Strict).unwrap();
+        assert_eq!(
+            input.request_id, "1074468394509502465",
+            "the stream id, failing the header"
+        );
     }
 
     #[test]

@@ -5,6 +5,12 @@
 //! `x-auth-*`, and the API-key headers removed, so the secret never reaches the app (unless
 //! `api_keys.forward_to_app`). Deny: the HTTP status, `WWW-Authenticate`, and a JSON body
 //! saying why.
+//!
+//! Every answer of a logged check (allow, deny, local reply) carries the check's decision id
+//! as dynamic metadata (`decision_id`, `decision`, `rule`, `subject` when known), which Envoy
+//! files under `envoy.filters.http.ext_authz` for its access log; a deny's body carries it
+//! too. Invariant: the metadata holds ids only, never a token, key or client text beyond the
+//! rule name and the principal's subject.
 
 use crate::decision::{Allow, Decision, Deny};
 use crate::proto::pb::envoy::config::core::v3::{
@@ -55,15 +61,58 @@ fn clean(v: &str) -> String {
 }
 
 /// `strip`: request headers to remove on allow besides the identity headers we do not set
-/// (the credential headers, [`crate::authn::api_key_headers_to_strip`]).
+/// (the credential headers, [`crate::authn::api_key_headers_to_strip`]). No decision id: for
+/// answers that are shown, not served (no decision line names them).
 pub fn to_proto(decision: &Decision, request_id: &str, strip: &[String]) -> CheckResponse {
-    match decision {
+    to_proto_with_id(decision, request_id, "", strip)
+}
+
+/// [`to_proto`] for a served check: `decision_id` goes into the dynamic metadata and the
+/// deny body (nothing is added when it is empty).
+pub fn to_proto_with_id(
+    decision: &Decision,
+    request_id: &str,
+    decision_id: &str,
+    strip: &[String],
+) -> CheckResponse {
+    let mut response = match decision {
         Decision::Allow(a) => match a.local_reply {
             Some(status) => local_reply(status, &a.response_headers, request_id),
             None => allow(a, strip),
         },
-        Decision::Deny(d) => deny(d, request_id),
+        Decision::Deny(d) => deny(d, request_id, decision_id),
+    };
+    if !decision_id.is_empty() {
+        response.dynamic_metadata = Some(dynamic_metadata(decision, decision_id));
     }
+    response
+}
+
+/// What Envoy keeps of the decision for its access log and later filters.
+fn dynamic_metadata(decision: &Decision, decision_id: &str) -> prost_types::Struct {
+    use prost_types::value::Kind;
+    let (verdict, rule, principal) = match decision {
+        Decision::Allow(a) => ("allow", Some(a.rule.as_str()), a.principal.as_ref()),
+        Decision::Deny(d) => ("deny", d.rule.as_deref(), d.principal.as_ref()),
+    };
+    let mut fields = std::collections::BTreeMap::new();
+    let mut put = |k: &str, v: &str| {
+        fields.insert(
+            k.to_string(),
+            prost_types::Value {
+                kind: Some(Kind::StringValue(v.to_string())),
+            },
+        );
+    };
+    put("decision_id", decision_id);
+    put("decision", verdict);
+    if let Some(rule) = rule {
+        put("rule", rule);
+    }
+    if let Some(p) = principal {
+        put("subject", &clean(&p.subject));
+    }
+    prost_types::Struct { fields }
 }
 
 fn allow(a: &Allow, strip: &[String]) -> CheckResponse {
@@ -143,18 +192,21 @@ fn local_reply(status: u16, headers: &[(String, String)], request_id: &str) -> C
     }
 }
 
-/// The JSON body of a deny.
-pub fn deny_body(d: &Deny, request_id: &str) -> String {
-    serde_json::json!({
+/// The JSON body of a deny; `decision_id` joins it to the decision line (left out when empty).
+pub fn deny_body(d: &Deny, request_id: &str, decision_id: &str) -> String {
+    let mut body = serde_json::json!({
         "error": d.error,
         "reason": d.reason,
         "status": d.http_status,
         "request_id": request_id,
-    })
-    .to_string()
+    });
+    if !decision_id.is_empty() {
+        body["decision_id"] = decision_id.into();
+    }
+    body.to_string()
 }
 
-fn deny(d: &Deny, request_id: &str) -> CheckResponse {
+fn deny(d: &Deny, request_id: &str, decision_id: &str) -> CheckResponse {
     let mut headers = vec![header("content-type", "application/json")];
     if let Some(c) = &d.www_authenticate {
         headers.push(header("www-authenticate", c));
@@ -174,7 +226,7 @@ fn deny(d: &Deny, request_id: &str) -> CheckResponse {
                 code: i32::from(d.http_status),
             }),
             headers,
-            body: deny_body(d, request_id),
+            body: deny_body(d, request_id, decision_id),
         })),
         ..Default::default()
     }
@@ -228,5 +280,87 @@ mod tests {
             // Identity headers still: set ones overwritten, the others removed.
             assert!(removed.contains(&H_FAILED_OPEN.to_string()));
         }
+    }
+
+    fn metadata(r: &CheckResponse) -> std::collections::BTreeMap<String, String> {
+        use prost_types::value::Kind;
+        r.dynamic_metadata
+            .as_ref()
+            .map(|m| {
+                m.fields
+                    .iter()
+                    .map(|(k, v)| match &v.kind {
+                        Some(Kind::StringValue(s)) => (k.clone(), s.clone()),
+                        other => panic!("{k} is not a string: {other:?}"),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn every_answer_carries_its_decision_id_as_metadata_and_a_deny_in_its_body() {
+        let mut alice = crate::authn::Principal::new(
+            crate::authn::PrincipalKind::User,
+            "alice",
+            crate::authn::AuthMethod::Jwt,
+        );
+        alice.key_id = "dev-local-1".into();
+        let allow = Allow {
+            principal: Some(alice.clone()),
+            rule: "api".into(),
+            failed_open: None,
+            response_headers: Vec::new(),
+            relations: Vec::new(),
+            local_reply: None,
+        };
+        let r = to_proto_with_id(
+            &Decision::Allow(allow.clone()),
+            "rid",
+            "00c0ffee00c0ffee",
+            &[],
+        );
+        let m = metadata(&r);
+        assert_eq!(m["decision_id"], "00c0ffee00c0ffee");
+        assert_eq!(m["decision"], "allow");
+        assert_eq!(m["rule"], "api");
+        assert_eq!(m["subject"], "user:alice");
+        assert_eq!(m.len(), 4, "ids only: {m:?}");
+
+        let preflight = Allow {
+            principal: None,
+            local_reply: Some(204),
+            ..allow
+        };
+        let m = metadata(&to_proto_with_id(
+            &Decision::Allow(preflight),
+            "rid",
+            "0a",
+            &[],
+        ));
+        assert_eq!((m["decision_id"].as_str(), m.get("subject")), ("0a", None));
+
+        let refused = crate::decision::Failure::CorsOrigin("https://evil.example".into());
+        let deny = crate::decision::deny_for(&refused, "realm");
+        let r = to_proto_with_id(&Decision::Deny(deny), "rid", "0b", &[]);
+        let m = metadata(&r);
+        assert_eq!(
+            (m["decision_id"].as_str(), m["decision"].as_str()),
+            ("0b", "deny")
+        );
+        let Some(HttpResponse::DeniedResponse(denied)) = &r.http_response else {
+            panic!("a deny is a denied response");
+        };
+        let body: serde_json::Value = serde_json::from_str(&denied.body).unwrap();
+        assert_eq!(body["decision_id"], "0b");
+        assert_eq!(body["request_id"], "rid");
+
+        // An answer that is only shown carries no id.
+        let shown = to_proto(
+            &Decision::Deny(crate::decision::deny_for(&refused, "r")),
+            "rid",
+            &[],
+        );
+        assert!(shown.dynamic_metadata.is_none());
     }
 }

@@ -209,10 +209,10 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
         .add_optional_service(reflection)
-        .add_service(AuthorizationServer::new(CheckService::new(
-            state.clone(),
-            metrics.clone(),
-        )));
+        .add_service(AuthorizationServer::new(
+            CheckService::new(state.clone(), metrics.clone())
+                .with_decision_log(crate::telemetry::DecisionLog::new(&config.log)),
+        ));
     let signal = {
         let t = grpc_shutdown.clone();
         async move { t.cancelled().await }

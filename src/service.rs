@@ -2,6 +2,10 @@
 //! ([`crate::request`]), runs [`crate::pipeline::check`], logs one decision line, records
 //! metrics and converts the answer ([`crate::response`]). A policy deny is an `Ok` answer;
 //! `Err(Status)` only for a request that is not an HTTP check at all.
+//!
+//! Each check gets a [`DecisionId`]: in its decision line (when `log.decisions` and
+//! `log.allow_sample` keep it), its deny body and the dynamic metadata Envoy logs, so one id
+//! joins the three.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,29 +20,43 @@ use crate::proto::pb::envoy::service::auth::v3::{
 use crate::request::{self, RequestError};
 use crate::response;
 use crate::state::State;
-use crate::telemetry::Metrics;
+use crate::telemetry::{DecisionId, DecisionLog, Metrics};
 
 pub struct CheckService {
     state: Arc<State>,
     metrics: Arc<Metrics>,
+    log: DecisionLog,
 }
 
 impl CheckService {
+    /// Logs every decision; see [`CheckService::with_decision_log`].
     pub fn new(state: Arc<State>, metrics: Arc<Metrics>) -> Self {
-        Self { state, metrics }
+        Self {
+            state,
+            metrics,
+            log: DecisionLog::default(),
+        }
+    }
+
+    /// Which decisions get a line (`log.decisions`, `log.allow_sample`).
+    pub fn with_decision_log(mut self, log: DecisionLog) -> Self {
+        self.log = log;
+        self
     }
 }
 
-/// The one decision line per check. Never a token or key: ids and hashes only. Path, request
-/// id, reason and the rest are the client's text: the text log's field formatter
+/// The one decision line per check. Never a token or key: ids and hashes only. Path, host,
+/// request id, reason and the rest are the client's text: the text log's field formatter
 /// ([`crate::telemetry::LogFields`]) escapes them, so none can start a line of its own.
-fn log_decision(input: &request::CheckInput, d: &Decision, micros: u128) {
+fn log_decision(input: &request::CheckInput, d: &Decision, id: DecisionId, micros: u128) {
     match d {
         Decision::Allow(a) => {
             let p = a.principal.as_ref();
             tracing::info!(
                 decision = "allow",
+                decision_id = %id,
                 request_id = %input.request_id,
+                host = %input.host,
                 method = %input.method,
                 path = %input.path,
                 rule = %a.rule,
@@ -56,7 +74,9 @@ fn log_decision(input: &request::CheckInput, d: &Decision, micros: u128) {
             let p = d.principal.as_ref();
             tracing::info!(
                 decision = "deny",
+                decision_id = %id,
                 request_id = %input.request_id,
+                host = %input.host,
                 method = %input.method,
                 path = %input.path,
                 rule = d.rule.as_deref().unwrap_or("-"),
@@ -79,6 +99,7 @@ impl Authorization for CheckService {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let start = Instant::now();
+        let id = DecisionId::new();
         // The policy this check decides on, to the end, whatever a reload swaps in meanwhile.
         let policy = self.state.policy();
         let input = match request::from_proto(request.into_inner(), policy.path_policy) {
@@ -95,11 +116,14 @@ impl Authorization for CheckService {
                     request_id: request_id.clone(),
                     ..Default::default()
                 };
-                log_decision(&input, &decision, start.elapsed().as_micros());
+                if self.log.logs(false, id) {
+                    log_decision(&input, &decision, id, start.elapsed().as_micros());
+                }
                 self.metrics.record(&policy, &decision, start.elapsed());
-                return Ok(Response::new(response::to_proto(
+                return Ok(Response::new(response::to_proto_with_id(
                     &decision,
                     &request_id,
+                    &id.to_string(),
                     &policy.authn.strip_from_upstream,
                 )));
             }
@@ -107,11 +131,14 @@ impl Authorization for CheckService {
         tracing::debug!(request_id = %input.request_id, method = %input.method, path = %input.path, host = %input.host, peer = ?input.peer, "check received");
         let decision = pipeline::check(&policy, &input).await;
         let elapsed = start.elapsed();
-        log_decision(&input, &decision, elapsed.as_micros());
+        if self.log.logs(decision.is_allow(), id) {
+            log_decision(&input, &decision, id, elapsed.as_micros());
+        }
         self.metrics.record(&policy, &decision, elapsed);
-        Ok(Response::new(response::to_proto(
+        Ok(Response::new(response::to_proto_with_id(
             &decision,
             &input.request_id,
+            &id.to_string(),
             &policy.authn.strip_from_upstream,
         )))
     }
@@ -229,5 +256,93 @@ mod tests {
             tonic::Code::PermissionDenied as i32,
             "the next check is decided by admins-only"
         );
+    }
+
+    /// Everything written to it, shared with the test.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn get(path: &str) -> Request<CheckRequest> {
+        let mut r = get_docs();
+        let http = r.get_mut().attributes.as_mut().unwrap();
+        let http = http.request.as_mut().unwrap().http.as_mut().unwrap();
+        http.path = path.into();
+        http.headers.clear();
+        r
+    }
+
+    /// The decision id of an answer's dynamic metadata.
+    fn decision_id(r: &CheckResponse) -> String {
+        match &r.dynamic_metadata.as_ref().unwrap().fields["decision_id"].kind {
+            Some(prost_types::value::Kind::StringValue(s)) => s.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn under_log_decisions_deny_only_denies_get_a_line_and_it_names_the_answers_id() {
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(move || writer.clone())
+            .finish();
+        // This thread runs the whole test (current_thread runtime).
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let cfg = Config::from_yaml(
+            "jwt: { jwks_file: k }\nlog: { decisions: deny }\nroutes: { rules: [ { name: docs, path: /docs, public: true } ] }\n",
+            std::path::Path::new("/"),
+            &std::collections::BTreeMap::new(),
+        )
+        .unwrap();
+        let backends = Backends {
+            keys: None,
+            api_keys: None,
+            checker: None,
+            openfga: Arc::new(OnceLock::new()),
+            openfga_requests: Default::default(),
+            model_gate: Default::default(),
+            cache_ttls: Default::default(),
+            clock: crate::clock::system_clock(),
+        };
+        let policy = crate::state::policy(&cfg, &backends).unwrap();
+        let service = CheckService::new(Arc::new(State::new(policy, backends)), Metrics::new())
+            .with_decision_log(DecisionLog::new(&cfg.log));
+
+        let allowed = Authorization::check(&service, get("/docs"))
+            .await
+            .unwrap()
+            .into_inner();
+        let denied = Authorization::check(&service, get("/elsewhere"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            allowed.status.as_ref().unwrap().code,
+            tonic::Code::Ok as i32
+        );
+        assert_ne!(decision_id(&allowed), decision_id(&denied));
+
+        let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|v: &serde_json::Value| v["message"] == "check")
+            .collect();
+        assert_eq!(lines.len(), 1, "one line, the deny's:\n{text}");
+        assert_eq!(lines[0]["decision"], "deny");
+        assert_eq!(lines[0]["decision_id"], decision_id(&denied).as_str());
+        assert_eq!(lines[0]["host"], "app");
     }
 }

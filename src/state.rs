@@ -22,7 +22,7 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio_util::sync::CancellationToken;
 
 use crate::authn::api_key::{ApiKeyStore, FileApiKeyStore, StoreOptions};
@@ -126,6 +126,11 @@ impl CacheTtls {
         }
     }
 
+    /// The decision cache, once OpenFGA is connected (and the cache enabled).
+    fn cache(&self) -> Option<Arc<DecisionCache>> {
+        self.lock().cache.clone()
+    }
+
     /// The cache, now built: it takes the TTLs of the latest config set here.
     fn attach(&self, cache: Arc<DecisionCache>) {
         let mut slot = self.lock();
@@ -149,6 +154,28 @@ pub enum PolicyError {
 pub struct State {
     policy: ArcSwap<Policy>,
     pub backends: Backends,
+    /// The config the serving policy was built from, with the restart-only values as
+    /// started (for `GET /admin/config`); `None` for a state built without one (tests).
+    config: ArcSwapOption<Config>,
+}
+
+/// What an operator's cache flush dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Flushed {
+    /// Remembered OpenFGA answers.
+    pub decisions: u64,
+    /// Verified bearer tokens.
+    pub tokens: u64,
+}
+
+/// What an operator's key refresh loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeysRefreshed {
+    /// Where the keys came from (`JWKS file ...`, `JWKS https://...`).
+    pub source: String,
+    pub key_ids: Vec<String>,
+    /// Verified tokens dropped, to be verified against the new keys.
+    pub tokens_forgotten: u64,
 }
 
 impl State {
@@ -156,7 +183,61 @@ impl State {
         Self {
             policy: ArcSwap::from_pointee(policy),
             backends,
+            config: ArcSwapOption::empty(),
         }
+    }
+
+    /// The effective config (see [`State::apply`]).
+    pub fn config(&self) -> Option<Arc<Config>> {
+        self.config.load_full()
+    }
+
+    /// Records `config` as the effective one: what the serving policy was built from.
+    pub fn set_config(&self, config: Config) {
+        self.config.store(Some(Arc::new(config)));
+    }
+
+    /// The operator's flush: every remembered OpenFGA answer and every verified token is
+    /// dropped, so the next check asks OpenFGA and verifies its token again. A check in
+    /// flight may store its answer just after; that answer is fresh.
+    pub fn flush_caches(&self) -> Flushed {
+        let decisions = match self.backends.cache_ttls.cache() {
+            Some(cache) => {
+                let n = cache.stats().size;
+                cache.clear();
+                n
+            }
+            None => 0,
+        };
+        let tokens = self
+            .policy()
+            .authn
+            .jwt
+            .as_ref()
+            .map_or(0, |jwt| jwt.forget_tokens() as u64);
+        Flushed { decisions, tokens }
+    }
+
+    /// Fetches the signing keys now (the operator's refresh): the key ids loaded and the
+    /// source, or the error naming the source. On success the verified tokens are forgotten
+    /// too, so a token signed by a key the JWKS no longer holds is refused from now on
+    /// rather than when it expires. After a failure the last good keys keep serving.
+    pub async fn refresh_keys(&self) -> Result<KeysRefreshed, String> {
+        let keys = self.backends.keys.as_ref().ok_or(
+            "no JWT key source is configured (jwt.jwks_url, KEYCLOAK_URL or jwt.jwks_file)",
+        )?;
+        keys.refresh().await.map_err(|e| e.to_string())?;
+        let tokens_forgotten = self
+            .policy()
+            .authn
+            .jwt
+            .as_ref()
+            .map_or(0, |jwt| jwt.forget_tokens() as u64);
+        Ok(KeysRefreshed {
+            source: keys.describe(),
+            key_ids: keys.key_ids(),
+            tokens_forgotten,
+        })
     }
 
     /// The policy a request decides on: load it once at the request's start and keep it.
@@ -191,7 +272,9 @@ impl State {
         self.backends
             .cache_ttls
             .set(config.cache.allowed_ttl, config.cache.denied_ttl);
-        Ok(self.swap_policy(new))
+        let old = self.swap_policy(new);
+        self.set_config(config.clone());
+        Ok(old)
     }
 
     /// What is still missing before every configured backend can answer (empty when ready).
@@ -323,8 +406,10 @@ pub async fn build(
         clock,
     };
     let policy = assemble(config, rules, &backends);
+    let state = State::new(policy, backends);
+    state.set_config(config.clone());
     Ok(Built {
-        state: Arc::new(State::new(policy, backends)),
+        state: Arc::new(state),
         fatal,
     })
 }

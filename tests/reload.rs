@@ -522,6 +522,8 @@ async fn sighup_reloads_the_binary_and_does_not_kill_it() {
         .arg(grpc.to_string())
         .arg("--ops-addr")
         .arg(ops.to_string())
+        // The lines below are read as text (a file is not a terminal: JSON by default).
+        .env("LOG_FORMAT", "text")
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(Stdio::null())
         .spawn()

@@ -106,6 +106,14 @@ impl JwtVerifier {
         self.cache.len()
     }
 
+    /// Forgets every verified token (the operator's cache flush); returns how many. The next
+    /// request with each token verifies its signature and claims again.
+    pub fn forget_tokens(&self) -> usize {
+        let n = self.cache.len();
+        self.cache.clear();
+        n
+    }
+
     /// Verifies `token` and maps its claims to a [`Principal`].
     pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthnError> {
         if token.len() > MAX_TOKEN_BYTES {

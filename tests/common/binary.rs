@@ -25,6 +25,8 @@ const CLEARED: &[&str] = &[
     "RUST_LOG",
     "LOG_LEVEL",
     "LOG_FORMAT",
+    "LOG_DECISIONS",
+    "LOG_ALLOW_SAMPLE",
     "JWT_ISSUER",
     "JWT_AUDIENCE",
     "AUTHZ_RELOAD_INTERVAL",

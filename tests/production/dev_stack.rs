@@ -76,6 +76,15 @@ fn process_exists(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// The lines of `path` that are JSON objects.
+fn json_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
+}
+
 async fn post(url: &str, token: &str) -> (u16, String) {
     let resp = reqwest::Client::new()
         .post(url)
@@ -232,6 +241,93 @@ async fn the_stack_script_allows_and_denies_through_envoy_and_ctrl_c_stops_all_i
             && details.contains(&(200, "\"via_upstream\"".into())),
         "{details:?} in {}",
         std::fs::read_to_string(&access_log).unwrap_or_default()
+    );
+
+    // One decision id joins the three records of a check, allow and deny: the sidecar's
+    // decision line (JSON: its log is not a terminal), the dynamic metadata Envoy logs in its
+    // access log, and, for a deny, the body the client reads.
+    let (code, body) = post(&url, &alice).await;
+    assert_eq!(code, 200, "{body}");
+    let echo: Value = serde_json::from_str(&body).unwrap();
+    let allowed_request = echo["headers"]["x-request-id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (code, body) = post(&url, &bob).await;
+    assert_eq!(code, 403, "{body}");
+    let deny_body: Value = serde_json::from_str(&body).unwrap();
+    let denied_request = deny_body["request_id"].as_str().unwrap().to_string();
+    let denied_id = deny_body["decision_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        denied_id.len(),
+        16,
+        "16 hex digits in the deny body: {body}"
+    );
+    let sidecar_log = stack.dir.path().join("logs/sidecar.log");
+    let mut joined = None;
+    for _ in 0..150 {
+        let access = json_lines(&access_log);
+        let decisions = json_lines(&sidecar_log);
+        let by_request = |lines: &[Value], id: &str| {
+            lines
+                .iter()
+                .find(|v| v["request_id"] == id && v["decision_id"].is_string())
+                .cloned()
+        };
+        if let (Some(aa), Some(ad), Some(sa), Some(sd)) = (
+            by_request(&access, &allowed_request),
+            by_request(&access, &denied_request),
+            by_request(&decisions, &allowed_request),
+            by_request(&decisions, &denied_request),
+        ) {
+            joined = Some((aa, ad, sa, sd));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (access_allow, access_deny, line_allow, line_deny) = joined.unwrap_or_else(|| {
+        panic!(
+            "no access log and decision lines for request ids {allowed_request} and {denied_request}:\n{}\n{}",
+            std::fs::read_to_string(&access_log).unwrap_or_default(),
+            tail_log(&sidecar_log, 20)
+        )
+    });
+    assert_eq!(
+        access_deny["decision_id"],
+        denied_id.as_str(),
+        "{access_deny}"
+    );
+    assert_eq!(line_deny["decision_id"], denied_id.as_str(), "{line_deny}");
+    assert_eq!(line_deny["decision"], "deny");
+    assert_eq!(access_deny["status"], 403);
+    assert_eq!(access_deny["auth_subject"], "user:bob", "{access_deny}");
+    let allowed_id = line_allow["decision_id"].as_str().unwrap();
+    assert_eq!(allowed_id.len(), 16, "{line_allow}");
+    assert_ne!(allowed_id, denied_id);
+    assert_eq!(access_allow["decision_id"], allowed_id, "{access_allow}");
+    assert_eq!(line_allow["decision"], "allow");
+    assert_eq!(access_allow["status"], 200);
+    assert_eq!(access_allow["auth_subject"], "user:alice", "{access_allow}");
+    assert_eq!(
+        access_allow["auth_rule"], line_allow["rule"],
+        "{access_allow}"
+    );
+    assert_eq!(
+        line_allow["host"],
+        access_allow["authority"]
+            .as_str()
+            .unwrap()
+            .split(':')
+            .next()
+            .unwrap()
+    );
+    let whole = std::fs::read_to_string(&sidecar_log).unwrap();
+    assert!(
+        !whole.contains(&alice) && !whole.contains(&bob),
+        "no token in the sidecar's log"
     );
 
     // Ctrl-C: the script stops everything and exits.

@@ -170,6 +170,14 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// A shadow rule's (or the dry run's) outcome: the rule's name (bounded: the config's rule
+/// names) and `would_allow`, `would_deny` or `would_error`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShadowLabels {
+    pub rule: String,
+    pub outcome: &'static str,
+}
+
 /// The sidecar's metrics. Counters from backends (cache, OpenFGA client) are copied in every
 /// 200 ms by the readiness loop in `server` ([`Metrics::set_backend`]), so those modules stay
 /// free of the registry.
@@ -186,6 +194,10 @@ pub struct Metrics {
     pub config_last_success: Gauge,
     /// 1 when the last reload applied, 0 when it was refused (the old config still serves).
     pub config_last_ok: Gauge,
+    /// What shadow rules would have answered (`authz_sidecar_shadow_decisions_total`).
+    pub shadow_decisions: Family<ShadowLabels, Counter>,
+    /// Denies the dry run answered with an allow (`authz_sidecar_dry_run_decisions_total`).
+    pub dry_run_decisions: Family<ShadowLabels, Counter>,
 }
 
 impl Metrics {
@@ -243,6 +255,18 @@ impl Metrics {
         for result in ["ok", "error"] {
             let _ = config_reloads.get_or_create(&ResultLabel { result });
         }
+        let shadow_decisions = Family::<ShadowLabels, Counter>::default();
+        registry.register(
+            "shadow_decisions",
+            "What shadow rules (mode: shadow) would have answered, by rule and outcome (would_allow, would_deny, would_error); never the answer given",
+            shadow_decisions.clone(),
+        );
+        let dry_run_decisions = Family::<ShadowLabels, Counter>::default();
+        registry.register(
+            "dry_run_decisions",
+            "Policy denies (401/403) that routes.dry_run answered with an allow, by governing rule (outcome would_deny)",
+            dry_run_decisions.clone(),
+        );
         Arc::new(Self {
             registry: std::sync::Mutex::new(registry),
             decisions,
@@ -253,7 +277,33 @@ impl Metrics {
             config_reloads,
             config_last_success,
             config_last_ok,
+            shadow_decisions,
+            dry_run_decisions,
         })
+    }
+
+    /// A check's shadow outcomes and dry-run relaxation, if any.
+    pub fn record_shadow(
+        &self,
+        shadow: &[crate::pipeline::ShadowOutcome],
+        dry_run: Option<&crate::decision::Deny>,
+    ) {
+        for o in shadow {
+            self.shadow_decisions
+                .get_or_create(&ShadowLabels {
+                    rule: o.rule.clone(),
+                    outcome: o.outcome.as_str(),
+                })
+                .inc();
+        }
+        if let Some(d) = dry_run {
+            self.dry_run_decisions
+                .get_or_create(&ShadowLabels {
+                    rule: d.rule.clone().unwrap_or_else(|| "unmatched".into()),
+                    outcome: "would_deny",
+                })
+                .inc();
+        }
     }
 
     /// One reload's result; `now` is the Unix time it was applied (for an `ok`).

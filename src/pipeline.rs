@@ -357,7 +357,7 @@ async fn decide(policy: &Policy, input: &CheckInput, mut trace: Option<&mut Trac
     let parts: Vec<_> = governed.iter().map(|(_, r, ctx)| (*r, *ctx)).collect();
     match policy
         .authz
-        .authorize_traced(&parts, &principal, trace.as_deref_mut())
+        .authorize_traced(&parts, &principal, trace)
         .await
     {
         Ok(granted) => allow(Some(principal), granted),

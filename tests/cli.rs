@@ -1093,3 +1093,106 @@ fn check_refuses_bad_usage_with_exit_2_naming_the_argument() {
         "{err}"
     );
 }
+
+/// A config whose rules run in dry run: deploy/local/sidecar.yaml with `routes.dry_run: true`.
+fn dry_run_config(dir: &std::path::Path) -> String {
+    for f in ["dev-jwks.json", "api-keys.yaml"] {
+        std::fs::copy(local_dir().join(f), dir.join(f)).unwrap();
+    }
+    let base = std::fs::read_to_string(local_dir().join("sidecar.yaml")).unwrap();
+    let yaml = base.replace(
+        "  unmatched: deny\n",
+        "  unmatched: deny\n  dry_run: true\n",
+    );
+    assert_ne!(base, yaml, "dry_run went in");
+    write(dir, "sidecar.yaml", &yaml).display().to_string()
+}
+
+#[test]
+fn check_doctor_and_serve_say_when_the_dry_run_is_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dry_run_config(dir.path());
+    let token = mint(local_claims("alice", &["user"]));
+    let check = |args: &[&str]| run(bin().args(["check", "--config", &cfg]).args(args), None);
+
+    // A 403 is answered with an allow, as alice; the deny is shown.
+    let (code, out, err) = check(&["--path", "/admin/users", "--token", &token]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    for want in [
+        "dry run    on (routes.dry_run): 401/403 denies are answered with allows",
+        "answer     200 allow by routes.dry_run, rule admin",
+        "would deny 403 forbidden: role admin required",
+        "set        x-auth-subject: user:alice",
+    ] {
+        assert!(has_line(&out, want), "missing {want:?} in\n{out}");
+    }
+    // A 401: allowed with no identity headers, every identity header removed.
+    let (code, out, _) = check(&["--path", "/api/agents", "-H", "x-auth-subject: user:admin"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("set        "), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("remove     x-auth-subject, ")),
+        "{out}"
+    );
+    // A 400 stays a 400.
+    let (code, out, _) = check(&["--path", "/public/../admin/users", "--token", &token]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("answer     400 deny invalid_request"), "{out}");
+
+    // doctor warns, and its request check says who allowed it.
+    let (code, out, _) = doctor(&cfg, &[], &["--token", &token, "--path", "/admin/users"]);
+    assert_eq!(code, Some(0), "warnings are not failures: {out}");
+    assert!(
+        out.contains("warn  routes         dry run is on (routes.dry_run)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("warn  check          GET /admin/users allowed by routes.dry_run; the rules deny 403: role admin required"),
+        "{out}"
+    );
+
+    // serve logs a WARN at startup.
+    let mut child = bin()
+        .args([
+            "serve",
+            "--config",
+            &cfg,
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--ops-addr",
+            "off",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    let warned = loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) if line.contains("WARN") && line.contains("routes.dry_run is on") => {
+                break true;
+            }
+            Ok(line) => seen.push(line),
+            Err(_) if std::time::Instant::now() > deadline => break false,
+            Err(_) => {}
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(warned, "no dry-run WARN at startup: {seen:#?}");
+}

@@ -1672,6 +1672,40 @@ rules:
     }
 
     #[test]
+    fn a_shadow_rule_is_never_routed_to_but_is_tried_on_its_own_and_checked_like_any_rule() {
+        let rs = rules(
+            r#"
+rules:
+  - name: tools-by-relation
+    mode: shadow
+    path: "/tools/{tool}"
+    check: { all: [ { relation: executor, object: "tool:{tool}" } ] }
+  - { name: tools, path: "/tools/{tool}", mode: enforce }
+"#,
+        )
+        .unwrap();
+        let input = CheckInput::http("GET", "/tools/shell").unwrap();
+        assert_eq!(outcome(&rs, &input), Ok(vec!["tools".to_string()]));
+        let shadow = &rs.shadow_rules()[0];
+        let route = RuleSet::route_shadow(shadow, &input, None).ok().unwrap();
+        assert_eq!(
+            route.parts[0].rule.map(|r| r.name.as_str()),
+            Some("tools-by-relation")
+        );
+        assert_eq!(route.parts[0].ctx.params, [("tool".into(), "shell".into())]);
+        let elsewhere = CheckInput::http("GET", "/admin").unwrap();
+        let route = RuleSet::route_shadow(shadow, &elsewhere, None)
+            .ok()
+            .unwrap();
+        assert!(route.parts[0].rule.is_none(), "no match is no part");
+        // Validated against the model like any rule, and names are shared across modes.
+        assert_eq!(rs.relation_refs()[0].rule, "tools-by-relation");
+        let e = rules("rules: [ { name: x, path: /a, mode: shadow }, { name: x, path: /b } ]")
+            .unwrap_err();
+        assert!(e.to_string().contains("routes.rules[1].name"), "{e}");
+    }
+
+    #[test]
     fn config_errors_name_the_key() {
         for (yaml, want) in [
             (

@@ -308,6 +308,22 @@ pub async fn main(cli: Cli) -> ExitCode {
                     c.routes.unmatched,
                     c.request.path_policy.as_str()
                 ));
+                let shadow = c
+                    .routes
+                    .rules
+                    .iter()
+                    .filter(|r| r.mode == crate::config::RuleMode::Shadow)
+                    .count();
+                if c.routes.dry_run || shadow > 0 {
+                    say(format!(
+                        "  dry run: {}  shadow rules: {shadow} (logged, never enforced)",
+                        if c.routes.dry_run {
+                            "ON: 401/403 denies are answered with allows"
+                        } else {
+                            "off"
+                        }
+                    ));
+                }
                 say(format!(
                     "  openfga: {}",
                     c.openfga

@@ -1109,7 +1109,7 @@ fn dry_run_config(dir: &std::path::Path) -> String {
 }
 
 #[test]
-fn check_doctor_and_serve_say_when_the_dry_run_is_on() {
+fn check_doctor_check_config_and_serve_say_when_the_dry_run_is_on() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dry_run_config(dir.path());
     let token = mint(local_claims("alice", &["user"]));
@@ -1149,6 +1149,13 @@ fn check_doctor_and_serve_say_when_the_dry_run_is_on() {
     );
     assert!(
         out.contains("warn  check          GET /admin/users allowed by routes.dry_run; the rules deny 403: role admin required"),
+        "{out}"
+    );
+
+    let (code, out, _) = run(bin().args(["check-config", "--config", &cfg]), None);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("  dry run: ON: 401/403 denies are answered with allows"),
         "{out}"
     );
 

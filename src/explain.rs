@@ -314,6 +314,10 @@ fn step(event: &Event) -> (&'static str, String) {
             ),
         ),
         Event::Authenticated(Err(why)) => ("principal", format!("none: {why}")),
+        Event::Contextual { tuples } => {
+            let t: Vec<String> = tuples.iter().map(ToString::to_string).collect();
+            ("contextual", t.join("; "))
+        }
         Event::Relation {
             rule,
             tuple,

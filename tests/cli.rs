@@ -915,6 +915,7 @@ async fn check_explain_shows_the_rules_tried_the_principal_and_the_openfga_tuple
         "rule       admin: no match: path /tools/search/execute does not match /admin/**",
         "rule       tool-execute: matches (tool=search): governs",
         "principal  user:alice (user via jwt, key dev-local-1), roles [user], scopes [openid read:agents]",
+        "contextual user:alice assignee role:user",
         "openfga    user:alice executor tool:search: allowed (rule tool-execute, from OpenFGA)",
         "answer     200 allow, rule tool-execute",
         "set        x-auth-subject: user:alice",

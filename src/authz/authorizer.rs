@@ -7,7 +7,7 @@
 use std::sync::{Arc, OnceLock};
 
 use super::rules::{EvalContext, Rule};
-use super::trace::Trace;
+use super::trace::{Event, Trace, record};
 use super::{AuthzError, BackendError, CheckQuery, Granted, RelationshipChecker, TupleKey};
 use crate::authn::Principal;
 use crate::config::{ClaimSet, ContextualTupleConfig};
@@ -60,13 +60,18 @@ impl Authorizer {
         &self,
         parts: &[(&Rule, &EvalContext<'_>)],
         principal: &Principal,
-        trace: Option<&mut Trace>,
+        mut trace: Option<&mut Trace>,
     ) -> Result<Granted, (usize, AuthzError)> {
         let contextual = if parts.iter().any(|(r, _)| r.check.is_some()) {
             contextual_tuples(&self.contextual, principal)
         } else {
             Vec::new()
         };
+        if !contextual.is_empty() {
+            record(&mut trace, || Event::Contextual {
+                tuples: contextual.clone(),
+            });
+        }
         super::authorize_parts(
             parts,
             principal,

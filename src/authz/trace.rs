@@ -58,6 +58,9 @@ pub enum Event {
     Public { rule: String },
     /// Who the caller is, or why that could not be told (the whole reason).
     Authenticated(Result<Principal, String>),
+    /// Tuples that hold for this request only (from the principal's roles and groups), sent
+    /// with every relationship question below.
+    Contextual { tuples: Vec<TupleKey> },
     /// One relationship question and its answer (`Err`: the backend failed).
     Relation {
         rule: String,

@@ -60,6 +60,8 @@ impl Policy {
 /// element: each element is routed as if it were the body, and the batch is allowed only when
 /// every element is. The caller is authenticated once; the relationship checks of all
 /// elements go to OpenFGA as one BatchCheck. A refusal names the element.
+///
+/// Shadow rules are then tried and the dry run applied ([`check_full`], whose answer this is).
 pub async fn check(policy: &Policy, input: &CheckInput) -> Decision {
     check_full(policy, input, None).await.decision
 }

@@ -1,5 +1,5 @@
-//! The command line: `serve`, `doctor`, `check-config`, `token mint`, `token inspect` and
-//! `apikey new`.
+//! The command line: `serve`, `doctor`, `check`, `check-config`, `token mint`,
+//! `token inspect` and `apikey new`.
 //! Every command that reads a config exits 2 with one line naming the key when it is bad.
 
 use std::path::PathBuf;
@@ -79,6 +79,75 @@ impl DoctorArgs {
     }
 }
 
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// YAML config file (the server's: its keys, API keys, rules and OpenFGA are used).
+    #[arg(long, short = 'c', env = "AUTHZ_CONFIG")]
+    pub config: PathBuf,
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    /// Path and query, as the app receives it: /tools/search/execute?x=1
+    #[arg(long)]
+    pub path: String,
+    /// Host (:authority); none by default, as a direct gRPC call.
+    #[arg(long, default_value = "")]
+    pub host: String,
+    /// A request header NAME:VALUE (repeatable).
+    #[arg(long = "header", short = 'H')]
+    pub headers: Vec<String>,
+    /// A file holding the request body (JSON for MCP and other body rules).
+    #[arg(long)]
+    pub body: Option<PathBuf>,
+    /// A bearer token, sent as Authorization: Bearer (never printed; its hash is).
+    #[arg(long, conflicts_with = "api_key")]
+    pub token: Option<String>,
+    /// An API key, sent in the configured header (never printed; its hash is).
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Show every step: credential, rules tried and why not, principal, OpenFGA tuples.
+    #[arg(long)]
+    pub explain: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to wait for OpenFGA to connect.
+    #[arg(long, default_value_t = 5)]
+    pub wait: u64,
+}
+
+impl CheckArgs {
+    /// The options, or a usage error naming the argument.
+    fn options(self) -> Result<crate::explain::Options, String> {
+        let headers = self
+            .headers
+            .iter()
+            .map(|h| crate::explain::parse_header(h))
+            .collect::<Result<Vec<_>, _>>()?;
+        let body = match &self.body {
+            None => None,
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| format!("--body {}: cannot read: {e}", path.display()))?,
+            ),
+        };
+        Ok(crate::explain::Options {
+            config: self.config,
+            request: crate::explain::RequestSpec {
+                method: self.method,
+                path: self.path,
+                host: self.host,
+                headers,
+                body,
+                token: self.token,
+                api_key: self.api_key,
+            },
+            explain: self.explain,
+            json: self.json,
+            wait: Duration::from_secs(self.wait),
+        })
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the sidecar.
@@ -101,6 +170,9 @@ pub enum Command {
     },
     /// Check every backend the config names and explain, one line each, what is wrong.
     Doctor(DoctorArgs),
+    /// Decide one request as the server would, and say why (--explain); exit 0 allowed,
+    /// 1 denied, 2 bad usage or config.
+    Check(CheckArgs),
     /// Tokens for local trials.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -236,6 +308,22 @@ pub async fn main(cli: Cli) -> ExitCode {
                     c.routes.unmatched,
                     c.request.path_policy.as_str()
                 ));
+                let shadow = c
+                    .routes
+                    .rules
+                    .iter()
+                    .filter(|r| r.mode == crate::config::RuleMode::Shadow)
+                    .count();
+                if c.routes.dry_run || shadow > 0 {
+                    say(format!(
+                        "  dry run: {}  shadow rules: {shadow} (logged, never enforced)",
+                        if c.routes.dry_run {
+                            "ON: 401/403 denies are answered with allows"
+                        } else {
+                            "off"
+                        }
+                    ));
+                }
                 say(format!(
                     "  openfga: {}",
                     c.openfga
@@ -247,6 +335,13 @@ pub async fn main(cli: Cli) -> ExitCode {
             Err(e) => config_error(e),
         },
         Command::Doctor(args) => crate::doctor::run(args.options()).await,
+        Command::Check(args) => match args.options() {
+            Ok(options) => crate::explain::run(options).await,
+            Err(e) => {
+                eprintln!("authz-sidecar: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Token(TokenCmd::Mint {
             key,
             kid,

@@ -216,6 +216,9 @@ pub struct RawCors {
 #[serde(deny_unknown_fields)]
 pub struct RawRoutes {
     pub unmatched: Option<Unmatched>,
+    /// Rollout: every 401/403 policy deny is answered as an allow and logged as
+    /// `would_deny` (see `routes.dry_run` in the README).
+    pub dry_run: Option<bool>,
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
 }
@@ -255,6 +258,20 @@ pub struct RuleConfig {
     #[serde(default)]
     pub scopes: Vec<String>,
     pub check: Option<CheckConfig>,
+    /// `enforce` (the default) or `shadow`: evaluated and logged, never deciding.
+    #[serde(default)]
+    pub mode: RuleMode,
+}
+
+/// Whether a rule decides (`enforce`) or is only tried on live traffic (`shadow`): a shadow
+/// rule is evaluated fully on every request it matches and its outcome logged and counted,
+/// but routing for the answer ignores it, so it can never change what a request gets.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleMode {
+    #[default]
+    Enforce,
+    Shadow,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -577,6 +594,8 @@ pub struct CorsConfig {
 pub struct RoutesConfig {
     pub unmatched: Unmatched,
     pub rules: Vec<RuleConfig>,
+    /// `routes.dry_run`: 401/403 policy denies answered as allows, logged as `would_deny`.
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1038,6 +1057,7 @@ impl Config {
         let routes = RoutesConfig {
             unmatched: raw.routes.unmatched.unwrap_or_default(),
             rules: raw.routes.rules,
+            dry_run: raw.routes.dry_run.unwrap_or(false),
         };
 
         let openfga = resolve_openfga(raw.openfga, env)?;

@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
 
 use crate::authn::api_key::{ApiKeyStore, FileApiKeyStore, StoreOptions};
 use crate::authn::jwks::{JwksKeySource, KeyError, KeySource};
@@ -35,7 +34,6 @@ use crate::config::{
 };
 use crate::console::say;
 use crate::decision::Decision;
-use crate::request::CheckInput;
 
 /// What to check: plain data, filled in by the command line (`cli::DoctorArgs`) or a test.
 #[derive(Debug, Clone)]
@@ -755,6 +753,7 @@ pub async fn run(args: Options) -> ExitCode {
     let api_keys = check_api_keys(&mut r, &configs);
     let principals = check_principals(&mut r, &configs);
     check_cors(&mut r, &configs);
+    check_rollout(&mut r, &configs);
     let openfga_ready = check_openfga(&mut r, &configs, wait).await;
 
     // A credential on its own.
@@ -818,6 +817,9 @@ pub async fn run(args: Options) -> ExitCode {
     finish(&r, config_failed)
 }
 
+/// The request check: [`crate::explain`]'s, on the state a server would build from this
+/// config (failures above included: what Envoy would get now, a 401 while Keycloak is down,
+/// is the point), summed up in one finding.
 async fn run_check(
     r: &mut Report,
     args: &Options,
@@ -826,20 +828,10 @@ async fn run_check(
     openfga_ready: bool,
     wait: Duration,
 ) {
-    let Some(request_cfg) = configs.get("request") else {
+    if configs.get("request").is_none() {
         r.skip("request", Configs::invalid("request"));
         return;
-    };
-    let mut input = match CheckInput::http_with(&args.method, path, request_cfg.request.path_policy)
-    {
-        Ok(i) => i,
-        Err(e) => {
-            r.fail("request", e);
-            return;
-        }
-    };
-    // The request is answered by the sidecar as this config builds it, failures above
-    // included: what Envoy would get now (a 401 while Keycloak is down) is the point.
+    }
     let Some(config) = &configs.full else {
         r.skip(
             "check",
@@ -847,55 +839,54 @@ async fn run_check(
         );
         return;
     };
-    let shutdown = CancellationToken::new();
-    let built = match crate::state::build(config, system_clock(), &shutdown).await {
-        Ok(b) => b,
+    // The state connects to OpenFGA in the background, as the server does; wait for it only
+    // when it answered doctor, else check now and show the answer a request gets meanwhile.
+    let wait = if openfga_ready { wait } else { Duration::ZERO };
+    let loaded = match crate::explain::load(config, wait).await {
+        Ok(l) => l,
         // Its cause is a failure above (a key file, the API key file): not a second problem.
         Err(e) if r.failures() > 0 => {
             r.skip(
                 "check",
                 format!(
-                    "{} {path} not run: the sidecar would not start: {e:#}",
+                    "{} {path} not run: the sidecar would not start: {e}",
                     args.method
                 ),
             );
             return;
         }
         Err(e) => {
-            r.fail("startup", format!("{e:#}"));
+            r.fail("startup", e);
             return;
         }
     };
-    let state = built.state.policy();
-    // The state connects to OpenFGA in the background, as the server does; wait for it only
-    // when it answered doctor, else check now and show the answer a request gets meanwhile.
-    if let (Some(checker), true) = (state.authz.checker(), openfga_ready) {
-        let deadline = Instant::now() + wait;
-        while !checker.ready() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    if let Some(token) = &args.token {
-        input = input.with_header("authorization", &format!("Bearer {}", token.trim()));
-    }
-    if let Some(key) = &args.api_key {
-        let header = state.authn.api_key_header.clone();
-        input = input.with_header(&header, key.trim());
-    }
-    if let Some(b) = &args.body {
-        input = input.with_body(b.as_bytes());
-    }
-    if let Some(o) = &args.origin {
-        input = input.with_header("origin", o);
-    }
-    input.request_id = "doctor".into();
-    match crate::pipeline::check(&state, &input).await {
-        Decision::Allow(a) => r.ok(
+    let spec = crate::explain::RequestSpec {
+        method: args.method.clone(),
+        path: path.to_string(),
+        host: String::new(),
+        headers: args
+            .origin
+            .iter()
+            .map(|o| ("origin".to_string(), o.clone()))
+            .collect(),
+        body: args.body.as_ref().map(|b| b.as_bytes().to_vec()),
+        token: args.token.clone(),
+        api_key: args.api_key.clone(),
+    };
+    let e = crate::explain::run_request(&loaded.state.policy(), &spec).await;
+    let request = format!("{} {path}", args.method.to_ascii_uppercase());
+    match (&e.checked.decision, &e.checked.dry_run) {
+        (Decision::Allow(_), Some(d)) => r.warn(
             "check",
             format!(
-                "{} {} allowed by rule {}{}",
-                input.method,
-                input.path,
+                "{request} allowed by routes.dry_run; the rules deny {}: {}",
+                d.http_status, d.detail
+            ),
+        ),
+        (Decision::Allow(a), None) => r.ok(
+            "check",
+            format!(
+                "{request} allowed by rule {}{}",
                 a.rule,
                 if a.relations.is_empty() {
                     String::new()
@@ -904,15 +895,47 @@ async fn run_check(
                 }
             ),
         ),
-        Decision::Deny(d) => r.fail(
+        (Decision::Deny(d), _) => r.fail(
             "check",
-            format!(
-                "{} {} denied {}: {}",
-                input.method, input.path, d.http_status, d.detail
-            ),
+            format!("{request} denied {}: {}", d.http_status, d.detail),
         ),
     }
-    shutdown.cancel();
+    for o in &e.checked.shadow {
+        r.ok(
+            "shadow",
+            format!("{}: {}: {}", o.rule, o.outcome.as_str(), o.reason),
+        );
+    }
+}
+
+/// A rollout in progress: the dry run (a warning: denies are allowed while it is on) and the
+/// shadow rules (evaluated and logged, never enforced).
+fn check_rollout(r: &mut Report, c: &Configs) {
+    let Some(config) = c.get("routes") else {
+        return;
+    };
+    if config.routes.dry_run {
+        r.warn(
+            "routes",
+            "dry run is on (routes.dry_run): requests the rules deny with 401/403 are allowed and logged as would_deny",
+        );
+    }
+    let shadow: Vec<String> = config
+        .routes
+        .rules
+        .iter()
+        .filter(|rule| rule.mode == crate::config::RuleMode::Shadow)
+        .map(|rule| rule.name.clone().unwrap_or_else(|| rule.path.clone()))
+        .collect();
+    if !shadow.is_empty() {
+        r.ok(
+            "routes",
+            format!(
+                "shadow rules, evaluated and logged, never enforced: {}",
+                shadow.join(", ")
+            ),
+        );
+    }
 }
 
 fn finish(r: &Report, config_failed: bool) -> ExitCode {

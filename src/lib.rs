@@ -10,7 +10,8 @@
 //! Imports point down only; no module imports one above it, so there are no circles. From the
 //! top:
 //!
-//! 1. `main` → [`cli`] → [`doctor`] → [`inspect`] → [`server`] (listeners, serving, drain) →
+//! 1. `main` → [`cli`] → [`doctor`] → [`explain`] (`check --explain`: one request through
+//!    the real pipeline, traced) → [`inspect`] → [`server`] (listeners, serving, drain) →
 //!    [`reload`] (config file and SIGHUP) → [`ops`]
 //! 2. [`service`] (gRPC adapter: loads the current policy once per request) → [`telemetry`] →
 //!    [`response`] (proto edge out)
@@ -38,6 +39,7 @@ pub mod console;
 pub mod cors;
 pub mod decision;
 pub mod doctor;
+pub mod explain;
 pub mod failure;
 pub mod http_client;
 pub mod inspect;
@@ -62,6 +64,7 @@ mod layers {
         "main",
         "cli",
         "doctor",
+        "explain",
         "inspect",
         "server",
         "reload",

@@ -1,16 +1,25 @@
 //! One check, start to finish, as a plain async function over one [`Policy`]: CORS (a
 //! preflight answered here), routing (one part, or one per JSON-RPC batch element), the
 //! unmatched policy, authentication ([`Authenticator`]), authorization of every part
-//! ([`Authorizer`]). No protobuf in here: the gRPC adapter converts at the edges, and tests and
-//! `doctor` call [`check`] directly. The caller picks the policy (the current one, loaded once
-//! per request: [`crate::state::State::policy`]).
+//! ([`Authorizer`]); then the shadow rules and the dry run ([`check_full`]). No protobuf in
+//! here: the gRPC adapter converts at the edges, and tests, `check` and `doctor` call
+//! [`check`] / [`check_full`] directly. The caller picks the policy (the current one, loaded
+//! once per request: [`crate::state::State::policy`]).
+//!
+//! Invariant: shadow rules and the dry run cannot open a hole. The answer is decided first,
+//! by the enforcing rules alone, exactly as if no shadow rule existed; shadow rules are then
+//! evaluated only to be logged and counted, and none of their outcomes (an error included)
+//! reaches the answer. The dry run relaxes only a 401 or 403 *policy* deny; a 400 (a request
+//! read two ways), a refused CORS origin and a 503 stay as they are, so a rollout never opens
+//! a path-confusion bypass.
 
 use crate::authn::{Authenticator, Principal};
 use crate::authz::rules::{EvalContext, Routed, Rule, RuleSet};
+use crate::authz::trace::{Event, Trace, record};
 use crate::authz::{Authorizer, AuthzError, Granted};
 use crate::config::{PathPolicy, Unmatched};
 use crate::cors::{Consulted, Cors};
-use crate::decision::{self, Allow, Context, Decision, Failure};
+use crate::decision::{self, Allow, Context, Decision, Deny, Failure};
 use crate::request::CheckInput;
 
 /// What one check reads: everything a reload may change (built and swapped by
@@ -51,7 +60,204 @@ impl Policy {
 /// element: each element is routed as if it were the body, and the batch is allowed only when
 /// every element is. The caller is authenticated once; the relationship checks of all
 /// elements go to OpenFGA as one BatchCheck. A refusal names the element.
+///
+/// Shadow rules are then tried and the dry run applied ([`check_full`], whose answer this is).
 pub async fn check(policy: &Policy, input: &CheckInput) -> Decision {
+    check_full(policy, input, None).await.decision
+}
+
+/// What one check answered, and what it only observed.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// The answer (after the dry run, when it is on).
+    pub decision: Decision,
+    /// Each shadow rule that matched the request, with what it would have answered.
+    pub shadow: Vec<ShadowOutcome>,
+    /// The deny `routes.dry_run` answered with the allow in `decision`.
+    pub dry_run: Option<Deny>,
+}
+
+/// What a shadow rule would have answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Would {
+    Allow,
+    Deny,
+    /// The rule could not be decided (a backend failed): it would have answered 503.
+    Error,
+}
+
+impl Would {
+    /// The `outcome` label and log value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "would_allow",
+            Self::Deny => "would_deny",
+            Self::Error => "would_error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShadowOutcome {
+    pub rule: String,
+    pub outcome: Would,
+    /// The HTTP status the rule would have answered.
+    pub status: u16,
+    /// Why it would deny (the whole reason, as the decision log has it); for an allow, the
+    /// relationships that held or the backend failure it would fail open on.
+    pub reason: String,
+    /// The subject it was evaluated for, when the caller authenticated.
+    pub subject: Option<String>,
+}
+
+/// [`check`], then the shadow rules and the dry run, recording every step in `trace` when
+/// one is given (`authz-sidecar check --explain`; serving passes `None` and records nothing).
+///
+/// The answer is [`decide`]d first and alone; the shadow rules are evaluated after it and
+/// cannot change it (see the module's invariant).
+pub async fn check_full(
+    policy: &Policy,
+    input: &CheckInput,
+    mut trace: Option<&mut Trace>,
+) -> Checked {
+    let decision = decide(policy, input, trace.as_deref_mut()).await;
+    // A preflight answered here never reaches a rule: nothing to try the shadow rules on.
+    let preflight = matches!(&decision, Decision::Allow(a) if a.local_reply.is_some());
+    let shadow = if policy.rules.shadow_rules().is_empty() || preflight {
+        Vec::new()
+    } else {
+        shadow(policy, input, &decision, trace.as_deref_mut()).await
+    };
+    let (decision, dry_run) = match decision {
+        Decision::Deny(d) if policy.rules.dry_run && relaxed_by_dry_run(&d) => {
+            record(&mut trace, || Event::DryRun {
+                status: d.http_status,
+                reason: d.detail.clone(),
+            });
+            let allow = Allow {
+                // An unauthenticated caller gets no identity headers (and spoofed ones are
+                // still removed by the edge out, as on every allow).
+                principal: d.principal.clone(),
+                rule: d.rule.clone().unwrap_or_else(|| "unmatched".into()),
+                failed_open: None,
+                response_headers: d.response_headers.clone(),
+                relations: Vec::new(),
+                local_reply: None,
+            };
+            (Decision::Allow(allow), Some(d))
+        }
+        d => (d, None),
+    };
+    Checked {
+        decision,
+        shadow,
+        dry_run,
+    }
+}
+
+/// Which denies a dry run answers with an allow: policy denies (401 no or bad credentials,
+/// 403 forbidden or insufficient scope). Never a 400 (the request can be read two ways: a
+/// dry run must not open a path-confusion bypass), a refused CORS origin, or a 503.
+fn relaxed_by_dry_run(d: &Deny) -> bool {
+    matches!(d.http_status, 401 | 403) && d.error != "cors_origin"
+}
+
+/// Every shadow rule that matches the request, evaluated fully: authentication (reusing the
+/// principal the answer found), roles and scopes, relationship checks. Nothing here can
+/// fail the request: a backend error is a `would_error` outcome.
+async fn shadow(
+    policy: &Policy,
+    input: &CheckInput,
+    decided: &Decision,
+    mut trace: Option<&mut Trace>,
+) -> Vec<ShadowOutcome> {
+    let known = match decided {
+        Decision::Allow(a) => a.principal.clone(),
+        Decision::Deny(d) => d.principal.clone(),
+    };
+    let mut authn = known.map(Ok);
+    let mut out = Vec::new();
+    for rule in policy.rules.shadow_rules() {
+        let outcome = |outcome, status, reason, subject| ShadowOutcome {
+            rule: rule.name.clone(),
+            outcome,
+            status,
+            reason,
+            subject,
+        };
+        let would_deny = |failure: &Failure, subject: Option<String>| {
+            let d = decision::deny_for(failure, &policy.realm);
+            let would = if d.http_status == 503 {
+                Would::Error
+            } else {
+                Would::Deny
+            };
+            outcome(would, d.http_status, d.detail, subject)
+        };
+        let route = match RuleSet::route_shadow(rule, input, trace.as_deref_mut()) {
+            Ok(route) => route,
+            Err((element, refusal)) => {
+                out.push(would_deny(&in_element(element, refusal.into()), None));
+                continue;
+            }
+        };
+        let element = |i: usize| route.batch.then_some(i);
+        let governed: Vec<(usize, &Rule, &EvalContext<'_>)> = route
+            .parts
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.rule.map(|r| (i, r, &p.ctx)))
+            .collect();
+        if governed.is_empty() {
+            continue;
+        }
+        if rule.public {
+            out.push(outcome(Would::Allow, 200, "public".into(), None));
+            continue;
+        }
+        if authn.is_none() {
+            authn = Some(policy.authn.authenticate(input).await);
+        }
+        let Some(authenticated) = authn.as_ref() else {
+            continue;
+        };
+        let principal = match authenticated {
+            Ok(p) => p,
+            Err(e) => {
+                out.push(would_deny(&Failure::Authn(e.clone()), None));
+                continue;
+            }
+        };
+        let subject = Some(principal.subject.clone());
+        let parts: Vec<_> = governed.iter().map(|(_, r, ctx)| (*r, *ctx)).collect();
+        let result = policy
+            .authz
+            .authorize_traced(&parts, principal, trace.as_deref_mut())
+            .await;
+        let o = match result {
+            Ok(granted) => {
+                let reason = match granted.failed_open {
+                    Some(cause) => format!("failed open: {cause}"),
+                    None => granted.relations.join("; "),
+                };
+                outcome(Would::Allow, 200, reason, subject)
+            }
+            Err((k, e)) => would_deny(&in_element(element(governed[k].0), e.into()), subject),
+        };
+        out.push(o);
+    }
+    for o in &out {
+        record(&mut trace, || Event::Shadow {
+            rule: o.rule.clone(),
+            outcome: o.outcome.as_str(),
+            reason: o.reason.clone(),
+        });
+    }
+    out
+}
+
+/// The answer, by the enforcing rules alone ([`check`]'s steps), recording into `trace`.
+async fn decide(policy: &Policy, input: &CheckInput, mut trace: Option<&mut Trace>) -> Decision {
     // 1. CORS, read once. A preflight is answered here: it never reaches the app, so it
     // cannot reach a route the app would refuse (or run a handler that does not expect
     // OPTIONS).
@@ -70,7 +276,7 @@ pub async fn check(policy: &Policy, input: &CheckInput) -> Decision {
     };
 
     // 2. Routing: the rule governing each part (one, or one per batch element).
-    let route = match policy.rules.route(input) {
+    let route = match policy.rules.route_traced(input, trace.as_deref_mut()) {
         Ok(route) => route,
         Err((element, refusal)) => {
             let rule = Some(refusal.rule.clone());
@@ -82,6 +288,15 @@ pub async fn check(policy: &Policy, input: &CheckInput) -> Decision {
 
     // 3. Parts no rule matches: the unmatched policy decides them.
     for (i, part) in route.parts.iter().enumerate() {
+        if part.rule.is_none() {
+            record(&mut trace, || Event::Unmatched {
+                policy: match policy.rules.unmatched {
+                    Unmatched::Deny => "deny",
+                    Unmatched::Authenticated => "authenticated",
+                    Unmatched::Allow => "allow",
+                },
+            });
+        }
         if part.rule.is_none() && policy.rules.unmatched == Unmatched::Deny {
             let no_rule = AuthzError::NoRule {
                 method: input.method.clone(),
@@ -107,11 +322,22 @@ pub async fn check(policy: &Policy, input: &CheckInput) -> Decision {
         })
     };
     if !needs_principal {
+        for p in &route.parts {
+            if let Some(rule) = p.rule {
+                record(&mut trace, || Event::Public {
+                    rule: rule.name.clone(),
+                });
+            }
+        }
         return allow(None, Granted::default());
     }
 
     // 4. Authentication, once for the whole request.
-    let principal = match policy.authn.authenticate(input).await {
+    let authenticated = policy.authn.authenticate(input).await;
+    record(&mut trace, || {
+        Event::Authenticated(authenticated.clone().map_err(|e| e.to_string()))
+    });
+    let principal = match authenticated {
         Ok(p) => p,
         Err(e) => {
             let rule = route
@@ -131,7 +357,11 @@ pub async fn check(policy: &Policy, input: &CheckInput) -> Decision {
         .filter_map(|(i, p)| p.rule.filter(|r| !r.public).map(|r| (i, r, &p.ctx)))
         .collect();
     let parts: Vec<_> = governed.iter().map(|(_, r, ctx)| (*r, *ctx)).collect();
-    match policy.authz.authorize(&parts, &principal).await {
+    match policy
+        .authz
+        .authorize_traced(&parts, &principal, trace)
+        .await
+    {
         Ok(granted) => allow(Some(principal), granted),
         Err((k, e)) => {
             let (i, rule, _) = governed[k];
@@ -228,6 +458,10 @@ mod tests {
     impl RelationshipChecker for Fga {
         async fn check(&self, queries: &[CheckQuery]) -> Result<Vec<bool>, BackendError> {
             self.calls.lock().unwrap().push(queries.len());
+            // tool:broken stands for an OpenFGA that cannot answer.
+            if queries.iter().any(|q| q.tuple.object == "tool:broken") {
+                return Err(BackendError::Unavailable("OpenFGA timed out".into()));
+            }
             Ok(queries
                 .iter()
                 .map(|q| self.tuples.contains(&q.tuple))
@@ -244,8 +478,10 @@ mod tests {
     /// The MCP rules of deploy/local/sidecar-openfga.yaml; alice may execute agent_chat and
     /// search, nothing else.
     fn state() -> (Policy, Arc<Fga>) {
-        let raw: crate::config::RawRoutes = serde_yaml_ng::from_str(
-            r#"
+        state_with(MCP_RULES, false, |fga| fga)
+    }
+
+    const MCP_RULES: &str = r#"
 rules:
   - { name: public, path: "/public/**", public: true }
   - name: mcp-tools-call
@@ -255,13 +491,21 @@ rules:
     check: { all: [ { relation: executor, object: "tool:{body:/params/name}" } ] }
   - { name: mcp-other, path: /message, methods: [POST] }
   - { name: api, path: "/api/**" }
-"#,
-        )
-        .unwrap();
+"#;
+
+    /// A policy of `rules` (YAML), the dry run on or off, over the fake OpenFGA as `wrap`
+    /// returns it (a decision cache in front, say).
+    fn state_with(
+        rules: &str,
+        dry_run: bool,
+        wrap: impl FnOnce(Arc<Fga>) -> Arc<dyn RelationshipChecker>,
+    ) -> (Policy, Arc<Fga>) {
+        let raw: crate::config::RawRoutes = serde_yaml_ng::from_str(rules).unwrap();
         let rules = RuleSet::compile(
             &RoutesConfig {
                 unmatched: Unmatched::Deny,
                 rules: raw.rules,
+                dry_run,
             },
             Some(&crate::config::test_openfga_config()),
         )
@@ -276,7 +520,7 @@ rules:
             calls: Mutex::new(Vec::new()),
         });
         let late = Arc::new(LateChecker::new("not yet"));
-        late.set(fga.clone());
+        late.set(wrap(fga.clone()));
         let state = Policy {
             rules,
             path_policy: Default::default(),
@@ -507,5 +751,268 @@ rules:
                 ..
             })
         ));
+    }
+
+    /// Shadow rules in front of the enforcing ones they shadow: one that would refuse what
+    /// the enforcing rule allows, one that would allow what the enforcing rule refuses.
+    const SHADOWED: &str = r#"
+rules:
+  - { name: public, path: "/public/**", public: true }
+  - name: tools-by-relation
+    mode: shadow
+    path: "/tools/{tool}"
+    check: { all: [ { relation: executor, object: "tool:{tool}" } ] }
+  - { name: admin-for-anyone, mode: shadow, path: "/admin/**" }
+  - { name: admin, path: "/admin/**", roles: [admin] }
+  - { name: tools, path: "/tools/{tool}" }
+"#;
+
+    fn get(path: &str, key: Option<&str>) -> CheckInput {
+        let input = CheckInput::http("GET", path).unwrap();
+        match key {
+            Some(k) => input.with_header("x-api-key", k),
+            None => input,
+        }
+    }
+
+    /// (rule, outcome, status, reason) of each shadow outcome.
+    fn shadows(c: &Checked) -> Vec<(String, &'static str, u16, String)> {
+        c.shadow
+            .iter()
+            .map(|o| {
+                (
+                    o.rule.clone(),
+                    o.outcome.as_str(),
+                    o.status,
+                    o.reason.clone(),
+                )
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_shadow_rule_in_front_of_an_enforcing_rule_never_changes_the_answer() {
+        let (shadowed, _) = state_with(SHADOWED, false, |f| f);
+        let without = r#"
+rules:
+  - { name: public, path: "/public/**", public: true }
+  - { name: admin, path: "/admin/**", roles: [admin] }
+  - { name: tools, path: "/tools/{tool}" }
+"#;
+        let (plain, _) = state_with(without, false, |f| f);
+        let alice = Some("key-alice");
+        for (what, input, want_status, want_shadow) in [
+            (
+                "a tool alice may not execute is still allowed by the enforcing rule",
+                get("/tools/shell", alice),
+                200,
+                vec![(
+                    "tools-by-relation",
+                    "would_deny",
+                    403,
+                    "user:alice is not executor of tool:shell",
+                )],
+            ),
+            (
+                "a tool alice may execute: would allow",
+                get("/tools/search", alice),
+                200,
+                vec![(
+                    "tools-by-relation",
+                    "would_allow",
+                    200,
+                    "user:alice executor tool:search",
+                )],
+            ),
+            (
+                "a shadow rule that would allow does not open what the enforcing rule denies",
+                get("/admin/users", alice),
+                403,
+                vec![("admin-for-anyone", "would_allow", 200, "")],
+            ),
+            (
+                "no credentials: the enforcing 401 stands, the shadow rule would deny the same",
+                get("/tools/shell", None),
+                401,
+                vec![(
+                    "tools-by-relation",
+                    "would_deny",
+                    401,
+                    "no credentials: send Authorization: Bearer <token> or an API key in x-api-key",
+                )],
+            ),
+            (
+                "an OpenFGA failure in a shadow rule is would_error, never a 503",
+                get("/tools/broken", alice),
+                200,
+                vec![(
+                    "tools-by-relation",
+                    "would_error",
+                    503,
+                    "authorization backend unavailable: OpenFGA timed out",
+                )],
+            ),
+            (
+                "no shadow rule matches a public path",
+                get("/public/x", None),
+                200,
+                vec![],
+            ),
+        ] {
+            let got = check_full(&shadowed, &input, None).await;
+            assert_eq!(
+                got.decision,
+                check(&plain, &input).await,
+                "{what}: decided exactly as without the shadow rules"
+            );
+            assert_eq!(answer(&got.decision).0, want_status, "{what}");
+            let want: Vec<_> = want_shadow
+                .into_iter()
+                .map(|(r, o, s, why)| (r.to_string(), o, s, why.to_string()))
+                .collect();
+            assert_eq!(shadows(&got), want, "{what}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dry_run_allows_a_policy_deny_but_still_refuses_a_400_and_a_bad_origin() {
+        let (policy, _) = state_with(MCP_RULES, true, |f| f);
+        // 403: alice may not call shell. Allowed, as alice, with the deny kept for the log.
+        let got = check_full(&policy, &post(&call("shell", 1)), None).await;
+        let Decision::Allow(a) = &got.decision else {
+            panic!("a dry run allows a 403: {got:?}");
+        };
+        assert_eq!(a.principal.as_ref().unwrap().subject, "user:alice");
+        assert_eq!(a.rule, "mcp-tools-call");
+        let d = got.dry_run.as_ref().expect("the deny is kept");
+        assert_eq!(
+            (d.http_status, d.detail.as_str()),
+            (403, "user:alice is not executor of tool:shell")
+        );
+
+        // 401: allowed without identity headers; spoofed ones are still removed.
+        let input = get("/api/x", None).with_header("x-auth-subject", "user:admin");
+        let got = check_full(&policy, &input, None).await;
+        assert!(got.decision.is_allow(), "{got:?}");
+        assert_eq!(got.dry_run.as_ref().unwrap().http_status, 401);
+        let applied = crate::response::applied(&got.decision, "id", &["x-api-key".into()]);
+        assert!(applied.set.is_empty(), "{applied:?}");
+        assert!(applied.remove.contains(&"x-auth-subject".to_string()));
+
+        // No rule: the unmatched policy's 403 is a policy deny too.
+        let got = check_full(&policy, &get("/nowhere", Some("key-alice")), None).await;
+        assert!(got.decision.is_allow(), "{got:?}");
+
+        // Never relaxed: a body read two ways, a refused CORS origin.
+        let got = check_full(
+            &policy,
+            &post(&format!("\u{feff}{}", call("shell", 1))),
+            None,
+        )
+        .await;
+        assert_eq!(answer(&got.decision).0, 400, "{got:?}");
+        assert!(got.dry_run.is_none());
+        let preflight = CheckInput::http("OPTIONS", "/api/x")
+            .unwrap()
+            .with_header("origin", "https://evil.example")
+            .with_header("access-control-request-method", "POST");
+        let got = check_full(&policy, &preflight, None).await;
+        assert_eq!(answer(&got.decision).1, "cors_origin", "{got:?}");
+        assert!(got.dry_run.is_none());
+
+        // Without the dry run, the same 403 is a 403.
+        let (enforcing, _) = state();
+        assert_eq!(
+            answer(&check(&enforcing, &post(&call("shell", 1))).await).0,
+            403
+        );
+    }
+
+    #[tokio::test]
+    async fn a_trace_tells_each_rule_tried_and_where_each_answer_came_from() {
+        use crate::authz::cache::DecisionCache;
+        use crate::authz::trace::Source;
+        let cache_config = crate::config::CacheConfig {
+            enabled: true,
+            allowed_ttl: std::time::Duration::from_secs(60),
+            denied_ttl: std::time::Duration::from_secs(60),
+            max_entries: 100,
+        };
+        let (policy, _) = state_with(MCP_RULES, false, |fga| {
+            Arc::new(DecisionCache::new(fga, &cache_config))
+        });
+        let mut trace = Trace::default();
+        let got = check_full(&policy, &post(&call("search", 1)), Some(&mut trace)).await;
+        assert!(got.decision.is_allow());
+        let relation = |t: &Trace| {
+            t.events
+                .iter()
+                .find_map(|e| match e {
+                    Event::Relation {
+                        tuple,
+                        answer,
+                        source,
+                        ..
+                    } => Some((tuple.to_string(), answer.clone(), *source)),
+                    _ => None,
+                })
+                .expect("a relation event")
+        };
+        assert_eq!(
+            trace.events[..2],
+            [
+                Event::RuleSkipped {
+                    rule: "public".into(),
+                    shadow: false,
+                    why: "path /message does not match /public/**".into(),
+                },
+                Event::RuleMatched {
+                    rule: "mcp-tools-call".into(),
+                    shadow: false,
+                    params: vec![],
+                },
+            ]
+        );
+        assert_eq!(
+            relation(&trace),
+            (
+                "user:alice executor tool:search".into(),
+                Ok(true),
+                Source::OpenFga
+            )
+        );
+        // The same question again: the cache answers, and the trace says so.
+        let mut again = Trace::default();
+        check_full(&policy, &post(&call("search", 1)), Some(&mut again)).await;
+        assert_eq!(relation(&again).2, Source::Cache);
+
+        // A predicate that does not hold is named with the value read.
+        let mut trace = Trace::default();
+        let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+        check_full(&policy, &post(body), Some(&mut trace)).await;
+        assert!(
+            trace.events.contains(&Event::RuleSkipped {
+                rule: "mcp-tools-call".into(),
+                shadow: false,
+                why: "when \"body:/method == tools/call\" does not hold: body field /method is \"tools/list\"".into(),
+            }),
+            "{trace:#?}"
+        );
+        // And a method that does not fit.
+        let mut trace = Trace::default();
+        check_full(
+            &policy,
+            &get("/message", Some("key-alice")),
+            Some(&mut trace),
+        )
+        .await;
+        assert!(
+            trace.events.contains(&Event::RuleSkipped {
+                rule: "mcp-other".into(),
+                shadow: false,
+                why: "method GET is not one of [POST]".into(),
+            }),
+            "{trace:#?}"
+        );
     }
 }

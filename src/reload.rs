@@ -545,9 +545,11 @@ mod tests {
     #[test]
     fn routes_and_jwt_settings_reload_without_a_restart() {
         let new = config(
-            "jwt: { jwks_file: k.json, issuer: b, leeway: 5s }\nroutes: { rules: [ { path: /y, public: true } ] }\ncors: { allowed_origins: [\"https://a.example\"] }\n",
+            "jwt: { jwks_file: k.json, issuer: b, leeway: 5s }\nroutes: { dry_run: true, rules: [ { path: /y, public: true }, { path: /z, mode: shadow } ] }\ncors: { allowed_origins: [\"https://a.example\"] }\n",
         );
         assert!(restart_only_changes(&config(BASE), &new).is_empty());
+        // The dry run and shadow rules are route settings: a reload turns them on and off.
+        assert!(keep_restart_only(&config(BASE), new).routes.dry_run);
     }
 
     #[test]

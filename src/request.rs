@@ -328,6 +328,34 @@ pub fn from_proto(req: auth::CheckRequest, policy: PathPolicy) -> Result<CheckIn
     })
 }
 
+/// A request given as plain values (`authz-sidecar check`), read as [`from_proto`] reads
+/// Envoy's: the path under `policy`, the host in canonical form (from `host`, else the
+/// `host` header; both must agree), the method upper case.
+pub fn from_parts(
+    method: &str,
+    path_and_query: &str,
+    host: &str,
+    headers: Headers,
+    body: Option<Bytes>,
+    policy: PathPolicy,
+) -> Result<CheckInput, RequestError> {
+    let (path, query) = split_path(path_and_query, policy)?;
+    let host = canonical_host(host, &headers)?;
+    Ok(CheckInput {
+        request_id: new_request_id(),
+        method: method.to_ascii_uppercase(),
+        path,
+        query,
+        query_raw: query_part(path_and_query).to_string(),
+        host,
+        scheme: "http".into(),
+        headers,
+        body,
+        peer: None,
+        context_extensions: Default::default(),
+    })
+}
+
 pub fn new_request_id() -> String {
     let bytes: [u8; 12] = rand::random();
     hex::encode(bytes)

@@ -115,8 +115,63 @@ fn dynamic_metadata(decision: &Decision, decision_id: &str) -> prost_types::Stru
     prost_types::Struct { fields }
 }
 
-fn allow(a: &Allow, strip: &[String]) -> CheckResponse {
-    let mut set: Vec<(&str, String)> = Vec::new();
+/// What Envoy does with a request, as plain data (for `authz-sidecar check`): the values
+/// [`to_proto`] sends, built by the same functions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The HTTP status the client gets from the sidecar (200 when the request goes on).
+    pub status: u16,
+    /// The request goes on to the app.
+    pub forwarded: bool,
+    /// Request headers set (overwritten) on the way to the app.
+    pub set: Vec<(String, String)>,
+    /// Request headers removed on the way to the app.
+    pub remove: Vec<String>,
+    /// Headers on the answer to the client (CORS; a deny's challenge and content type).
+    pub response_headers: Vec<(String, String)>,
+    /// A deny's JSON body.
+    pub body: Option<String>,
+}
+
+/// [`Applied`] for `decision`, as [`to_proto`] would answer it.
+pub fn applied(decision: &Decision, request_id: &str, strip: &[String]) -> Applied {
+    let own = |h: &[(String, String)]| h.to_vec();
+    match decision {
+        Decision::Allow(a) => match a.local_reply {
+            Some(status) => Applied {
+                status,
+                forwarded: false,
+                set: Vec::new(),
+                remove: Vec::new(),
+                response_headers: local_reply_headers(&a.response_headers, request_id),
+                body: None,
+            },
+            None => {
+                let (set, remove) = upstream_headers(a, strip);
+                Applied {
+                    status: 200,
+                    forwarded: true,
+                    set: set.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                    remove,
+                    response_headers: own(&a.response_headers),
+                    body: None,
+                }
+            }
+        },
+        Decision::Deny(d) => Applied {
+            status: d.http_status,
+            forwarded: false,
+            set: Vec::new(),
+            remove: Vec::new(),
+            response_headers: deny_headers(d, request_id),
+            body: Some(deny_body(d, request_id, "")),
+        },
+    }
+}
+
+/// The identity headers set on the upstream request, and the headers removed from it.
+fn upstream_headers(a: &Allow, strip: &[String]) -> (Vec<(&'static str, String)>, Vec<String>) {
+    let mut set: Vec<(&'static str, String)> = Vec::new();
     if let Some(p) = &a.principal {
         set.push((H_SUBJECT, clean(&p.subject)));
         set.push((H_PRINCIPAL_TYPE, p.kind.as_str().to_string()));
@@ -137,7 +192,7 @@ fn allow(a: &Allow, strip: &[String]) -> CheckResponse {
     }
     // Removing a header we also set would race with Envoy's order of operations; overwrite
     // those, remove the rest. The credential headers are never among those set.
-    let headers_to_remove = IDENTITY_HEADERS
+    let headers_to_remove: Vec<String> = IDENTITY_HEADERS
         .iter()
         .filter(|h| !set.iter().any(|(k, _)| k == *h))
         .map(|h| h.to_string())
@@ -148,6 +203,11 @@ fn allow(a: &Allow, strip: &[String]) -> CheckResponse {
                 .cloned(),
         )
         .collect();
+    (set, headers_to_remove)
+}
+
+fn allow(a: &Allow, strip: &[String]) -> CheckResponse {
+    let (set, headers_to_remove) = upstream_headers(a, strip);
     CheckResponse {
         status: Some(Status {
             code: tonic::Code::Ok as i32,
@@ -171,10 +231,10 @@ fn allow(a: &Allow, strip: &[String]) -> CheckResponse {
 /// response is Envoy's only way to let the authorizer answer the client itself, so the gRPC
 /// status is not OK; the HTTP status and headers are the answer, with no body.
 fn local_reply(status: u16, headers: &[(String, String)], request_id: &str) -> CheckResponse {
-    let mut set: Vec<HeaderValueOption> = headers.iter().map(|(k, v)| header(k, v)).collect();
-    if !request_id.is_empty() {
-        set.push(header("x-request-id", &clean(request_id)));
-    }
+    let set: Vec<HeaderValueOption> = local_reply_headers(headers, request_id)
+        .iter()
+        .map(|(k, v)| header(k, v))
+        .collect();
     CheckResponse {
         status: Some(Status {
             code: tonic::Code::PermissionDenied as i32,
@@ -192,6 +252,27 @@ fn local_reply(status: u16, headers: &[(String, String)], request_id: &str) -> C
     }
 }
 
+fn local_reply_headers(headers: &[(String, String)], request_id: &str) -> Vec<(String, String)> {
+    let mut set = headers.to_vec();
+    if !request_id.is_empty() {
+        set.push(("x-request-id".into(), clean(request_id)));
+    }
+    set
+}
+
+/// The headers of a deny's answer: content type, the challenge, the request id, CORS.
+fn deny_headers(d: &Deny, request_id: &str) -> Vec<(String, String)> {
+    let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
+    if let Some(c) = &d.www_authenticate {
+        headers.push(("www-authenticate".into(), c.clone()));
+    }
+    if !request_id.is_empty() {
+        headers.push(("x-request-id".into(), clean(request_id)));
+    }
+    headers.extend(d.response_headers.iter().cloned());
+    headers
+}
+
 /// The JSON body of a deny; `decision_id` joins it to the decision line (left out when empty).
 pub fn deny_body(d: &Deny, request_id: &str, decision_id: &str) -> String {
     let mut body = serde_json::json!({
@@ -207,14 +288,10 @@ pub fn deny_body(d: &Deny, request_id: &str, decision_id: &str) -> String {
 }
 
 fn deny(d: &Deny, request_id: &str, decision_id: &str) -> CheckResponse {
-    let mut headers = vec![header("content-type", "application/json")];
-    if let Some(c) = &d.www_authenticate {
-        headers.push(header("www-authenticate", c));
-    }
-    if !request_id.is_empty() {
-        headers.push(header("x-request-id", &clean(request_id)));
-    }
-    headers.extend(d.response_headers.iter().map(|(k, v)| header(k, v)));
+    let headers = deny_headers(d, request_id)
+        .iter()
+        .map(|(k, v)| header(k, v))
+        .collect();
     CheckResponse {
         status: Some(Status {
             code: d.grpc_code as i32,

@@ -92,6 +92,44 @@ fn log_decision(input: &request::CheckInput, d: &Decision, id: DecisionId, micro
     }
 }
 
+/// One line per shadow rule that matched and one for a deny the dry run relaxed, after the
+/// decision line (same request id): what the request *would* have got. Never the answer.
+fn log_shadow(
+    input: &request::CheckInput,
+    shadow: &[pipeline::ShadowOutcome],
+    dry_run: Option<&crate::decision::Deny>,
+) {
+    for o in shadow {
+        tracing::info!(
+            decision = "shadow",
+            request_id = %input.request_id,
+            method = %input.method,
+            path = %input.path,
+            rule = %o.rule,
+            outcome = o.outcome.as_str(),
+            status = o.status,
+            reason = %o.reason,
+            subject = o.subject.as_deref().unwrap_or("-"),
+            "shadow rule"
+        );
+    }
+    if let Some(d) = dry_run {
+        tracing::info!(
+            decision = "dry_run",
+            request_id = %input.request_id,
+            method = %input.method,
+            path = %input.path,
+            rule = d.rule.as_deref().unwrap_or("unmatched"),
+            outcome = "would_deny",
+            status = d.http_status,
+            error = d.error,
+            reason = %d.detail,
+            subject = d.principal.as_ref().map_or("-", |p| p.subject.as_str()),
+            "dry run: allowed a request the rules deny"
+        );
+    }
+}
+
 #[tonic::async_trait]
 impl Authorization for CheckService {
     async fn check(
@@ -129,10 +167,16 @@ impl Authorization for CheckService {
             }
         };
         tracing::debug!(request_id = %input.request_id, method = %input.method, path = %input.path, host = %input.host, peer = ?input.peer, "check received");
-        let decision = pipeline::check(&policy, &input).await;
+        let checked = pipeline::check_full(&policy, &input, None).await;
+        let decision = checked.decision;
         let elapsed = start.elapsed();
         if self.log.logs(decision.is_allow(), id) {
             log_decision(&input, &decision, id, elapsed.as_micros());
+        }
+        if !checked.shadow.is_empty() || checked.dry_run.is_some() {
+            log_shadow(&input, &checked.shadow, checked.dry_run.as_ref());
+            self.metrics
+                .record_shadow(&checked.shadow, checked.dry_run.as_ref());
         }
         self.metrics.record(&policy, &decision, elapsed);
         Ok(Response::new(response::to_proto_with_id(

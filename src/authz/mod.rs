@@ -10,6 +10,7 @@ pub mod cache;
 pub mod openfga;
 pub mod rules;
 pub mod strict_json;
+pub mod trace;
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use crate::authn::Principal;
 use crate::config::{Consistency, Match, OnBackendError};
 use crate::failure::FailureKind;
 use rules::{CompiledCheck, EvalContext, Rule};
+use trace::{Event, Trace, record};
 
 pub use authorizer::{Authorizer, LateChecker, contextual_tuples};
 
@@ -79,6 +81,11 @@ pub trait RelationshipChecker: Send + Sync {
     /// Whether the backend is configured and reachable (readiness).
     fn ready(&self) -> bool;
     fn describe(&self) -> String;
+    /// The answer a cache in this checker holds for `query` now, if any, without counting
+    /// it or changing the cache: for explanations ([`trace::Source`]). No cache: `None`.
+    fn cached(&self, _query: &CheckQuery) -> Option<bool> {
+        None
+    }
 }
 
 /// Why a principal may not do what it asked.
@@ -143,6 +150,7 @@ async fn authorize_parts(
     principal: &Principal,
     checker: Option<&dyn RelationshipChecker>,
     contextual: &Arc<Vec<TupleKey>>,
+    mut trace: Option<&mut Trace>,
 ) -> Result<Granted, (usize, AuthzError)> {
     let mut queries = Vec::new();
     // (part, its check, its queries in `queries`)
@@ -170,6 +178,18 @@ async fn authorize_parts(
     };
     let checker =
         checker.ok_or_else(|| (first, AuthzError::NoChecker(parts[first].0.name.clone())))?;
+    // Where each answer will come from, read before asking (only when explaining).
+    let sources: Vec<trace::Source> = if trace.is_some() {
+        queries
+            .iter()
+            .map(|q| match checker.cached(q) {
+                Some(_) => trace::Source::Cache,
+                None => trace::Source::OpenFga,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let answers = checker.check(&queries).await.and_then(|a| {
         if a.len() == queries.len() {
             Ok(a)
@@ -181,6 +201,21 @@ async fn authorize_parts(
             )))
         }
     });
+    if trace.is_some() {
+        for (i, _, range) in &asked {
+            for k in range.clone() {
+                record(&mut trace, || Event::Relation {
+                    rule: parts[*i].0.name.clone(),
+                    tuple: queries[k].tuple.clone(),
+                    answer: match &answers {
+                        Ok(a) => Ok(a[k]),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    source: sources[k],
+                });
+            }
+        }
+    }
     let mut granted = Granted::default();
     for (i, check, range) in asked {
         let answers = answers.as_ref().map(|a| &a[range.clone()]);

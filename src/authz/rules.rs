@@ -17,10 +17,11 @@ use serde_json::Value;
 
 use super::RelationRef;
 use super::TupleKey;
+use super::trace::{Event, Trace, record};
 use crate::authn::Principal;
 use crate::config::{
     Config, ConfigError, Consistency, Match, OnBackendError, OpenFgaConfig, RelationCheckConfig,
-    RoutesConfig, RuleConfig, Unmatched,
+    RoutesConfig, RuleConfig, RuleMode, Unmatched,
 };
 use crate::failure::FailureKind;
 use crate::request::{CheckInput, RequestError};
@@ -483,6 +484,8 @@ enum Op {
 pub struct Predicate {
     source: Source,
     op: Op,
+    /// As written, for explanations.
+    raw: String,
 }
 
 impl Predicate {
@@ -502,7 +505,18 @@ impl Predicate {
         Ok(Self {
             source: Source::parse(src.trim())?,
             op,
+            raw: raw.to_string(),
         })
+    }
+
+    /// Why this predicate does not hold, for an explanation: what it asks and what was read.
+    fn why_not(&self, ctx: &EvalContext<'_>) -> String {
+        let read = match ctx.read(&self.source, None) {
+            Ok(Some(v)) => format!("{} is {v:?}", self.source.describe()),
+            Ok(None) => format!("{} is absent", self.source.describe()),
+            Err(_) => format!("{} cannot be read", self.source.describe()),
+        };
+        format!("when {:?} does not hold: {read}", self.raw)
     }
 
     fn holds(&self, ctx: &EvalContext<'_>) -> Result<bool, Unreadable> {
@@ -661,9 +675,37 @@ pub struct Rule {
     pub roles_match: Match,
     pub scopes: Vec<String>,
     pub check: Option<CompiledCheck>,
+    /// `mode: shadow`: evaluated and logged, never deciding ([`RuleSet::shadow_rules`]).
+    pub shadow: bool,
 }
 
 impl Rule {
+    /// Why this rule's host, method or path does not fit the request (`None`: they do), for
+    /// an explanation: the tests [`find`] makes, in its order.
+    fn why_not(&self, input: &CheckInput) -> Option<String> {
+        if !self.host_matches(&input.host) {
+            return Some(format!(
+                "host {:?} is not one of [{}]",
+                input.host,
+                self.hosts.join(", ")
+            ));
+        }
+        if !self.methods.is_empty() && !self.methods.contains(&input.method) {
+            return Some(format!(
+                "method {} is not one of [{}]",
+                input.method,
+                self.methods.join(", ")
+            ));
+        }
+        if self.path.matches(&input.path).is_none() {
+            return Some(format!(
+                "path {} does not match {}",
+                input.path, self.path.raw
+            ));
+        }
+        None
+    }
+
     /// Every source the rule's check templates read.
     fn template_sources(&self) -> impl Iterator<Item = &Source> {
         self.check.iter().flat_map(|c| &c.checks).flat_map(|c| {
@@ -708,11 +750,15 @@ pub struct Route<'r, 'a> {
     pub batch: bool,
 }
 
-/// The ordered rules; the first match wins.
+/// The ordered rules; the first match wins. Shadow rules are kept apart: routing for the
+/// answer never sees them ([`RuleSet::route_shadow`] tries each on its own).
 #[derive(Debug, Clone)]
 pub struct RuleSet {
     rules: Vec<Rule>,
+    shadow: Vec<Rule>,
     pub unmatched: Unmatched,
+    /// `routes.dry_run`: the pipeline answers 401/403 policy denies with an allow.
+    pub dry_run: bool,
 }
 
 impl RuleSet {
@@ -729,6 +775,7 @@ impl RuleSet {
     ) -> Result<Self, ConfigError> {
         let default_consistency = openfga.map(|o| o.consistency).unwrap_or_default();
         let mut rules = Vec::with_capacity(cfg.rules.len());
+        let mut shadow = Vec::new();
         let mut names = std::collections::HashSet::new();
         for (i, rc) in cfg.rules.iter().enumerate() {
             let key = format!("routes.rules[{i}]");
@@ -739,21 +786,33 @@ impl RuleSet {
                     format!("{:?} is used by an earlier rule", rule.name),
                 ));
             }
-            rules.push(rule);
+            if rule.shadow {
+                shadow.push(rule);
+            } else {
+                rules.push(rule);
+            }
         }
         Ok(Self {
             rules,
+            shadow,
             unmatched: cfg.unmatched,
+            dry_run: cfg.dry_run,
         })
     }
 
+    /// The enforcing rules, in order.
     pub fn rules(&self) -> &[Rule] {
         &self.rules
     }
 
+    /// The shadow rules (`mode: shadow`), in order: never consulted for the answer.
+    pub fn shadow_rules(&self) -> &[Rule] {
+        &self.shadow
+    }
+
     /// Routes a request: the first rule that matches it, with the values it was matched on.
     /// A body that is a JSON array is a JSON-RPC batch: each element is routed as if it were
-    /// the body, and is one part of the answer.
+    /// the body, and is one part of the answer. Shadow rules take no part.
     ///
     /// Refused (with the batch element it concerns, if any): a request that a rule which
     /// could have matched (host, method and path do) can only be matched or checked by
@@ -762,93 +821,38 @@ impl RuleSet {
         &'r self,
         input: &'a CheckInput,
     ) -> Result<Route<'r, 'a>, (Option<usize>, Refusal)> {
-        let mut ctx = EvalContext::new(input);
-        let stop = match self.find(&mut ctx) {
-            Ok(rule) => {
-                return Ok(Route {
-                    parts: vec![Routed { ctx, rule }],
-                    batch: false,
-                });
-            }
-            Err(stop) => stop,
-        };
-        let refuse = |stop: &Stop<'_>, problem| Refusal {
-            rule: stop.rule.name.clone(),
-            reads: stop.source.describe(),
-            problem,
-        };
-        if let Unreadable::Ambiguous(a) = &stop.why {
-            return Err((None, refuse(&stop, a.clone())));
-        }
-        let elements = ctx.batch_elements();
-        if elements.is_empty() {
-            return Err((None, refuse(&stop, Ambiguity::EmptyBatch)));
-        }
-        let mut parts = Vec::with_capacity(elements.len());
-        for (i, element) in elements.into_iter().enumerate() {
-            // JSON-RPC 2.0: a batch holds request objects; anything else is not a call the
-            // app could run, and reading it as one would be a guess.
-            if !element.is_object() {
-                return Err((None, refuse(&stop, Ambiguity::BatchElement(i))));
-            }
-            let mut ctx = EvalContext::element(input, element);
-            match self.find(&mut ctx) {
-                Ok(rule) => parts.push(Routed { ctx, rule }),
-                Err(s) => {
-                    let problem = match &s.why {
-                        Unreadable::Ambiguous(a) => a.clone(),
-                        // An element is an object, never a batch of its own.
-                        Unreadable::Batch => Ambiguity::BatchElement(i),
-                    };
-                    return Err((Some(i), refuse(&s, problem)));
-                }
-            }
-        }
-        Ok(Route { parts, batch: true })
+        route_in(&self.rules, input, None)
     }
 
-    /// The first rule that matches, with the path parameters it captured in `ctx`.
-    fn find<'r>(&'r self, ctx: &mut EvalContext<'_>) -> Result<Option<&'r Rule>, Stop<'r>> {
-        let input = ctx.input;
-        for rule in &self.rules {
-            if !rule.host_matches(&input.host) {
-                continue;
-            }
-            if !rule.methods.is_empty() && !rule.methods.contains(&input.method) {
-                continue;
-            }
-            let Some(params) = rule.path.matches(&input.path) else {
-                continue;
-            };
-            ctx.params = params;
-            let stop = |source: &Source, why| Stop {
-                rule,
-                source: source.clone(),
-                why,
-            };
-            // Every predicate is read, not only up to the first false one: whether a request
-            // is refused must not depend on the order a rule lists its predicates in.
-            let mut holds = true;
-            for p in &rule.when {
-                holds &= p.holds(ctx).map_err(|why| stop(&p.source, why))?;
-            }
-            if !holds {
-                continue;
-            }
-            // The check will read these: refuse now rather than check on a guess.
-            for src in rule.template_sources() {
-                ctx.read(src, None).map_err(|why| stop(src, why))?;
-            }
-            return Ok(Some(rule));
+    /// [`Self::route`], recording in `trace` each rule tried and why it did not match (and
+    /// the shadow rules as passed over).
+    pub fn route_traced<'r, 'a>(
+        &'r self,
+        input: &'a CheckInput,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Route<'r, 'a>, (Option<usize>, Refusal)> {
+        for rule in &self.shadow {
+            record(&mut trace, || Event::ShadowIgnored {
+                rule: rule.name.clone(),
+            });
         }
-        ctx.params.clear();
-        Ok(None)
+        route_in(&self.rules, input, trace)
+    }
+
+    /// Routes a request as if the shadow rule `rule` were the only rule: the parts it governs
+    /// (a part it does not match has no rule), or the refusal it would give.
+    pub fn route_shadow<'r, 'a>(
+        rule: &'r Rule,
+        input: &'a CheckInput,
+        trace: Option<&mut Trace>,
+    ) -> Result<Route<'r, 'a>, (Option<usize>, Refusal)> {
+        route_in(std::slice::from_ref(rule), input, trace)
     }
 
     /// Every relationship a rule may ask about, for validation against the OpenFGA model.
     pub fn relation_refs(&self) -> Vec<RelationRef> {
         let mut out = Vec::new();
-        for rule in &self.rules {
+        for rule in self.rules.iter().chain(&self.shadow) {
             for c in rule.check.iter().flat_map(|c| &c.checks) {
                 out.push(RelationRef {
                     rule: rule.name.clone(),
@@ -863,8 +867,132 @@ impl RuleSet {
     }
 
     pub fn needs_relationships(&self) -> bool {
-        self.rules.iter().any(|r| r.check.is_some())
+        self.rules
+            .iter()
+            .chain(&self.shadow)
+            .any(|r| r.check.is_some())
     }
+}
+
+/// [`RuleSet::route`] over `rules` (the enforcing rules, or one shadow rule).
+fn route_in<'r, 'a>(
+    rules: &'r [Rule],
+    input: &'a CheckInput,
+    mut trace: Option<&mut Trace>,
+) -> Result<Route<'r, 'a>, (Option<usize>, Refusal)> {
+    let mut ctx = EvalContext::new(input);
+    let stop = match find(rules, &mut ctx, &mut trace) {
+        Ok(rule) => {
+            return Ok(Route {
+                parts: vec![Routed { ctx, rule }],
+                batch: false,
+            });
+        }
+        Err(stop) => stop,
+    };
+    let refuse = |stop: &Stop<'_>, problem| Refusal {
+        rule: stop.rule.name.clone(),
+        reads: stop.source.describe(),
+        problem,
+    };
+    if let Unreadable::Ambiguous(a) = &stop.why {
+        return Err((None, refuse(&stop, a.clone())));
+    }
+    let elements = ctx.batch_elements();
+    if elements.is_empty() {
+        return Err((None, refuse(&stop, Ambiguity::EmptyBatch)));
+    }
+    record(&mut trace, || Event::Batch {
+        elements: elements.len(),
+    });
+    let mut parts = Vec::with_capacity(elements.len());
+    for (i, element) in elements.into_iter().enumerate() {
+        // JSON-RPC 2.0: a batch holds request objects; anything else is not a call the
+        // app could run, and reading it as one would be a guess.
+        if !element.is_object() {
+            return Err((None, refuse(&stop, Ambiguity::BatchElement(i))));
+        }
+        record(&mut trace, || Event::Element { index: i });
+        let mut ctx = EvalContext::element(input, element);
+        match find(rules, &mut ctx, &mut trace) {
+            Ok(rule) => parts.push(Routed { ctx, rule }),
+            Err(s) => {
+                let problem = match &s.why {
+                    Unreadable::Ambiguous(a) => a.clone(),
+                    // An element is an object, never a batch of its own.
+                    Unreadable::Batch => Ambiguity::BatchElement(i),
+                };
+                return Err((Some(i), refuse(&s, problem)));
+            }
+        }
+    }
+    Ok(Route { parts, batch: true })
+}
+
+/// The first of `rules` that matches, with the path parameters it captured in `ctx`. With a
+/// trace, each rule passed over is recorded with the reason (built only then).
+fn find<'r>(
+    rules: &'r [Rule],
+    ctx: &mut EvalContext<'_>,
+    trace: &mut Option<&mut Trace>,
+) -> Result<Option<&'r Rule>, Stop<'r>> {
+    let input = ctx.input;
+    for rule in rules {
+        let skipped = |trace: &mut Option<&mut Trace>, why: &dyn Fn() -> String| {
+            record(trace, || Event::RuleSkipped {
+                rule: rule.name.clone(),
+                shadow: rule.shadow,
+                why: why(),
+            });
+        };
+        if !rule.host_matches(&input.host) {
+            skipped(trace, &|| rule.why_not(input).unwrap_or_default());
+            continue;
+        }
+        if !rule.methods.is_empty() && !rule.methods.contains(&input.method) {
+            skipped(trace, &|| rule.why_not(input).unwrap_or_default());
+            continue;
+        }
+        let Some(params) = rule.path.matches(&input.path) else {
+            skipped(trace, &|| rule.why_not(input).unwrap_or_default());
+            continue;
+        };
+        ctx.params = params;
+        let stop = |source: &Source, why| Stop {
+            rule,
+            source: source.clone(),
+            why,
+        };
+        // Every predicate is read, not only up to the first false one: whether a request
+        // is refused must not depend on the order a rule lists its predicates in.
+        let mut holds = true;
+        let mut first_false = None;
+        for p in &rule.when {
+            let h = p.holds(ctx).map_err(|why| stop(&p.source, why))?;
+            if !h && first_false.is_none() {
+                first_false = Some(p);
+            }
+            holds &= h;
+        }
+        if !holds {
+            if let Some(p) = first_false {
+                skipped(trace, &|| p.why_not(ctx));
+            }
+            continue;
+        }
+        // The check will read these: refuse now rather than check on a guess.
+        for src in rule.template_sources() {
+            ctx.read(src, None).map_err(|why| stop(src, why))?;
+        }
+        record(trace, || Event::RuleMatched {
+            rule: rule.name.clone(),
+            shadow: rule.shadow,
+            params: ctx.params.clone(),
+        });
+        return Ok(Some(rule));
+    }
+    ctx.params.clear();
+    Ok(None)
 }
 
 fn compile_rule(
@@ -959,6 +1087,7 @@ fn compile_rule(
         roles_match: rc.roles_match,
         scopes: rc.scopes.clone(),
         check,
+        shadow: rc.mode == RuleMode::Shadow,
     })
 }
 
@@ -1036,6 +1165,7 @@ mod tests {
             &RoutesConfig {
                 unmatched: Unmatched::Deny,
                 rules: cfg.rules,
+                dry_run: false,
             },
             Some(&crate::config::test_openfga_config()),
         )
@@ -1539,6 +1669,40 @@ rules:
             .unwrap()
             .with_body(br#"{"method":"tools/call"}"#);
         assert_eq!(outcome(&rs, &input), Ok(vec!["api".to_string()]));
+    }
+
+    #[test]
+    fn a_shadow_rule_is_never_routed_to_but_is_tried_on_its_own_and_checked_like_any_rule() {
+        let rs = rules(
+            r#"
+rules:
+  - name: tools-by-relation
+    mode: shadow
+    path: "/tools/{tool}"
+    check: { all: [ { relation: executor, object: "tool:{tool}" } ] }
+  - { name: tools, path: "/tools/{tool}", mode: enforce }
+"#,
+        )
+        .unwrap();
+        let input = CheckInput::http("GET", "/tools/shell").unwrap();
+        assert_eq!(outcome(&rs, &input), Ok(vec!["tools".to_string()]));
+        let shadow = &rs.shadow_rules()[0];
+        let route = RuleSet::route_shadow(shadow, &input, None).ok().unwrap();
+        assert_eq!(
+            route.parts[0].rule.map(|r| r.name.as_str()),
+            Some("tools-by-relation")
+        );
+        assert_eq!(route.parts[0].ctx.params, [("tool".into(), "shell".into())]);
+        let elsewhere = CheckInput::http("GET", "/admin").unwrap();
+        let route = RuleSet::route_shadow(shadow, &elsewhere, None)
+            .ok()
+            .unwrap();
+        assert!(route.parts[0].rule.is_none(), "no match is no part");
+        // Validated against the model like any rule, and names are shared across modes.
+        assert_eq!(rs.relation_refs()[0].rule, "tools-by-relation");
+        let e = rules("rules: [ { name: x, path: /a, mode: shadow }, { name: x, path: /b } ]")
+            .unwrap_err();
+        assert!(e.to_string().contains("routes.rules[1].name"), "{e}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use jsonwebtoken::{Algorithm, DecodingKey, jwk::Jwk};
 use serde::Deserialize;
+use tracing::Instrument as _;
 
 use crate::config::{JwtConfig, KeySourceConfig, discovery_url};
 
@@ -121,9 +122,12 @@ impl JwksKeySource {
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, String> {
-        let resp = self
-            .http
-            .get(url)
+        let mut req = self.http.get(url);
+        // The fetch's trace context, so a traced Keycloak's spans join the trace.
+        for (name, value) in crate::tracing_export::outgoing(&tracing::Span::current()) {
+            req = req.header(name, value);
+        }
+        let resp = req
             .send()
             .await
             .map_err(|e| crate::http_client::describe(&e, self.timeout))?;
@@ -310,7 +314,36 @@ impl KeySource for JwksKeySource {
 impl JwksKeySource {
     async fn refresh_locked(&self) -> Result<usize, KeyError> {
         *self.last_fetch.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-        match self.fetch().await {
+        let span = tracing::info_span!(
+            target: crate::tracing_export::TARGET,
+            "jwks fetch",
+            otel.kind = "client",
+            source = %self.source_name(),
+            keys = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let fetched = self.fetch().instrument(span.clone()).await;
+        if !span.is_disabled() {
+            match &fetched {
+                Ok(set) => {
+                    span.record("keys", set.keys.len());
+                    span.record(
+                        "outcome",
+                        if set.keys.is_empty() {
+                            "no usable keys"
+                        } else {
+                            "ok"
+                        },
+                    );
+                }
+                Err(cause) => {
+                    span.record("outcome", cause.as_str());
+                    span.record("otel.status_code", "error");
+                }
+            }
+        }
+        match fetched {
             Ok(set) if set.keys.is_empty() => {
                 let cause = "the JWKS has no usable signing keys".to_string();
                 self.set_error(Some(cause.clone()));

@@ -167,19 +167,78 @@ impl Transport {
         &self.base
     }
 
+    /// One call to OpenFGA. Inside a traced operation (a check) it gets an `openfga` client
+    /// span (endpoint, store, status, outcome) and carries its `traceparent`, so OpenFGA's own
+    /// spans join the trace; a call outside one (startup, the changelog poll) gets none, so
+    /// a background poll is not a trace every second.
     pub(super) async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, CallError> {
+        use tracing::Instrument as _;
+        let span = if tracing::Span::current().is_none() {
+            tracing::Span::none()
+        } else {
+            let (endpoint, store) = endpoint_of(path);
+            tracing::info_span!(
+                target: crate::tracing_export::TARGET,
+                "openfga",
+                otel.name = %format!("openfga {endpoint}"),
+                otel.kind = "client",
+                endpoint,
+                store,
+                http.request.method = %method,
+                url.full = %format!("{}{}", self.base, path.split('?').next().unwrap_or(path)),
+                status = tracing::field::Empty,
+                outcome = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        };
+        let result = self
+            .call_untraced(method, path, body, &span)
+            .instrument(span.clone())
+            .await;
+        if !span.is_disabled() {
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(CallError::Transport(_)) => "unavailable",
+                Err(CallError::Status { status, .. }) => match StatusClass::of(status.as_u16()) {
+                    StatusClass::Unavailable => "unavailable",
+                    StatusClass::Unauthorized => "unauthorized",
+                    StatusClass::Rejected => "rejected",
+                },
+            };
+            span.record("outcome", outcome);
+            if let Some(status) = result.as_ref().err().and_then(CallError::status) {
+                span.record("status", status.as_u16());
+            }
+            if outcome != "ok" {
+                span.record("otel.status_code", "error");
+            }
+        }
+        result
+    }
+
+    async fn call_untraced<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        span: &tracing::Span,
+    ) -> Result<T, CallError> {
         let body = body.map(bytes::Bytes::from);
+        let trace_headers = crate::tracing_export::outgoing(span);
         let send = || {
             let mut req = self
                 .http
                 .request(method.clone(), format!("{}{path}", self.base));
             if let Some(token) = &self.token {
                 req = req.bearer_auth(token);
+            }
+            for (name, value) in &trace_headers {
+                req = req.header(name, value);
             }
             if let Some(body) = &body {
                 req = req
@@ -226,6 +285,20 @@ impl Transport {
 
     pub(super) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CallError> {
         self.call(Method::GET, path, None).await
+    }
+}
+
+/// The API endpoint and store a call's path names, for its span: `/stores/S/check` is
+/// (`check`, `S`), `/stores/S/authorization-models/M` (`authorization-models`, `S`),
+/// `/stores/S` (`store`, `S`), `/stores` (`stores`, ``).
+fn endpoint_of(path: &str) -> (&str, &str) {
+    let path = path.split('?').next().unwrap_or(path);
+    let mut parts = path.trim_start_matches('/').split('/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some("stores"), Some(store), Some(endpoint)) => (endpoint, store),
+        (Some("stores"), Some(store), None) => ("store", store),
+        (Some(first), _, _) => (first, ""),
+        (None, _, _) => ("", ""),
     }
 }
 
@@ -356,6 +429,25 @@ mod tests {
             e.to_string(),
             "OpenFGA unreachable at http://fga:8080 (OPENFGA_API_URL): connection refused"
         );
+    }
+
+    #[test]
+    fn spans_name_the_endpoint_and_the_store() {
+        assert_eq!(endpoint_of("/stores/01S/check"), ("check", "01S"));
+        assert_eq!(
+            endpoint_of("/stores/01S/batch-check"),
+            ("batch-check", "01S")
+        );
+        assert_eq!(
+            endpoint_of("/stores/01S/changes?page_size=100&continuation_token=x"),
+            ("changes", "01S")
+        );
+        assert_eq!(
+            endpoint_of("/stores/01S/authorization-models/01M"),
+            ("authorization-models", "01S")
+        );
+        assert_eq!(endpoint_of("/stores/01S"), ("store", "01S"));
+        assert_eq!(endpoint_of("/stores?page_size=50"), ("stores", ""));
     }
 
     #[test]

@@ -463,4 +463,39 @@ mod tests {
         // Known kids still come from the last good set.
         assert!(source.key("rsa-a").await.is_ok());
     }
+
+    /// An unknown kid inside a check refetches the keys in a `jwks fetch` span under the
+    /// check's (here: the test's) span, with the source, the keys loaded and the outcome.
+    #[tokio::test]
+    async fn a_fetch_is_a_span_under_the_operation_that_needed_it() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let spans = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_simple_exporter(spans.clone())
+            .build();
+        let subscriber =
+            tracing_subscriber::registry().with(crate::tracing_export::export_layer(&provider));
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let source = file_source(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/keys/jwks.json"
+        )));
+        let check = tracing::info_span!(target: crate::tracing_export::TARGET, "check");
+        assert!(source.key("rsa-a").instrument(check.clone()).await.is_ok());
+        drop(check);
+        let spans = spans.get_finished_spans().unwrap();
+        let check = spans.iter().find(|s| s.name == "check").unwrap();
+        let fetch = spans.iter().find(|s| s.name == "jwks fetch").unwrap();
+        assert_eq!(fetch.parent_span_id, check.span_context.span_id());
+        let attribute = |name: &str| {
+            fetch
+                .attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == name)
+                .map(|kv| kv.value.to_string())
+        };
+        assert_eq!(attribute("outcome").as_deref(), Some("ok"));
+        assert!(attribute("source").unwrap().starts_with("JWKS file "));
+        assert!(attribute("keys").unwrap().parse::<usize>().unwrap() > 0);
+    }
 }

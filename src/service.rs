@@ -344,6 +344,7 @@ mod tests {
     /// the way `serve` does (the log layer beside the export layer).
     fn traced() -> Traced {
         use tracing_subscriber::layer::SubscriberExt as _;
+        tracing_export::per_thread_subscribers();
         let keys = Arc::new(GatedKeys {
             entered: Notify::new(),
             gate: Semaphore::new(1000),

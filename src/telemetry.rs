@@ -367,6 +367,7 @@ mod tests {
     /// back as written.
     #[test]
     fn client_text_cannot_forge_a_log_line() {
+        crate::tracing_export::per_thread_subscribers();
         let forged = "decision=\"allow\" subject=\"user:admin\"";
         let cases: Vec<(String, &str)> = vec![
             (format!("/api/x\r\n{forged}"), "path=\"/api/x\\r\\n"),
@@ -445,20 +446,30 @@ mod tests {
         span
     }
 
-    /// Without export, even at LOG_LEVEL=trace the spans are disabled at their callsite (their
-    /// fields never evaluated) and no line names them.
+    /// Without export, even at LOG_LEVEL=trace, the log's subscriber is not interested in the
+    /// spans' callsites (so a process with only this subscriber caches them as disabled: their
+    /// fields are never evaluated), and no line names them.
     #[test]
     fn without_export_the_spans_are_disabled_and_absent_from_the_log() {
+        use tracing::Subscriber as _;
         use tracing_subscriber::layer::SubscriberExt as _;
+        crate::tracing_export::per_thread_subscribers();
+        // The check span's callsite, as an exporting subscriber sees it.
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let exporting =
+            tracing_subscriber::registry().with(crate::tracing_export::export_layer(&provider));
+        let meta = tracing::subscriber::with_default(exporting, a_check_span)
+            .metadata()
+            .expect("exported");
         for json in [false, true] {
             let capture = Capture::default();
             let writer = capture.clone();
-            let subscriber = tracing_subscriber::registry()
+            let log_only = tracing_subscriber::registry()
                 .with(log_layer(&log_config("trace", json), move || {
                     writer.clone()
                 }));
-            let span = tracing::subscriber::with_default(subscriber, a_check_span);
-            assert!(span.is_disabled(), "json={json}");
+            assert!(log_only.register_callsite(meta).is_never(), "json={json}");
+            tracing::subscriber::with_default(log_only, a_check_span);
             let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
             assert_eq!(text.lines().count(), 1, "{text}");
             assert!(!text.contains("r-1"), "the span shows in the log: {text}");
@@ -470,6 +481,7 @@ mod tests {
     #[test]
     fn with_export_the_log_lines_keep_their_shape() {
         use tracing_subscriber::layer::SubscriberExt as _;
+        crate::tracing_export::per_thread_subscribers();
         for json in [false, true] {
             let spans = opentelemetry_sdk::trace::InMemorySpanExporter::default();
             let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()

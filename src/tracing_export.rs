@@ -218,6 +218,41 @@ pub fn outgoing(span: &tracing::Span) -> Vec<(String, String)> {
     headers.into_iter().collect()
 }
 
+/// For unit tests that install their own subscriber per thread (`set_default`): tracing
+/// caches each callsite's interest across every live dispatcher, so with tests running in
+/// parallel a span's callsite may be cached as "always" (another test exports it) and skip
+/// this thread's filter, or as "never" and skip its exporter. A global subscriber that is
+/// interested "sometimes" in everything keeps the cache undecided: every span asks the
+/// dispatcher of its own thread. (A process has one subscriber: this is a test matter only.)
+#[cfg(test)]
+pub(crate) fn per_thread_subscribers() {
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::subscriber::Interest;
+    use tracing::{Event, Metadata};
+
+    struct Undecided;
+    impl tracing::Subscriber for Undecided {
+        fn register_callsite(&self, _: &'static Metadata<'static>) -> Interest {
+            Interest::sometimes()
+        }
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            false
+        }
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, _: &Event<'_>) {}
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(Undecided);
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

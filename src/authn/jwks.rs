@@ -469,6 +469,7 @@ mod tests {
     #[tokio::test]
     async fn a_fetch_is_a_span_under_the_operation_that_needed_it() {
         use tracing_subscriber::layer::SubscriberExt as _;
+        crate::tracing_export::per_thread_subscribers();
         let spans = opentelemetry_sdk::trace::InMemorySpanExporter::default();
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
             .with_simple_exporter(spans.clone())

@@ -152,7 +152,6 @@ impl Authorization for CheckService {
         let policy = self.state.policy();
         // Envoy's trace context rides in the gRPC metadata, beside the request.
         let (metadata, _, message) = request.into_parts();
-        let grpc_trace = carrier(|k| metadata_str(&metadata, k));
         let input = match request::from_proto(message, policy.path_policy) {
             Ok(input) => input,
             Err(RequestError::NoHttpAttributes) => {
@@ -167,6 +166,7 @@ impl Authorization for CheckService {
                     request_id: request_id.clone(),
                     ..Default::default()
                 };
+                let grpc_trace = carrier(|k| metadata_str(&metadata, k));
                 let parent = tracing_export::remote_parent(grpc_trace, Carrier::default());
                 let span = check_span(&input, parent.as_ref());
                 record_decision(&span, &decision);
@@ -181,9 +181,15 @@ impl Authorization for CheckService {
             }
         };
         tracing::debug!(request_id = %input.request_id, method = %input.method, path = %input.path, host = %input.host, peer = ?input.peer, "check received");
-        // Two `traceparent` headers are ambiguous: neither is continued.
-        let http_trace = carrier(|k| input.headers.single(k).ok().flatten());
-        let parent = tracing_export::remote_parent(grpc_trace, http_trace);
+        // The caller's context is only looked up when someone reads it: the exported span or
+        // the decision line (at LOG_LEVEL=warn with export off, a check pays nothing for it).
+        let parent = if tracing_export::exporting() || tracing::enabled!(tracing::Level::INFO) {
+            // Two `traceparent` headers are ambiguous: neither is continued.
+            let http_trace = carrier(|k| input.headers.single(k).ok().flatten());
+            tracing_export::remote_parent(carrier(|k| metadata_str(&metadata, k)), http_trace)
+        } else {
+            None
+        };
         let span = check_span(&input, parent.as_ref());
         let decision = pipeline::check(&policy, &input)
             .instrument(span.clone())

@@ -21,6 +21,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::Context;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
@@ -40,6 +41,14 @@ pub const LOG_DIRECTIVE: &str = "authz_sidecar::span=off";
 
 /// The provider while exporting, for [`shutdown`].
 static PROVIDER: Mutex<Option<SdkTracerProvider>> = Mutex::new(None);
+
+/// Whether [`layer`] built an exporter (one relaxed load on the check path).
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process exports spans.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
 
 /// The export layer for `cfg` (spans at [`TARGET`] only), or `None` when export is off: then
 /// nothing at all is built. Call inside the tokio runtime (the gRPC exporter's channel is
@@ -79,6 +88,7 @@ where
         .build();
     let layer = export_layer(&provider);
     *PROVIDER.lock().unwrap_or_else(|p| p.into_inner()) = Some(provider);
+    EXPORTING.store(true, Ordering::Relaxed);
     Ok(Some(layer))
 }
 

@@ -376,8 +376,8 @@ async fn serve(path: PathBuf, grpc_addr: Option<String>, ops_addr: Option<String
         requests,
     };
     let served = crate::server::run_with(config, Some(reload), listeners, shutdown).await;
-    // Drained: the last checks' spans go out before the process ends. Off the runtime's
-    // threads: the gRPC exporter needs one free to send them (TOKIO_WORKER_THREADS=1).
+    // Drained: the last checks' spans go out before the process ends. The flush blocks (up to
+    // the export timeout), so it runs off the runtime's worker threads.
     let _ = tokio::task::spawn_blocking(crate::tracing_export::shutdown).await;
     match served {
         Ok(()) => ExitCode::SUCCESS,

@@ -107,8 +107,8 @@ where
 
 /// Sends the spans still buffered and stops the exporter; nothing when export is off. Called
 /// once the server has drained, so the last checks' spans are not lost on shutdown. It
-/// blocks until the export is done: call it off the async runtime's threads
-/// (`spawn_blocking`), which the gRPC exporter needs to send.
+/// blocks until the export is done (at most the export timeout): call it off the async
+/// runtime's worker threads (`spawn_blocking`).
 pub fn shutdown() {
     let provider = PROVIDER.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(provider) = provider

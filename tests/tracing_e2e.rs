@@ -106,7 +106,7 @@ async fn one_trace_from_envoy_through_the_sidecar_to_openfga_in_jaeger() {
         ("OTEL_EXPORTER_OTLP_ENDPOINT", jaeger.otlp_grpc_url()),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_string()),
         ("OTEL_SERVICE_NAME", "authz-sidecar-grpc".to_string()),
-        // One runtime thread: the flush at shutdown must not need a second.
+        // One runtime thread: the gRPC exporter and the flush at shutdown need no second.
         ("TOKIO_WORKER_THREADS", "1".to_string()),
     ];
     let grpc_export: Vec<(&str, &str)> =

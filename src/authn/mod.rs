@@ -282,7 +282,40 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
+    /// The caller, verified; inside an `authenticate` span (credential kind, subject, outcome)
+    /// when spans are exported ([`crate::tracing_export`]).
     pub async fn authenticate(&self, input: &CheckInput) -> Result<Principal, AuthnError> {
+        use tracing::Instrument as _;
+        let span = tracing::info_span!(
+            target: crate::tracing_export::TARGET,
+            "authenticate",
+            credential = tracing::field::Empty,
+            subject = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let result = self.verify(input).instrument(span.clone()).await;
+        if !span.is_disabled() {
+            match &result {
+                Ok(p) => {
+                    span.record("credential", p.method.as_str());
+                    span.record("subject", p.subject.as_str());
+                    span.record("outcome", "ok");
+                }
+                Err(e) => {
+                    span.record("outcome", tracing::field::display(e));
+                    // A refused credential is an answer; a key source that cannot answer
+                    // is the failure.
+                    if e.kind() == FailureKind::Unavailable {
+                        span.record("otel.status_code", "error");
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    async fn verify(&self, input: &CheckInput) -> Result<Principal, AuthnError> {
         let authorization = input.headers.single("authorization")?;
         let api_key = input.headers.single(&self.api_key_header)?;
         let principal = match (authorization, api_key) {

@@ -33,6 +33,17 @@ const CLEARED: &[&str] = &[
     "DOCTOR_TOKEN",
     "DOCTOR_API_KEY",
     "TOKIO_WORKER_THREADS",
+    // A developer's collector must not receive (or slow down) the tests' spans.
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_SDK_DISABLED",
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
 ];
 
 pub fn sidecar() -> Command {

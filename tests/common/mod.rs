@@ -4,6 +4,7 @@
 
 pub mod binary;
 pub mod envoy;
+pub mod jaeger;
 pub mod keycloak;
 pub mod metrics;
 pub mod openfga;

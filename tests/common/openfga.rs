@@ -130,19 +130,31 @@ impl OpenFga {
 
     /// Memory engine, free HTTP and gRPC ports; returns once `/healthz` says SERVING.
     pub async fn start() -> OpenFga {
-        Self::start_engine(Engine::Memory, false, None).await
+        Self::start_engine(Engine::Memory, false, None, &[]).await
     }
 
     /// Memory engine, requiring `key` as a bearer token on every API call (`/healthz` is
     /// open). The helpers below send it.
     pub async fn start_with_key(key: &str) -> OpenFga {
-        Self::start_engine(Engine::Memory, false, Some(key.to_string())).await
+        Self::start_engine(Engine::Memory, false, Some(key.to_string()), &[]).await
+    }
+
+    /// Memory engine with its own tracing on: every request sampled and its spans sent over
+    /// OTLP/gRPC to `otlp_grpc` (`host:port`), continuing a caller's `traceparent`.
+    pub async fn start_traced(otlp_grpc: &str) -> OpenFga {
+        let args = [
+            "--trace-enabled=true".to_string(),
+            format!("--trace-otlp-endpoint={otlp_grpc}"),
+            "--trace-sample-ratio=1".to_string(),
+            "--trace-service-name=openfga".to_string(),
+        ];
+        Self::start_engine(Engine::Memory, false, None, &args).await
     }
 
     /// Like [`OpenFga::start`], for a server kept in a static: the process is watched and stops
     /// when the test process exits.
     pub async fn start_watched() -> OpenFga {
-        Self::start_engine(Engine::Memory, true, None).await
+        Self::start_engine(Engine::Memory, true, None, &[]).await
     }
 
     /// SQLite engine with its database in `dir/openfga.db` (created and migrated first):
@@ -161,7 +173,7 @@ impl OpenFga {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        Self::start_engine(engine, false, None).await
+        Self::start_engine(engine, false, None, &[]).await
     }
 
     fn datastore_uri(engine: &Engine) -> Option<String> {
@@ -174,7 +186,12 @@ impl OpenFga {
         }
     }
 
-    async fn start_engine(engine: Engine, watched: bool, key: Option<String>) -> OpenFga {
+    async fn start_engine(
+        engine: Engine,
+        watched: bool,
+        key: Option<String>,
+        extra: &[String],
+    ) -> OpenFga {
         let http_port = free_port();
         let grpc_port = free_port();
         let mut cmd = Command::new(tools::tool("openfga"));
@@ -200,7 +217,8 @@ impl OpenFga {
                 "--profiler-enabled=false",
                 "--log-format=text",
                 "--log-level=warn",
-            ]);
+            ])
+            .args(extra);
         let proc = Proc::spawn_opts("openfga", http_port, &cmd, watched);
         let mut fga = OpenFga {
             proc,

@@ -206,7 +206,8 @@ impl OpenFgaClient {
         let n = chunk.len();
         let transport = self.transport.clone();
         self.requests.fetch_add(1, Ordering::Relaxed);
-        set.spawn(async move {
+        // In the check's span, so the call's span is its child.
+        set.spawn(tracing::Instrument::in_current_span(async move {
             let url = transport.base().to_string();
             let result = if n == 1 {
                 transport
@@ -224,7 +225,7 @@ impl OpenFgaClient {
                 }
             };
             (index, result)
-        });
+        }));
         Ok(())
     }
 

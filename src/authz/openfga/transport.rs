@@ -171,28 +171,63 @@ impl Transport {
         &self.base
     }
 
-    /// One call, counted by endpoint and outcome and timed (the stale-connection retry
-    /// included: it is part of what the caller waited for).
+    /// One call to OpenFGA, counted by endpoint and outcome and timed (the stale-connection
+    /// retry included: it is part of what the caller waited for). Inside a traced operation
+    /// (a check) it also gets an `openfga` client span (endpoint, store, status, outcome) and
+    /// carries its `traceparent`, so OpenFGA's own spans join the trace; a call outside one
+    /// (startup, the changelog poll) gets none, so a background poll is not a trace every
+    /// second.
     pub(super) async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, CallError> {
+        use tracing::Instrument as _;
+        let endpoint = Endpoint::of(path);
+        let span = if tracing::Span::current().is_none() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
+                target: crate::tracing_export::TARGET,
+                "openfga",
+                otel.name = %format!("openfga {}", endpoint.as_str()),
+                otel.kind = "client",
+                endpoint = endpoint.as_str(),
+                store = store_of(path),
+                http.request.method = %method,
+                url.full = %format!("{}{}", self.base, path.split('?').next().unwrap_or(path)),
+                status = tracing::field::Empty,
+                outcome = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        };
         let started = Instant::now();
-        let (result, outcome) = self.exchange(method, path, body).await;
-        self.metrics
-            .observe(Endpoint::of(path), outcome, started.elapsed());
+        let (result, outcome) = self
+            .exchange(method, path, body, &span)
+            .instrument(span.clone())
+            .await;
+        self.metrics.observe(endpoint, outcome, started.elapsed());
+        if !span.is_disabled() {
+            span.record("outcome", outcome.as_str());
+            if let Some(status) = result.as_ref().err().and_then(CallError::status) {
+                span.record("status", status.as_u16());
+            }
+            if outcome != Outcome::Ok {
+                span.record("otel.status_code", "error");
+            }
+        }
         result
     }
 
-    /// The call itself, and how it ended for the metrics (a transport failure's kind is not
-    /// kept in its [`CallError`], which only describes it).
+    /// The call itself, and how it ended for the metrics and the span (a transport
+    /// failure's kind is not kept in its [`CallError`], which only describes it).
     async fn exchange<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
+        span: &tracing::Span,
     ) -> (Result<T, CallError>, Outcome) {
         let failed = |e: &reqwest::Error| {
             (
@@ -201,12 +236,16 @@ impl Transport {
             )
         };
         let body = body.map(bytes::Bytes::from);
+        let trace_headers = crate::tracing_export::outgoing(span);
         let send = || {
             let mut req = self
                 .http
                 .request(method.clone(), format!("{}{path}", self.base));
             if let Some(token) = &self.token {
                 req = req.bearer_auth(token);
+            }
+            for (name, value) in &trace_headers {
+                req = req.header(name, value);
             }
             if let Some(body) = &body {
                 req = req
@@ -258,6 +297,17 @@ impl Transport {
 
     pub(super) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CallError> {
         self.call(Method::GET, path, None).await
+    }
+}
+
+/// The store a call's path names, for its span: `/stores/S/check` and `/stores/S` name `S`;
+/// `/stores` names none.
+fn store_of(path: &str) -> &str {
+    let path = path.split('?').next().unwrap_or(path);
+    let mut parts = path.trim_start_matches('/').split('/');
+    match (parts.next(), parts.next()) {
+        (Some("stores"), Some(store)) => store,
+        _ => "",
     }
 }
 
@@ -480,6 +530,18 @@ mod tests {
             );
         }
         assert_eq!(metrics.count(Check, Outcome::TransportError), 0);
+    }
+
+    #[test]
+    fn spans_name_the_store() {
+        assert_eq!(store_of("/stores/01S/check"), "01S");
+        assert_eq!(
+            store_of("/stores/01S/changes?page_size=100&continuation_token=x"),
+            "01S"
+        );
+        assert_eq!(store_of("/stores/01S/authorization-models/01M"), "01S");
+        assert_eq!(store_of("/stores/01S"), "01S");
+        assert_eq!(store_of("/stores?page_size=50"), "");
     }
 
     #[test]

@@ -37,11 +37,12 @@ pub const IDENTITY_HEADERS: [&str; 8] = [
     H_FAILED_OPEN,
 ];
 
-fn header(key: &str, value: &str) -> HeaderValueOption {
+/// `value` is taken as is when it is already an owned `String` (no second copy).
+fn header(key: &str, value: impl Into<String>) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
             key: key.to_string(),
-            value: value.to_string(),
+            value: value.into(),
             ..Default::default()
         }),
         append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
@@ -105,7 +106,7 @@ fn allow(a: &Allow, strip: &[String]) -> CheckResponse {
             ..Default::default()
         }),
         http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-            headers: set.iter().map(|(k, v)| header(k, v)).collect(),
+            headers: set.into_iter().map(|(k, v)| header(k, v)).collect(),
             headers_to_remove,
             response_headers_to_add: a
                 .response_headers
@@ -124,7 +125,7 @@ fn allow(a: &Allow, strip: &[String]) -> CheckResponse {
 fn local_reply(status: u16, headers: &[(String, String)], request_id: &str) -> CheckResponse {
     let mut set: Vec<HeaderValueOption> = headers.iter().map(|(k, v)| header(k, v)).collect();
     if !request_id.is_empty() {
-        set.push(header("x-request-id", &clean(request_id)));
+        set.push(header("x-request-id", clean(request_id)));
     }
     CheckResponse {
         status: Some(Status {
@@ -160,7 +161,7 @@ fn deny(d: &Deny, request_id: &str) -> CheckResponse {
         headers.push(header("www-authenticate", c));
     }
     if !request_id.is_empty() {
-        headers.push(header("x-request-id", &clean(request_id)));
+        headers.push(header("x-request-id", clean(request_id)));
     }
     headers.extend(d.response_headers.iter().map(|(k, v)| header(k, v)));
     CheckResponse {

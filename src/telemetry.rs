@@ -20,10 +20,21 @@ use tracing_subscriber::fmt::format::Writer;
 use crate::config::LogConfig;
 
 /// Installs the global subscriber. Safe to call twice (tests): the second call is a no-op.
-pub fn init_logging(cfg: &LogConfig) {
+///
+/// Lines go to stdout through tracing-appender's non-blocking writer: a check formats its
+/// decision line and hands it to a writer thread instead of writing to stdout itself. With
+/// `lossy(false)` a full buffer (128 000 lines) makes the caller wait rather than drop a line.
+/// The returned guard flushes what is buffered when dropped: hold it until the process ends.
+#[must_use = "dropping the guard stops the log writer: hold it until exit"]
+pub fn init_logging(cfg: &LogConfig) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("log-writer")
+        .finish(std::io::stdout());
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
+        .with_writer(writer)
         .with_env_filter(filter)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
@@ -33,6 +44,7 @@ pub fn init_logging(cfg: &LogConfig) {
     } else {
         builder.fmt_fields(LogFields).try_init()
     };
+    guard
 }
 
 /// The text log's field formatter, in place of tracing-subscriber's default: the message

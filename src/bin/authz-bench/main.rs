@@ -9,6 +9,10 @@
 //!   that reports requests/s, latency percentiles, errors, the mix of answers and, given a
 //!   pid, that server's CPU per check and RSS;
 //! - `report`: medians of the `load` JSON lines as a markdown table with floor ratios;
+//! - `cache`: the decision cache in process: memory per entry at the bound, hit ratio at a
+//!   working set of 10x the bound;
+//! - `fresh-tokens`: RS256 / ES256 checks/s per core for tokens never seen, against the raw
+//!   `jsonwebtoken` verify;
 //! - `fga-setup` and `free-port`: the two small things `scripts/bench` needs besides.
 //!
 //! It measures and reports; it never compares a time against a threshold. The only failures
@@ -17,11 +21,13 @@
 
 #![forbid(unsafe_code)]
 
+mod cache;
 mod fga;
 mod floor;
 mod load;
 mod procfs;
 mod report;
+mod tokens;
 
 use std::process::ExitCode;
 
@@ -46,6 +52,10 @@ enum Cmd {
     Load(Box<load::Args>),
     /// Turn `load --json` lines into markdown tables (medians, floor ratios, memory).
     Report(report::Args),
+    /// The decision cache in process: memory at the bound, hit ratio at 10x the bound.
+    Cache(cache::Args),
+    /// Fresh tokens: RS256 and ES256 checks/s per core against the raw jsonwebtoken verify.
+    FreshTokens(tokens::Args),
     /// Create an OpenFGA store with a model and tuples; print the store id.
     FgaSetup(fga::Args),
     /// Print a loopback TCP port that is free now.
@@ -59,6 +69,8 @@ fn main() -> ExitCode {
         Cmd::Floor(args) => floor::main(args),
         Cmd::Load(args) => load::main(*args),
         Cmd::Report(args) => report::main(args),
+        Cmd::Cache(args) => cache::main(args),
+        Cmd::FreshTokens(args) => tokens::main(args),
         Cmd::FgaSetup(args) => fga::main(args),
         Cmd::FreePort => std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())

@@ -22,7 +22,8 @@ use crate::config::LogConfig;
 /// Installs the global subscriber. Safe to call twice (tests): the second call is a no-op.
 ///
 /// Lines go to stdout through tracing-appender's non-blocking writer: a check formats its
-/// decision line and hands it to a writer thread instead of writing to stdout itself. With
+/// decision line and hands it to a writer thread instead of writing to stdout itself (one
+/// `write` per batch of lines under load, not one per line). With
 /// `lossy(false)` a full buffer (128 000 lines) makes the caller wait rather than drop a line.
 /// The returned guard flushes what is buffered when dropped: hold it until the process ends.
 #[must_use = "dropping the guard stops the log writer: hold it until exit"]
@@ -30,7 +31,9 @@ pub fn init_logging(cfg: &LogConfig) -> tracing_appender::non_blocking::WorkerGu
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("log-writer")
-        .finish(std::io::stdout());
+        // Buffered: the writer thread writes every line queued meanwhile in one go, and
+        // flushes whenever the queue is empty (so a quiet sidecar's lines are not held back).
+        .finish(std::io::BufWriter::new(std::io::stdout()));
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

@@ -13,6 +13,8 @@
 //!   working set of 10x the bound;
 //! - `fresh-tokens`: RS256 / ES256 checks/s per core for tokens never seen, against the raw
 //!   `jsonwebtoken` verify;
+//! - `http` / `http-report`: plain HTTP load (through Envoy; OpenFGA's Check called directly)
+//!   and the tables of those runs;
 //! - `fga-setup` and `free-port`: the two small things `scripts/bench` needs besides.
 //!
 //! It measures and reports; it never compares a time against a threshold. The only failures
@@ -24,6 +26,7 @@
 mod cache;
 mod fga;
 mod floor;
+mod http;
 mod load;
 mod procfs;
 mod report;
@@ -56,6 +59,10 @@ enum Cmd {
     Cache(cache::Args),
     /// Fresh tokens: RS256 and ES256 checks/s per core against the raw jsonwebtoken verify.
     FreshTokens(tokens::Args),
+    /// Plain HTTP load (through Envoy, or OpenFGA's Check API directly).
+    Http(Box<http::Args>),
+    /// The tables of the Envoy and OpenFGA-miss runs (`http` and `load` lines, by tags).
+    HttpReport(http::ReportArgs),
     /// Create an OpenFGA store with a model and tuples; print the store id.
     FgaSetup(fga::Args),
     /// Print a loopback TCP port that is free now.
@@ -71,6 +78,8 @@ fn main() -> ExitCode {
         Cmd::Report(args) => report::main(args),
         Cmd::Cache(args) => cache::main(args),
         Cmd::FreshTokens(args) => tokens::main(args),
+        Cmd::Http(args) => http::main(*args),
+        Cmd::HttpReport(args) => http::report(args),
         Cmd::FgaSetup(args) => fga::main(args),
         Cmd::FreePort => std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())

@@ -64,7 +64,10 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let jwks = args.keys.join("jwks.json");
+    // Absolute: the config below is read as if it lived in `/`.
+    let keys = std::fs::canonicalize(&args.keys)
+        .with_context(|| format!("--keys {}", args.keys.display()))?;
+    let jwks = keys.join("jwks.json");
     let yaml = format!(
         "jwt: {{ jwks_file: {}, issuer: {ISS}, audience: {AUD}, algorithms: [RS256, ES256], token_cache_size: 0 }}\n",
         serde_json::to_string(&jwks.display().to_string())?
@@ -86,7 +89,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     let mut rows = Vec::new();
     for (alg, kid) in [(Algorithm::RS256, "rsa-a"), (Algorithm::ES256, "ec256")] {
         let read = |name: String| {
-            std::fs::read(args.keys.join(&name)).with_context(|| format!("{name} in --keys"))
+            std::fs::read(keys.join(&name)).with_context(|| format!("{name} in --keys"))
         };
         let private = read(format!("{kid}.pem"))?;
         let public = read(format!("{kid}.pub.pem"))?;

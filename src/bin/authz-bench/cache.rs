@@ -161,7 +161,11 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         let cdf = zipf_cdf(working_set, skew);
         let best_possible = cdf[args.max_entries - 1];
         let cache = new_cache(args.max_entries);
-        let mut draw = || cdf.partition_point(|p| *p < rng.random::<f64>()).min(working_set - 1);
+        // Inverse transform: the first rank whose cumulative probability reaches u.
+        let mut draw = || {
+            let u: f64 = rng.random();
+            cdf.partition_point(|p| *p < u).min(working_set - 1)
+        };
         let (hits_before, evictions_before, started) = runtime.block_on(async {
             for _ in 0..args.requests {
                 cache.check(&[question(draw(), &contextual)]).await?;

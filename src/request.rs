@@ -918,7 +918,11 @@ mod tests {
             Err(RequestError::HeaderNotUtf8("x-api-key".into()))
         );
         h.insert("X-API-Key", "k");
-        assert_eq!(h.first("x-api-key"), Some("k"), "the first value that is text");
+        assert_eq!(
+            h.first("x-api-key"),
+            Some("k"),
+            "the first value that is text"
+        );
         assert!(h.contains("x-api-key") && !h.contains("x-api"));
         assert_eq!(h.single("origin"), Ok(None));
         assert_eq!(

@@ -275,8 +275,14 @@ fn the_decision_cache_mode_reports_memory_and_hit_ratios_at_ten_times_the_bound(
         assert_eq!(row["measure"], "hit-ratio");
         assert_eq!(num(row, "/working_set"), 10_000.0);
         let (hit, best) = (num(row, "/hit_ratio"), num(row, "/best_possible"));
-        assert!((0.0..=1.0).contains(&hit) && (0.0..=1.0).contains(&best), "{row}");
-        assert!(num(row, "/evictions") > 0.0, "a working set of 10x evicts: {row}");
+        assert!(
+            (0.0..=1.0).contains(&hit) && (0.0..=1.0).contains(&best),
+            "{row}"
+        );
+        assert!(
+            num(row, "/evictions") > 0.0,
+            "a working set of 10x evicts: {row}"
+        );
     }
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(table.contains("| uniform | 1000 | 10000 |"), "{table}");
@@ -339,12 +345,23 @@ async fn http_load_and_its_report_cover_the_envoy_and_openfga_miss_tables() {
     );
     assert!(out.status.success(), "{out:?}");
     for row in lines(&json) {
-        assert!(num(&row, "/rps") > 0.0 && num(&row, "/unexpected") == 0.0, "{row}");
+        assert!(
+            num(&row, "/rps") > 0.0 && num(&row, "/unexpected") == 0.0,
+            "{row}"
+        );
     }
 
     // Another status than the one expected is a failed run, as in `load`.
     let out = Command::new(BENCH)
-        .args(["http", "--url", &url, "--expect", "204", "--duration", "300ms"])
+        .args([
+            "http",
+            "--url",
+            &url,
+            "--expect",
+            "204",
+            "--duration",
+            "300ms",
+        ])
         .args(["--warmup", "0s"])
         .output()
         .unwrap();

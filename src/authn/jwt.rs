@@ -95,9 +95,10 @@ impl TokenCache {
             let Some(oldest) = order.pop_front() else {
                 break;
             };
-            let spare = self.map.get(&oldest).is_some_and(|c| {
-                live(c.exp) && c.referenced.swap(false, Ordering::Relaxed)
-            });
+            let spare = self
+                .map
+                .get(&oldest)
+                .is_some_and(|c| live(c.exp) && c.referenced.swap(false, Ordering::Relaxed));
             if spare {
                 order.push_back(oldest);
             } else {

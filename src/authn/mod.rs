@@ -362,7 +362,9 @@ mod tests {
 
     #[test]
     fn whitespace_anywhere_in_a_token_is_refused_ascii_or_not() {
-        for ws in ['\t', '\n', '\u{b}', '\u{c}', '\r', '\u{85}', '\u{a0}', '\u{2028}', '\u{3000}'] {
+        for ws in [
+            '\t', '\n', '\u{b}', '\u{c}', '\r', '\u{85}', '\u{a0}', '\u{2028}', '\u{3000}',
+        ] {
             let value = format!("Bearer ab{ws}cd");
             assert_eq!(
                 bearer_token(&value),
@@ -373,7 +375,11 @@ mod tests {
         assert_eq!(bearer_token("Bearer ab\u{e9}cd"), Ok("ab\u{e9}cd"));
         // Every char the standard library calls whitespace, and no other, in the first 0x3100.
         for c in (0..0x3100u32).filter_map(char::from_u32) {
-            assert_eq!(contains_whitespace(&format!("a{c}b")), c.is_whitespace(), "{c:?}");
+            assert_eq!(
+                contains_whitespace(&format!("a{c}b")),
+                c.is_whitespace(),
+                "{c:?}"
+            );
         }
     }
 

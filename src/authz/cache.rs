@@ -74,6 +74,9 @@ struct Entry {
 #[derive(Debug)]
 enum Listed {
     One(Fingerprint),
+    // Boxed on purpose: a `HashSet` inline would make every list 64 bytes instead of 32,
+    // for the rare name with more than one answer.
+    #[allow(clippy::box_collection)]
     Many(Box<HashSet<Fingerprint>>),
 }
 
@@ -526,8 +529,7 @@ impl RelationshipChecker for DecisionCache {
             }
 
             if !leading.is_empty() {
-                let asked: Vec<CheckQuery> =
-                    leading.iter().map(|(s, _)| s.query.clone()).collect();
+                let asked: Vec<CheckQuery> = leading.iter().map(|(s, _)| s.query.clone()).collect();
                 let result = self.inner.check(&asked).await;
                 let result = match result {
                     Ok(a) if a.len() == asked.len() => Ok(a),
@@ -867,7 +869,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(c.stats().size, 10);
-        c.check(&hot.iter().map(q).collect::<Vec<_>>()).await.unwrap(); // hits: marked
+        c.check(&hot.iter().map(q).collect::<Vec<_>>())
+            .await
+            .unwrap(); // hits: marked
         let newcomers: Vec<TupleKey> = (0..5)
             .map(|i| t("user:new", "viewer", &format!("doc:{i}")))
             .collect();
@@ -877,28 +881,44 @@ mod tests {
         let s = c.stats();
         assert_eq!((s.size, s.evictions), (10, 5));
         let calls = fake.calls();
-        c.check(&hot.iter().map(q).collect::<Vec<_>>()).await.unwrap();
+        c.check(&hot.iter().map(q).collect::<Vec<_>>())
+            .await
+            .unwrap();
         assert_eq!(fake.calls(), calls, "the answers hit survived");
-        c.check(&cold.iter().map(q).collect::<Vec<_>>()).await.unwrap();
+        c.check(&cold.iter().map(q).collect::<Vec<_>>())
+            .await
+            .unwrap();
         assert_eq!(fake.calls(), calls + 1, "the answers never hit went");
 
         // Expired answers go before marked ones.
-        c.check(&hot.iter().map(q).collect::<Vec<_>>()).await.unwrap(); // marked again
+        c.check(&hot.iter().map(q).collect::<Vec<_>>())
+            .await
+            .unwrap(); // marked again
         now.store(500, Ordering::SeqCst); // every denied answer has expired
         c.check(&[q(&t("user:late", "viewer", "doc:0"))])
             .await
             .unwrap();
-        c.check(&hot.iter().map(q).collect::<Vec<_>>()).await.unwrap();
-        assert_eq!(fake.calls(), calls + 2, "the allowed answers are still fresh");
+        c.check(&hot.iter().map(q).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        assert_eq!(
+            fake.calls(),
+            calls + 2,
+            "the allowed answers are still fresh"
+        );
     }
 
     #[tokio::test]
     async fn the_size_stays_bounded_and_evicted_answers_leave_the_indexes() {
         let (c, _, _) = cache(Fake::default(), 10);
         for i in 0..100 {
-            c.check(&[q(&t(&format!("user:u{}", i % 7), "viewer", &format!("doc:{i}")))])
-                .await
-                .unwrap();
+            c.check(&[q(&t(
+                &format!("user:u{}", i % 7),
+                "viewer",
+                &format!("doc:{i}"),
+            ))])
+            .await
+            .unwrap();
             assert!(c.stats().size <= 10);
         }
         assert_eq!(c.stats().evictions, 90);

@@ -254,7 +254,12 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
     Ok(Summary {
         tags,
         target: args.url.clone(),
-        mode: if args.rate.is_some() { "rate" } else { "closed" }.into(),
+        mode: if args.rate.is_some() {
+            "rate"
+        } else {
+            "closed"
+        }
+        .into(),
         offered_rate: args.rate,
         concurrency: args.concurrency,
         window_s,
@@ -333,8 +338,8 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 }
 
 pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("{}", args.file.display()))?;
+    let text =
+        std::fs::read_to_string(&args.file).with_context(|| format!("{}", args.file.display()))?;
     let rows: Vec<Summary> = text
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -344,7 +349,9 @@ pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
     let pick = |measure: &str, server: &str, shape: &str| -> Vec<&Summary> {
         rows.iter()
             .filter(|s| {
-                tag(s, "measure") == measure && tag(s, "server") == server && tag(s, "shape") == shape
+                tag(s, "measure") == measure
+                    && tag(s, "server") == server
+                    && tag(s, "shape") == shape
             })
             .collect()
     };
@@ -363,20 +370,52 @@ pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
 
     let mut out = String::new();
     if rows.iter().any(|s| tag(s, "measure") == "envoy") {
-        let (fp, sp) = (pick("envoy", "floor", "peak"), pick("envoy", "sidecar", "peak"));
-        let (fh, sh) = (pick("envoy", "floor", "half"), pick("envoy", "sidecar", "half"));
+        let (fp, sp) = (
+            pick("envoy", "floor", "peak"),
+            pick("envoy", "sidecar", "peak"),
+        );
+        let (fh, sh) = (
+            pick("envoy", "floor", "half"),
+            pick("envoy", "sidecar", "half"),
+        );
         out.push_str("#### Through Envoy (1 worker), JWT + role: ext_authz to the floor vs to the sidecar\n\n");
-        out.push_str("| | floor | sidecar | sidecar / floor | target |\n|---|---:|---:|---:|---|\n");
+        out.push_str(
+            "| | floor | sidecar | sidecar / floor | target |\n|---|---:|---:|---:|---|\n",
+        );
         let (f, s) = (med(&fp, &rps), med(&sp, &rps));
-        out.push_str(&format!("| peak rps (closed loop) | {} | {} | {} | ≥ 0.95x |\n", fmt(f), fmt(s), ratio(s, f)));
+        out.push_str(&format!(
+            "| peak rps (closed loop) | {} | {} | {} | ≥ 0.95x |\n",
+            fmt(f),
+            fmt(s),
+            ratio(s, f)
+        ));
         let (f, s) = (med(&fp, &cpu), med(&sp, &cpu));
-        out.push_str(&format!("| Envoy CPU µs per request at peak | {} | {} | {} | – |\n", fmt(f), fmt(s), ratio(s, f)));
+        out.push_str(&format!(
+            "| Envoy CPU µs per request at peak | {} | {} | {} | – |\n",
+            fmt(f),
+            fmt(s),
+            ratio(s, f)
+        ));
         let (f, s) = (med(&fh, &rps), med(&sh, &rps));
-        out.push_str(&format!("| rate at half of the floor's peak, rps | {} | {} | – | – |\n", fmt(f), fmt(s)));
+        out.push_str(&format!(
+            "| rate at half of the floor's peak, rps | {} | {} | – | – |\n",
+            fmt(f),
+            fmt(s)
+        ));
         let (f, s) = (med(&fh, &p50), med(&sh, &p50));
-        out.push_str(&format!("| p50 at half of peak, µs | {} | {} | {} | – |\n", fmt(f), fmt(s), ratio(s, f)));
+        out.push_str(&format!(
+            "| p50 at half of peak, µs | {} | {} | {} | – |\n",
+            fmt(f),
+            fmt(s),
+            ratio(s, f)
+        ));
         let (f, s) = (med(&fh, &p99), med(&sh, &p99));
-        out.push_str(&format!("| p99 at half of peak, µs | {} | {} | {} | ≤ 1.2x |\n\n", fmt(f), fmt(s), ratio(s, f)));
+        out.push_str(&format!(
+            "| p99 at half of peak, µs | {} | {} | {} | ≤ 1.2x |\n\n",
+            fmt(f),
+            fmt(s),
+            ratio(s, f)
+        ));
     }
     if rows.iter().any(|s| tag(s, "measure") == "fga-miss") {
         out.push_str("#### OpenFGA miss: the sidecar (decision cache off) against OpenFGA's Check called directly\n\n");
@@ -389,7 +428,10 @@ pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
         shapes.sort();
         shapes.dedup();
         for shape in shapes {
-            let (d, s) = (pick("fga-miss", "openfga", &shape), pick("fga-miss", "sidecar", &shape));
+            let (d, s) = (
+                pick("fga-miss", "openfga", &shape),
+                pick("fga-miss", "sidecar", &shape),
+            );
             let (dp50, sp50) = (med(&d, &p50), med(&s, &p50));
             let added = match (dp50, sp50) {
                 (Some(a), Some(b)) if a > 0.0 => format!("{:+.1}%", (b / a - 1.0) * 100.0),
@@ -409,12 +451,16 @@ pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
         out.push('\n');
     }
     if rows.iter().any(|s| tag(s, "measure") == "fresh-tokens") {
-        out.push_str("#### Fresh tokens through gRPC: a new token per request, signature verified each time
+        out.push_str(
+            "#### Fresh tokens through gRPC: a new token per request, signature verified each time
 
-");
-        out.push_str("| algorithm | checks | rps | server CPU µs per check | checks/s per core |
+",
+        );
+        out.push_str(
+            "| algorithm | checks | rps | server CPU µs per check | checks/s per core |
 |---|---:|---:|---:|---:|
-");
+",
+        );
         for s in rows.iter().filter(|s| tag(s, "measure") == "fresh-tokens") {
             let cpu = cpu(s);
             out.push_str(&format!(

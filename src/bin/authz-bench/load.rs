@@ -640,13 +640,8 @@ fn mint_tokens(args: &Args, count: usize) -> anyhow::Result<Vec<String>> {
                 "iat": now, "exp": now + 7200, "realm_access": {"roles": args.mint_roles},
                 "scope": "",
             });
-            authz_sidecar::authn::jwt::mint(
-                &pem,
-                alg,
-                &args.mint_kid,
-                &claims,
-            )
-            .context("signing a token with --mint-key")
+            authz_sidecar::authn::jwt::mint(&pem, alg, &args.mint_kid, &claims)
+                .context("signing a token with --mint-key")
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     eprintln!(

@@ -136,9 +136,8 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         let sidecar = (cpu() - cpu0, wall0.elapsed().as_secs_f64());
         // CPU time, unless the run was too short for its 10 ms ticks: then wall time (this
         // thread alone was busy).
-        let per_core = |(cpu, wall): (f64, f64)| {
-            tokens.len() as f64 / if cpu >= 0.1 { cpu } else { wall }
-        };
+        let per_core =
+            |(cpu, wall): (f64, f64)| tokens.len() as f64 / if cpu >= 0.1 { cpu } else { wall };
         let (raw_per_core, sidecar_per_core) = (per_core(raw), per_core(sidecar));
         rows.push(Row {
             alg: format!("{alg:?}"),

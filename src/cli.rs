@@ -442,10 +442,14 @@ async fn serve(path: PathBuf, grpc_addr: Option<String>, ops_addr: Option<String
         Ok(c) => c,
         Err(e) => return config_error(e),
     };
-    if let Err(e) = crate::telemetry::init_logging(&config.log, config.tracing.as_ref()) {
-        eprintln!("authz-sidecar: {e}");
-        return ExitCode::from(2);
-    }
+    // Held until serve returns: dropping it flushes the log lines still buffered.
+    let _log_writer = match crate::telemetry::init_logging(&config.log, config.tracing.as_ref()) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("authz-sidecar: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let hash_label = hash.map(|h| h.to_string()).unwrap_or_default();
     tracing::info!(config = %path.display(), config_hash = %hash_label, version = env!("CARGO_PKG_VERSION"), keys = %config.jwt.source.describe(), "starting");
     let listeners = match crate::server::Listeners::bind(&config).await {

@@ -43,11 +43,12 @@ pub const IDENTITY_HEADERS: [&str; 8] = [
     H_FAILED_OPEN,
 ];
 
-fn header(key: &str, value: &str) -> HeaderValueOption {
+/// `value` is taken as is when it is already an owned `String` (no second copy).
+fn header(key: &str, value: impl Into<String>) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
             key: key.to_string(),
-            value: value.to_string(),
+            value: value.into(),
             ..Default::default()
         }),
         append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
@@ -214,7 +215,7 @@ fn allow(a: &Allow, strip: &[String]) -> CheckResponse {
             ..Default::default()
         }),
         http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-            headers: set.iter().map(|(k, v)| header(k, v)).collect(),
+            headers: set.into_iter().map(|(k, v)| header(k, v)).collect(),
             headers_to_remove,
             response_headers_to_add: a
                 .response_headers
@@ -232,8 +233,8 @@ fn allow(a: &Allow, strip: &[String]) -> CheckResponse {
 /// status is not OK; the HTTP status and headers are the answer, with no body.
 fn local_reply(status: u16, headers: &[(String, String)], request_id: &str) -> CheckResponse {
     let set: Vec<HeaderValueOption> = local_reply_headers(headers, request_id)
-        .iter()
-        .map(|(k, v)| header(k, v))
+        .into_iter()
+        .map(|(k, v)| header(&k, v))
         .collect();
     CheckResponse {
         status: Some(Status {
@@ -289,8 +290,8 @@ pub fn deny_body(d: &Deny, request_id: &str, decision_id: &str) -> String {
 
 fn deny(d: &Deny, request_id: &str, decision_id: &str) -> CheckResponse {
     let headers = deny_headers(d, request_id)
-        .iter()
-        .map(|(k, v)| header(k, v))
+        .into_iter()
+        .map(|(k, v)| header(&k, v))
         .collect();
     CheckResponse {
         status: Some(Status {

@@ -255,3 +255,133 @@ fn a_fixed_number_of_requests_is_answered_inside_the_window() {
     assert_eq!(row["outcomes"], serde_json::json!({"allow": 5000}), "{row}");
     assert_eq!(row["warmup_outcomes"], serde_json::json!({}), "{row}");
 }
+
+#[test]
+fn the_decision_cache_mode_reports_memory_and_hit_ratios_at_ten_times_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("cache.jsonl");
+    let out = Command::new(BENCH)
+        .args(["cache", "--max-entries", "1000", "--requests", "20000"])
+        .args(["--skew", "0,1.0", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let rows = lines(&json);
+    assert_eq!(rows.len(), 3, "memory, then one row per skew");
+    assert_eq!(rows[0]["measure"], "memory");
+    assert_eq!(num(&rows[0], "/entries"), 1000.0, "filled to the bound");
+    for row in &rows[1..] {
+        assert_eq!(row["measure"], "hit-ratio");
+        assert_eq!(num(row, "/working_set"), 10_000.0);
+        let (hit, best) = (num(row, "/hit_ratio"), num(row, "/best_possible"));
+        assert!(
+            (0.0..=1.0).contains(&hit) && (0.0..=1.0).contains(&best),
+            "{row}"
+        );
+        assert!(
+            num(row, "/evictions") > 0.0,
+            "a working set of 10x evicts: {row}"
+        );
+    }
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("| uniform | 1000 | 10000 |"), "{table}");
+    assert!(table.contains("| Zipf s=1 | 1000 | 10000 |"), "{table}");
+}
+
+#[test]
+fn the_fresh_token_mode_verifies_every_token_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("fresh.jsonl");
+    let out = Command::new(BENCH)
+        .current_dir(common::tools::repo_root())
+        .args(["fresh-tokens", "--tokens", "20", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let rows = lines(&json);
+    let algs: Vec<&str> = rows.iter().map(|r| r["alg"].as_str().unwrap()).collect();
+    assert_eq!(algs, ["RS256", "ES256"]);
+    for row in &rows {
+        assert!(num(row, "/raw_per_core") > 0.0 && num(row, "/sidecar_per_core") > 0.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_load_and_its_report_cover_the_envoy_and_openfga_miss_tables() {
+    // The sidecar's ops listener stands in for Envoy and OpenFGA here: plain HTTP, 200s.
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("extra.jsonl");
+    let sidecar = sidecar().await;
+    let url = format!("http://{}/readyz", sidecar.ops.as_ref().unwrap());
+    for (measure, server, shape, rate) in [
+        ("envoy", "floor", "peak", None),
+        ("envoy", "sidecar", "peak", None),
+        ("envoy", "floor", "half", Some("200")),
+        ("envoy", "sidecar", "half", Some("200")),
+        ("fga-miss", "openfga", "c1", None),
+    ] {
+        let mut cmd = Command::new(BENCH);
+        cmd.args(["http", "--url", &url, "--concurrency", "2"])
+            .args(["--duration", "500ms", "--warmup", "100ms", "--json"])
+            .arg(&json)
+            .args(["--server-pid", &sidecar.proc.pid().to_string()])
+            .args(["--tag", &format!("measure={measure}")])
+            .args(["--tag", &format!("server={server}")])
+            .args(["--tag", &format!("shape={shape}")]);
+        if let Some(rate) = rate {
+            cmd.args(["--rate", rate]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    // The sidecar side of an OpenFGA-miss row is a gRPC `load` line, read by the same report.
+    let out = load(
+        &sidecar,
+        &json,
+        &["measure=fga-miss", "server=sidecar", "shape=c1"],
+        &["--path", "/public/info"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    for row in lines(&json) {
+        assert!(
+            num(&row, "/rps") > 0.0 && num(&row, "/unexpected") == 0.0,
+            "{row}"
+        );
+    }
+
+    // Another status than the one expected is a failed run, as in `load`.
+    let out = Command::new(BENCH)
+        .args([
+            "http",
+            "--url",
+            &url,
+            "--expect",
+            "204",
+            "--duration",
+            "300ms",
+        ])
+        .args(["--warmup", "0s"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+
+    let out = Command::new(BENCH)
+        .arg("http-report")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let table = String::from_utf8(out.stdout).unwrap();
+    let row = |start: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no row {start:?} in\n{table}"))
+            .to_string()
+    };
+    assert!(row("| peak rps (closed loop) |").contains('x'));
+    assert!(row("| p99 at half of peak, µs |").contains('x'));
+    assert!(row("| 2 |").contains('%'), "the OpenFGA-miss row: {table}");
+}

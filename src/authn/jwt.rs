@@ -1,9 +1,12 @@
 //! Bearer JWT verification: structure, algorithm allowlist, signature against the
 //! [`KeySource`], then claims (`exp`/`nbf` with leeway, `iss`, `aud`, required claims), each
 //! failure with its own reason. Verified tokens are cached by SHA-256 until they expire, so a
-//! repeated token costs a hash and a map lookup, not a signature check.
+//! repeated token costs a hash and a map lookup, not a signature check ([`TokenCache`]:
+//! bounded, one token evicted at a time).
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -36,6 +39,85 @@ struct RawHeader {
 struct Cached {
     principal: Arc<Principal>,
     exp: u64,
+    /// Hit since it last reached the front of the queue: spared once.
+    referenced: AtomicBool,
+}
+
+/// Verified tokens by SHA-256 (collision-resistant: the digest alone names the token, so no
+/// token text is kept), at most `capacity` of them.
+///
+/// Invariant: `order` lists every key of `map` exactly once, oldest first, because both
+/// change only under the `order` lock. So the bound holds exactly, and making room evicts one
+/// token at a time from the front (second chance: a token hit since it was last there goes to
+/// the back once, unless expired): O(1) amortised, and never a clear of every token.
+struct TokenCache {
+    map: DashMap<[u8; 32], Cached>,
+    order: Mutex<VecDeque<[u8; 32]>>,
+    capacity: usize,
+}
+
+impl TokenCache {
+    fn new(capacity: usize) -> Self {
+        Self {
+            map: DashMap::new(),
+            order: Mutex::new(VecDeque::new()),
+            capacity,
+        }
+    }
+
+    /// The principal of a verified token `live` still accepts, marked as used.
+    fn get(&self, digest: &[u8; 32], live: impl Fn(u64) -> bool) -> Option<Arc<Principal>> {
+        let hit = self.map.get(digest)?;
+        if !live(hit.exp) {
+            return None;
+        }
+        if !hit.referenced.load(Ordering::Relaxed) {
+            hit.referenced.store(true, Ordering::Relaxed);
+        }
+        Some(hit.principal.clone())
+    }
+
+    fn insert(&self, digest: [u8; 32], principal: Principal, exp: u64, live: impl Fn(u64) -> bool) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        let cached = Cached {
+            principal: Arc::new(principal),
+            exp,
+            referenced: AtomicBool::new(false),
+        };
+        if self.map.insert(digest, cached).is_some() {
+            return; // verified again after it expired: it keeps its place in the queue
+        }
+        order.push_back(digest);
+        while order.len() > self.capacity {
+            let Some(oldest) = order.pop_front() else {
+                break;
+            };
+            let spare = self
+                .map
+                .get(&oldest)
+                .is_some_and(|c| live(c.exp) && c.referenced.swap(false, Ordering::Relaxed));
+            if spare {
+                order.push_back(oldest);
+            } else {
+                self.map.remove(&oldest);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Forgets every token (an operator's flush), the eviction order with them; the order's
+    /// lock first, as `insert` takes it.
+    fn clear(&self) {
+        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        order.clear();
+        self.map.clear();
+    }
 }
 
 pub struct JwtVerifier {
@@ -47,8 +129,7 @@ pub struct JwtVerifier {
     leeway: u64,
     required_claims: Vec<String>,
     require_typ: Option<String>,
-    cache: DashMap<[u8; 32], Cached>,
-    cache_size: usize,
+    cache: TokenCache,
     clock: Clock,
 }
 
@@ -85,8 +166,7 @@ impl JwtVerifier {
             leeway: cfg.leeway.as_secs(),
             required_claims: cfg.required_claims.clone(),
             require_typ: cfg.require_typ.clone(),
-            cache: DashMap::new(),
-            cache_size: cfg.token_cache_size,
+            cache: TokenCache::new(cfg.token_cache_size),
             clock,
         }
     }
@@ -124,35 +204,13 @@ impl JwtVerifier {
         }
         let now = (self.clock)();
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(hit) = self.cache.get(&digest)
-            && now <= hit.exp.saturating_add(self.leeway)
-        {
-            return Ok((*hit.principal).clone());
+        let live = |exp: u64| now <= exp.saturating_add(self.leeway);
+        if let Some(principal) = self.cache.get(&digest, live) {
+            return Ok((*principal).clone());
         }
         let (principal, exp) = self.verify(token, now).await?;
-        self.remember(digest, principal.clone(), exp, now);
+        self.cache.insert(digest, principal.clone(), exp, live);
         Ok(principal)
-    }
-
-    fn remember(&self, digest: [u8; 32], principal: Principal, exp: u64, now: u64) {
-        if self.cache_size == 0 {
-            return;
-        }
-        if self.cache.len() >= self.cache_size {
-            self.cache
-                .retain(|_, c| c.exp.saturating_add(self.leeway) >= now);
-            if self.cache.len() >= self.cache_size {
-                // Still full of live tokens: start over rather than grow without bound.
-                self.cache.clear();
-            }
-        }
-        self.cache.insert(
-            digest,
-            Cached {
-                principal: Arc::new(principal),
-                exp,
-            },
-        );
     }
 
     async fn verify(&self, token: &str, now: u64) -> Result<(Principal, u64), AuthnError> {
@@ -653,6 +711,37 @@ mod tests {
         clock.store(now + 300 + 31, Ordering::Relaxed);
         let e = v.authenticate(&t).await.unwrap_err();
         assert_eq!(e, AuthnError::Expired { ago: 31 });
+    }
+
+    #[tokio::test]
+    async fn a_full_token_cache_evicts_one_token_at_a_time_sparing_those_in_use() {
+        let now = 1_000_000;
+        let v = test_verifier(
+            "jwt: { jwks_file: x, issuer: https://kc/realms/r, audience: mcp-server, token_cache_size: 3 }",
+            Arc::new(move || now),
+        );
+        let token = |user: &str| {
+            let mut c = claims(now);
+            c["preferred_username"] = json!(user);
+            mint(&pem("rsa-a"), Algorithm::RS256, "rsa-a", &c).unwrap()
+        };
+        let cached = |t: &str| {
+            let digest: [u8; 32] = Sha256::digest(t.as_bytes()).into();
+            v.cache.map.contains_key(&digest)
+        };
+        let [a, b, c, d] = ["a", "b", "c", "d"].map(token);
+        for t in [&a, &b, &c] {
+            v.authenticate(t).await.unwrap();
+        }
+        v.authenticate(&a).await.unwrap(); // a hit: a is in use
+        v.authenticate(&d).await.unwrap();
+        assert_eq!(v.cached_tokens(), 3, "full, not cleared");
+        assert!(cached(&a) && !cached(&b) && cached(&c) && cached(&d));
+        for i in 0..20 {
+            v.authenticate(&token(&format!("u{i}"))).await.unwrap();
+            assert_eq!(v.cached_tokens(), 3);
+            assert_eq!(v.cache.order.lock().unwrap().len(), 3);
+        }
     }
 
     #[tokio::test]

@@ -359,10 +359,21 @@ pub fn bearer_token(value: &str) -> Result<&str, AuthnError> {
     if token.contains(',') {
         return Err(AuthnError::DuplicateAuthorization);
     }
-    if token.contains(char::is_whitespace) {
+    if contains_whitespace(token) {
         return Err(AuthnError::Malformed("token contains whitespace".into()));
     }
     Ok(token)
+}
+
+/// `s.contains(char::is_whitespace)`, by bytes when `s` is ASCII (any JWT is: base64url and
+/// dots), which costs a fifth of decoding a ~1 KiB token `char` by `char`. The ASCII
+/// whitespace `char::is_whitespace` knows is `u8::is_ascii_whitespace` plus vertical tab.
+fn contains_whitespace(s: &str) -> bool {
+    if s.is_ascii() {
+        s.bytes().any(|b| b.is_ascii_whitespace() || b == 0x0b)
+    } else {
+        s.contains(char::is_whitespace)
+    }
 }
 
 #[cfg(test)]
@@ -380,6 +391,29 @@ mod tests {
             bearer_token("Bearer a,Bearer b"),
             Err(AuthnError::DuplicateAuthorization)
         );
+    }
+
+    #[test]
+    fn whitespace_anywhere_in_a_token_is_refused_ascii_or_not() {
+        for ws in [
+            '\t', '\n', '\u{b}', '\u{c}', '\r', '\u{85}', '\u{a0}', '\u{2028}', '\u{3000}',
+        ] {
+            let value = format!("Bearer ab{ws}cd");
+            assert_eq!(
+                bearer_token(&value),
+                Err(AuthnError::Malformed("token contains whitespace".into())),
+                "{ws:?}"
+            );
+        }
+        assert_eq!(bearer_token("Bearer ab\u{e9}cd"), Ok("ab\u{e9}cd"));
+        // Every char the standard library calls whitespace, and no other, in the first 0x3100.
+        for c in (0..0x3100u32).filter_map(char::from_u32) {
+            assert_eq!(
+                contains_whitespace(&format!("a{c}b")),
+                c.is_whitespace(),
+                "{c:?}"
+            );
+        }
     }
 
     #[test]

@@ -8,12 +8,27 @@
 //! Questions asked with `HIGHER_CONSISTENCY` (read-after-write) bypass the cache.
 //! Errors are never cached. An answer whose question was in flight while an invalidation
 //! ran is returned but not kept: it may predate the change that caused the invalidation.
+//!
+//! # Memory and eviction
+//!
+//! An entry keeps no text: a question is known by a 128-bit [`Fingerprint`] (two SipHashes
+//! under per-process random keys, so nobody can aim for a collision; by chance one is
+//! 2^-128 per pair, far below any other failure), and the indexes by object and by subject
+//! are keyed by a 64-bit hash of the name. An index collision only forgets more answers than
+//! needed; it never keeps a stale one. About 150 bytes per entry in all, where the rendered
+//! tuples cost ~500.
+//!
+//! Eviction is CLOCK (second chance): every entry owns one slot of a ring of `max_entries`
+//! slots. A new entry takes the slot under the hand: a slot whose entry is gone (invalidated,
+//! expired) is free; an expired entry goes; one hit since the hand last passed loses its mark
+//! and is passed over; any other is evicted. Each mark is cleared once per turn of the hand,
+//! so an insert costs O(1) amortised, never a scan of the whole cache.
 
-use std::collections::HashMap;
 use std::collections::HashSet;
+use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -38,20 +53,71 @@ pub struct CacheStats {
     pub size: u64,
 }
 
-/// What an answer is about. The contextual tuples and consistency are folded into a 64-bit
-/// hash (keyed per process, so nobody can precompute collisions).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key {
-    user: String,
-    relation: String,
-    object: String,
-    context: u64,
-}
+/// What an answer is about: the tuple, the contextual tuples and the consistency, hashed.
+type Fingerprint = u128;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Entry {
     allowed: bool,
     expires_at: u64,
+    /// Hashes of the tuple's object and user: where the indexes list this entry.
+    object: u64,
+    subject: u64,
+    /// The ring slot this entry owns.
+    slot: usize,
+    /// Hit since the hand last passed: spared once.
+    referenced: AtomicBool,
+}
+
+/// The fingerprints listed under one object or subject. Most objects have one answer, so one
+/// is kept inline; a set only once there are more.
+#[derive(Debug)]
+enum Listed {
+    One(Fingerprint),
+    // Boxed on purpose: a `HashSet` inline would make every list 64 bytes instead of 32,
+    // for the rare name with more than one answer.
+    #[allow(clippy::box_collection)]
+    Many(Box<HashSet<Fingerprint>>),
+}
+
+impl Listed {
+    fn insert(&mut self, fp: Fingerprint) {
+        match self {
+            Self::One(one) if *one == fp => {}
+            Self::One(one) => *self = Self::Many(Box::new(HashSet::from([*one, fp]))),
+            Self::Many(set) => {
+                set.insert(fp);
+            }
+        }
+    }
+
+    /// Removes `fp`; true when nothing is left.
+    fn remove(&mut self, fp: Fingerprint) -> bool {
+        match self {
+            Self::One(one) => *one == fp,
+            Self::Many(set) => {
+                set.remove(&fp);
+                set.is_empty()
+            }
+        }
+    }
+
+    fn to_vec(&self) -> Vec<Fingerprint> {
+        match self {
+            Self::One(one) => vec![*one],
+            Self::Many(set) => set.iter().copied().collect(),
+        }
+    }
+}
+
+type Index = DashMap<u64, Listed>;
+
+/// The CLOCK ring: `slots[i]` is the fingerprint of the entry that took slot `i` (which may
+/// be gone since); `hand` the next slot to consider.
+#[derive(Default)]
+struct Ring {
+    slots: Vec<Fingerprint>,
+    hand: usize,
 }
 
 /// How a source of relationship changes (the OpenFGA changelog watcher) tells the cache which
@@ -76,14 +142,18 @@ pub struct DecisionCache {
     denied_ttl: AtomicU64,
     max_entries: usize,
     clock: MillisClock,
-    hasher: std::collections::hash_map::RandomState,
-    entries: DashMap<Arc<Key>, Entry>,
-    by_object: DashMap<String, HashSet<Arc<Key>>>,
-    by_subject: DashMap<String, HashSet<Arc<Key>>>,
-    inflight: DashMap<Arc<Key>, watch::Receiver<Flight>>,
+    /// Two independent keys: the two halves of a [`Fingerprint`].
+    keys: [RandomState; 2],
+    entries: DashMap<Fingerprint, Entry>,
+    by_object: Index,
+    by_subject: Index,
+    /// Taken by every store, before any entry or index shard (lock order: ring, entry shard,
+    /// index shard). Lookups and invalidations never take it: a slot whose entry they removed
+    /// is found free by the hand later.
+    ring: Mutex<Ring>,
+    inflight: DashMap<Fingerprint, watch::Receiver<Flight>>,
     /// Bumped by every invalidation; a flight that saw it change does not store its answer.
     epoch: AtomicU64,
-    evicting: AtomicBool,
     hits: AtomicU64,
     misses: AtomicU64,
     coalesced: AtomicU64,
@@ -107,13 +177,13 @@ impl DecisionCache {
             denied_ttl: AtomicU64::new(millis(cfg.denied_ttl)),
             max_entries: cfg.max_entries.max(1),
             clock,
-            hasher: Default::default(),
+            keys: [RandomState::new(), RandomState::new()],
             entries: DashMap::new(),
             by_object: DashMap::new(),
             by_subject: DashMap::new(),
+            ring: Mutex::new(Ring::default()),
             inflight: DashMap::new(),
             epoch: AtomicU64::new(0),
-            evicting: AtomicBool::new(false),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             coalesced: AtomicU64::new(0),
@@ -154,13 +224,15 @@ impl DecisionCache {
         }
         self.epoch.fetch_add(1, Ordering::SeqCst);
         let mut removed = 0u64;
-        // Taking the whole set out first: a store racing with this either put its key in
+        // Taking the whole list out first: a store racing with this either put its entry in
         // before (and is removed here) or sees the new epoch and removes its entry itself.
-        let by_object = self.by_object.remove(&tuple.object).map(|(_, keys)| keys);
-        let by_subject = self.by_subject.remove(&tuple.user).map(|(_, keys)| keys);
-        for key in by_object.into_iter().chain(by_subject).flatten() {
-            if self.remove_entry(&key, |_| true) {
-                removed += 1;
+        let by_object = self.by_object.remove(&self.name_hash(&tuple.object));
+        let by_subject = self.by_subject.remove(&self.name_hash(&tuple.user));
+        for (_, listed) in by_object.into_iter().chain(by_subject) {
+            for fp in listed.to_vec() {
+                if self.remove_entry(fp, |_| true) {
+                    removed += 1;
+                }
             }
         }
         self.invalidations.fetch_add(removed, Ordering::Relaxed);
@@ -176,66 +248,74 @@ impl DecisionCache {
         self.invalidations.fetch_add(n, Ordering::Relaxed);
     }
 
-    fn context_hash(&self, q: &CheckQuery) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        q.contextual.hash(&mut h);
-        q.consistency.hash(&mut h);
-        h.finish()
+    /// The contextual tuples and consistency of a question, hashed under both keys.
+    fn context_hash(&self, q: &CheckQuery) -> [u64; 2] {
+        self.keys.each_ref().map(|key| {
+            let mut h = key.build_hasher();
+            q.contextual.hash(&mut h);
+            q.consistency.hash(&mut h);
+            h.finish()
+        })
     }
 
-    fn key(&self, q: &CheckQuery, context: u64) -> Key {
-        Key {
-            user: q.tuple.user.clone(),
-            relation: q.tuple.relation.clone(),
-            object: q.tuple.object.clone(),
-            context,
-        }
+    fn fingerprint(&self, q: &CheckQuery, context: [u64; 2]) -> Fingerprint {
+        let [a, b] = [0, 1].map(|i| {
+            let mut h = self.keys[i].build_hasher();
+            q.tuple.hash(&mut h);
+            context[i].hash(&mut h);
+            h.finish()
+        });
+        u128::from(a) << 64 | u128::from(b)
     }
 
-    /// A fresh cached answer; an expired one is removed on the way.
-    fn lookup(&self, key: &Arc<Key>, now: u64) -> Option<bool> {
-        let entry = *self.entries.get(key.as_ref())?;
-        if entry.expires_at > now {
-            return Some(entry.allowed);
+    /// Where the indexes list an object or a user.
+    fn name_hash(&self, name: &str) -> u64 {
+        self.keys[0].hash_one(name)
+    }
+
+    /// A fresh cached answer, marked as used; an expired one is removed on the way.
+    fn lookup(&self, fp: Fingerprint, now: u64) -> Option<bool> {
+        {
+            let entry = self.entries.get(&fp)?;
+            if entry.expires_at > now {
+                // A load first: most hits find the mark set and write nothing.
+                if !entry.referenced.load(Ordering::Relaxed) {
+                    entry.referenced.store(true, Ordering::Relaxed);
+                }
+                return Some(entry.allowed);
+            }
         }
-        self.remove_entry(key, |e| e.expires_at <= now);
+        self.remove_entry(fp, |e| e.expires_at <= now);
         None
     }
 
-    /// Removes the entry for `key` when `pred` holds, and its index entries.
+    /// Removes the entry for `fp` when `pred` holds, and its index entries (its ring slot is
+    /// found free by the hand later).
     ///
     /// Entries and their index entries change together under the entry's shard lock (here
     /// and in [`store`](Self::store)), so a removal cannot unindex a newer entry stored under
-    /// the same key: an entry the indexes do not know could never be invalidated. Lock order
-    /// is always entry shard, then index shard; nothing holds an index shard while taking an
-    /// entry shard.
-    fn remove_entry(&self, key: &Arc<Key>, pred: impl FnOnce(&Entry) -> bool) -> bool {
-        match self.entries.entry(key.clone()) {
-            MapEntry::Occupied(o) => {
-                if !pred(o.get()) {
-                    return false;
-                }
-                unindex(&self.by_object, &key.object, key);
-                unindex(&self.by_subject, &key.user, key);
+    /// the same fingerprint: an entry the indexes do not know could never be invalidated.
+    /// Lock order is always entry shard, then index shard; nothing holds an index shard while
+    /// taking an entry shard.
+    fn remove_entry(&self, fp: Fingerprint, pred: impl FnOnce(&Entry) -> bool) -> bool {
+        match self.entries.entry(fp) {
+            MapEntry::Occupied(o) if pred(o.get()) => {
+                let (object, subject) = (o.get().object, o.get().subject);
+                unindex(&self.by_object, object, fp);
+                unindex(&self.by_subject, subject, fp);
                 o.remove();
                 true
             }
-            // No entry: whatever the indexes still hold for the key is left over (a clear
-            // raced with a store) and goes too.
-            MapEntry::Vacant(_) => {
-                unindex(&self.by_object, &key.object, key);
-                unindex(&self.by_subject, &key.user, key);
-                false
-            }
+            _ => false,
         }
     }
 
     /// Stores an answer unless an invalidation ran since its flight began (`epoch`).
     ///
     /// The epoch is read again after the entry is in: an invalidation that bumped it after
-    /// that finds the key in the index and removes the entry; one that bumped it before is
-    /// seen here and the entry is removed again.
-    fn store(&self, key: &Arc<Key>, allowed: bool, epoch: u64) {
+    /// that finds the entry in the index and removes it; one that bumped it before is seen
+    /// here and the entry is removed again.
+    fn store(&self, q: &CheckQuery, fp: Fingerprint, allowed: bool, epoch: u64) {
         if self.epoch.load(Ordering::SeqCst) != epoch {
             return;
         }
@@ -247,76 +327,74 @@ impl DecisionCache {
         if ttl == 0 {
             return;
         }
-        let entry = Entry {
-            allowed,
-            expires_at: (self.clock)().saturating_add(ttl),
-        };
-        match self.entries.entry(key.clone()) {
-            MapEntry::Occupied(mut o) => {
-                o.insert(entry);
-            }
-            MapEntry::Vacant(v) => {
-                self.by_object
-                    .entry(key.object.clone())
-                    .or_default()
-                    .insert(key.clone());
-                self.by_subject
-                    .entry(key.user.clone())
-                    .or_default()
-                    .insert(key.clone());
-                v.insert(entry);
+        let now = (self.clock)();
+        let expires_at = now.saturating_add(ttl);
+        {
+            // Every insert happens under the ring lock, so nothing else can insert `fp`
+            // between the look here and the insert below.
+            let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+            let updated = match self.entries.get_mut(&fp) {
+                Some(mut entry) => {
+                    entry.allowed = allowed;
+                    entry.expires_at = expires_at;
+                    true
+                }
+                None => false,
+            };
+            if !updated {
+                // The slot first: taking it may evict, which takes entry shards.
+                let slot = self.claim_slot(&mut ring, now);
+                ring.slots[slot] = fp;
+                let object = self.name_hash(&q.tuple.object);
+                let subject = self.name_hash(&q.tuple.user);
+                if let MapEntry::Vacant(v) = self.entries.entry(fp) {
+                    index(&self.by_object, object, fp);
+                    index(&self.by_subject, subject, fp);
+                    v.insert(Entry {
+                        allowed,
+                        expires_at,
+                        object,
+                        subject,
+                        slot,
+                        referenced: AtomicBool::new(false),
+                    });
+                }
             }
         }
         if self.epoch.load(Ordering::SeqCst) != epoch {
-            self.remove_entry(key, |_| true);
-            return;
-        }
-        if self.entries.len() > self.max_entries {
-            self.evict();
+            self.remove_entry(fp, |_| true);
         }
     }
 
-    /// Back under `max_entries` with 1% headroom (so the scan is not repeated on every
-    /// insert): expired entries first, then whatever the iteration meets. One evictor at a
-    /// time; inserts racing with it may overshoot by a few entries until the next pass.
-    fn evict(&self) {
-        if self.evicting.swap(true, Ordering::Acquire) {
-            return;
+    /// A ring slot for a new entry: a new one while the ring is shorter than `max_entries`,
+    /// else the first the hand finds free, expired or unmarked (evicting its entry). Marks
+    /// passed over are cleared, so the hand stops within two turns; O(1) amortised.
+    fn claim_slot(&self, ring: &mut Ring, now: u64) -> usize {
+        if ring.slots.len() < self.max_entries {
+            ring.slots.push(0);
+            return ring.slots.len() - 1;
         }
-        let headroom = (self.max_entries / 100).max(1);
-        let target = self.max_entries.saturating_sub(headroom);
-        let len = self.entries.len();
-        if len > target {
-            let excess = len - target;
-            let now = (self.clock)();
-            let mut expired = Vec::new();
-            let mut others = Vec::new();
-            for e in self.entries.iter() {
-                if e.value().expires_at <= now {
-                    expired.push(e.key().clone());
-                } else if others.len() < excess {
-                    others.push(e.key().clone());
+        loop {
+            let slot = ring.hand;
+            ring.hand = (slot + 1) % ring.slots.len();
+            match self.entries.entry(ring.slots[slot]) {
+                // The entry that took this slot is still here: spare it once if it was hit.
+                MapEntry::Occupied(o) if o.get().slot == slot => {
+                    let e = o.get();
+                    if e.expires_at > now && e.referenced.swap(false, Ordering::Relaxed) {
+                        continue;
+                    }
+                    let (object, subject, fp) = (e.object, e.subject, *o.key());
+                    unindex(&self.by_object, object, fp);
+                    unindex(&self.by_subject, subject, fp);
+                    o.remove();
+                    self.evictions.fetch_add(1, Ordering::Relaxed);
+                    return slot;
                 }
+                // Gone (invalidated, expired, cleared) or stored again elsewhere: free.
+                _ => return slot,
             }
-            let mut removed = 0u64;
-            for key in &expired {
-                if self.remove_entry(key, |e| e.expires_at <= now) {
-                    removed += 1;
-                }
-            }
-            let mut over = self.entries.len().saturating_sub(target);
-            for key in &others {
-                if over == 0 {
-                    break;
-                }
-                if self.remove_entry(key, |_| true) {
-                    removed += 1;
-                    over -= 1;
-                }
-            }
-            self.evictions.fetch_add(removed, Ordering::Relaxed);
         }
-        self.evicting.store(false, Ordering::Release);
     }
 }
 
@@ -330,19 +408,29 @@ impl Invalidate for DecisionCache {
     }
 }
 
-/// Drops `key` from the index set under `name`, and the set once it is empty.
-fn unindex(index: &DashMap<String, HashSet<Arc<Key>>>, name: &str, key: &Key) {
-    if let Some(mut set) = index.get_mut(name) {
-        set.remove(key);
+fn index(index: &Index, name: u64, fp: Fingerprint) {
+    match index.entry(name) {
+        MapEntry::Occupied(mut o) => o.get_mut().insert(fp),
+        MapEntry::Vacant(v) => {
+            v.insert(Listed::One(fp));
+        }
     }
-    index.remove_if(name, |_, set| set.is_empty());
+}
+
+/// Drops `fp` from the list under `name`, and the list once it is empty.
+fn unindex(index: &Index, name: u64, fp: Fingerprint) {
+    if let MapEntry::Occupied(mut o) = index.entry(name)
+        && o.get_mut().remove(fp)
+    {
+        o.remove();
+    }
 }
 
 /// Removes a flight from the in-flight table when its leader finishes or is cancelled;
 /// dropping the sender wakes waiters of a cancelled leader, who then ask again.
 struct FlightGuard<'a> {
-    inflight: &'a DashMap<Arc<Key>, watch::Receiver<Flight>>,
-    key: Arc<Key>,
+    inflight: &'a DashMap<Fingerprint, watch::Receiver<Flight>>,
+    key: Fingerprint,
     tx: watch::Sender<Flight>,
     /// Ours, to tell our flight from a later one under the same key.
     own: watch::Receiver<Flight>,
@@ -357,9 +445,9 @@ impl Drop for FlightGuard<'_> {
 }
 
 /// One distinct question of a batch and the positions that asked it.
-struct Slot {
-    key: Arc<Key>,
-    query: CheckQuery,
+struct Slot<'q> {
+    key: Fingerprint,
+    query: &'q CheckQuery,
     positions: Vec<usize>,
 }
 
@@ -371,31 +459,37 @@ impl RelationshipChecker for DecisionCache {
         if query.consistency == Consistency::HigherConsistency {
             return None;
         }
-        let key = self.key(query, self.context_hash(query));
-        let entry = *self.entries.get(&key)?;
+        let fp = self.fingerprint(query, self.context_hash(query));
+        let entry = self.entries.get(&fp)?;
         (entry.expires_at > (self.clock)()).then_some(entry.allowed)
     }
 
     async fn check(&self, queries: &[CheckQuery]) -> Result<Vec<bool>, BackendError> {
         let mut answers: Vec<Option<bool>> = vec![None; queries.len()];
-        let mut pending: Vec<Slot> = Vec::new();
+        let mut pending: Vec<Slot<'_>> = Vec::with_capacity(queries.len());
         {
+            // A rule asks a handful of questions, so a linear search finds repeats (and
+            // contextual lists already hashed) for less than hashing them would cost.
             // Questions sharing one contextual list (the usual case) hash it once.
-            let mut contexts: HashMap<(usize, Consistency), u64> = HashMap::new();
-            let mut seen: HashMap<Key, usize> = HashMap::new();
+            let mut contexts: Vec<((usize, Consistency), [u64; 2])> = Vec::new();
             for (i, q) in queries.iter().enumerate() {
-                let context = *contexts
-                    .entry((Arc::as_ptr(&q.contextual) as usize, q.consistency))
-                    .or_insert_with(|| self.context_hash(q));
-                let key = self.key(q, context);
-                if let Some(&slot) = seen.get(&key) {
-                    pending[slot].positions.push(i);
+                let list = (Arc::as_ptr(&q.contextual) as usize, q.consistency);
+                let context = match contexts.iter().find(|(l, _)| *l == list) {
+                    Some((_, hashed)) => *hashed,
+                    None => {
+                        let hashed = self.context_hash(q);
+                        contexts.push((list, hashed));
+                        hashed
+                    }
+                };
+                let key = self.fingerprint(q, context);
+                if let Some(slot) = pending.iter_mut().find(|s| s.key == key) {
+                    slot.positions.push(i);
                     continue;
                 }
-                seen.insert(key.clone(), pending.len());
                 pending.push(Slot {
-                    key: Arc::new(key),
-                    query: q.clone(),
+                    key,
+                    query: q,
                     positions: vec![i],
                 });
             }
@@ -406,8 +500,8 @@ impl RelationshipChecker for DecisionCache {
             let now = (self.clock)();
             let epoch = self.epoch.load(Ordering::SeqCst);
             // Misses this call asks about; `None`: a question that bypasses the cache.
-            let mut leading: Vec<(Slot, Option<FlightGuard<'_>>)> = Vec::new();
-            let mut waiting: Vec<(Slot, watch::Receiver<Flight>)> = Vec::new();
+            let mut leading: Vec<(Slot<'_>, Option<FlightGuard<'_>>)> = Vec::new();
+            let mut waiting: Vec<(Slot<'_>, watch::Receiver<Flight>)> = Vec::new();
             for slot in pending.drain(..) {
                 // HIGHER_CONSISTENCY asks for read-after-write: an answer cached (or in
                 // flight) from before the caller's write would defeat it.
@@ -416,14 +510,14 @@ impl RelationshipChecker for DecisionCache {
                     leading.push((slot, None));
                     continue;
                 }
-                if let Some(allowed) = self.lookup(&slot.key, now) {
+                if let Some(allowed) = self.lookup(slot.key, now) {
                     self.hits.fetch_add(1, Ordering::Relaxed);
                     for &p in &slot.positions {
                         answers[p] = Some(allowed);
                     }
                     continue;
                 }
-                match self.inflight.entry(slot.key.clone()) {
+                match self.inflight.entry(slot.key) {
                     MapEntry::Occupied(o) => {
                         let rx = o.get().clone();
                         drop(o);
@@ -436,7 +530,7 @@ impl RelationshipChecker for DecisionCache {
                         self.misses.fetch_add(1, Ordering::Relaxed);
                         let guard = FlightGuard {
                             inflight: &self.inflight,
-                            key: slot.key.clone(),
+                            key: slot.key,
                             tx,
                             own: rx,
                         };
@@ -461,7 +555,7 @@ impl RelationshipChecker for DecisionCache {
                     Ok(allowed) => {
                         for ((slot, guard), ok) in leading.into_iter().zip(allowed) {
                             if let Some(guard) = guard {
-                                self.store(&slot.key, ok, epoch);
+                                self.store(slot.query, slot.key, ok, epoch);
                                 guard.tx.send_replace(Some(Ok(ok)));
                             }
                             for &p in &slot.positions {
@@ -750,8 +844,8 @@ mod tests {
         );
         assert_eq!(c.stats().invalidations, 4);
         // The indexes follow: nothing stale is left under either name.
-        assert!(c.by_subject.get("user:alice").is_some_and(|s| s.len() == 2));
-        assert!(c.by_object.get("tool:x").is_some_and(|s| s.len() == 2));
+        assert_eq!(listed(&c, &c.by_subject, "user:alice"), 2);
+        assert_eq!(listed(&c, &c.by_object, "tool:x"), 2);
     }
 
     #[tokio::test]
@@ -771,44 +865,100 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bounded_size_evicts_expired_first() {
+    async fn a_full_cache_evicts_answers_not_hit_since_the_hand_passed() {
         let (c, fake, now) = cache(Fake::default(), 10);
-        let allowed: Vec<TupleKey> = (0..5)
+        let hot: Vec<TupleKey> = (0..5)
             .map(|i| t("user:a", "viewer", &format!("doc:{i}")))
             .collect();
-        for tuple in &allowed {
-            fake.allow(tuple);
-        }
-        let denied: Vec<TupleKey> = (0..5)
+        let cold: Vec<TupleKey> = (0..5)
             .map(|i| t("user:d", "viewer", &format!("doc:{i}")))
             .collect();
-        c.check(&allowed.iter().chain(&denied).map(q).collect::<Vec<_>>())
+        for tuple in &hot {
+            fake.allow(tuple);
+        }
+        c.check(&hot.iter().chain(&cold).map(q).collect::<Vec<_>>())
             .await
             .unwrap();
         assert_eq!(c.stats().size, 10);
-        now.store(500, Ordering::SeqCst); // the denied answers are expired, not yet removed
-        c.check(&[q(&t("user:new", "viewer", "doc:0"))])
+        c.check(&hot.iter().map(q).collect::<Vec<_>>())
+            .await
+            .unwrap(); // hits: marked
+        let newcomers: Vec<TupleKey> = (0..5)
+            .map(|i| t("user:new", "viewer", &format!("doc:{i}")))
+            .collect();
+        c.check(&newcomers.iter().map(q).collect::<Vec<_>>())
             .await
             .unwrap();
         let s = c.stats();
-        assert_eq!((s.size, s.evictions), (6, 5));
+        assert_eq!((s.size, s.evictions), (10, 5));
         let calls = fake.calls();
-        c.check(&allowed.iter().map(q).collect::<Vec<_>>())
+        c.check(&hot.iter().map(q).collect::<Vec<_>>())
             .await
             .unwrap();
-        assert_eq!(fake.calls(), calls, "the fresh answers survived");
+        assert_eq!(fake.calls(), calls, "the answers hit survived");
+        c.check(&cold.iter().map(q).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        assert_eq!(fake.calls(), calls + 1, "the answers never hit went");
 
-        // Nothing expired: arbitrary entries go, the size stays bounded.
+        // Expired answers go before marked ones.
+        c.check(&hot.iter().map(q).collect::<Vec<_>>())
+            .await
+            .unwrap(); // marked again
+        now.store(500, Ordering::SeqCst); // every denied answer has expired
+        c.check(&[q(&t("user:late", "viewer", "doc:0"))])
+            .await
+            .unwrap();
+        c.check(&hot.iter().map(q).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        assert_eq!(
+            fake.calls(),
+            calls + 2,
+            "the allowed answers are still fresh"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_size_stays_bounded_and_evicted_answers_leave_the_indexes() {
+        let (c, _, _) = cache(Fake::default(), 10);
         for i in 0..100 {
-            c.check(&[q(&t("user:many", "viewer", &format!("doc:{i}")))])
-                .await
-                .unwrap();
+            c.check(&[q(&t(
+                &format!("user:u{}", i % 7),
+                "viewer",
+                &format!("doc:{i}"),
+            ))])
+            .await
+            .unwrap();
             assert!(c.stats().size <= 10);
         }
-        assert!(c.stats().evictions >= 95);
-        // Evicted entries leave the indexes too.
-        let indexed: usize = c.by_object.iter().map(|e| e.value().len()).sum();
+        assert_eq!(c.stats().evictions, 90);
+        let indexed: usize = c.by_object.iter().map(|e| e.value().to_vec().len()).sum();
         assert_eq!(indexed as u64, c.stats().size);
+        let indexed: usize = c.by_subject.iter().map(|e| e.value().to_vec().len()).sum();
+        assert_eq!(indexed as u64, c.stats().size);
+        assert_eq!(c.ring.lock().unwrap().slots.len(), 10);
+    }
+
+    #[tokio::test]
+    async fn slots_of_invalidated_answers_are_reused_without_evicting() {
+        let (c, _, _) = cache(Fake::default(), 4);
+        let all: Vec<CheckQuery> = (0..4)
+            .map(|i| q(&t("user:a", "viewer", &format!("doc:{i}"))))
+            .collect();
+        c.check(&all).await.unwrap();
+        c.invalidate(&t("user:a", "member", "organization:acme"));
+        assert_eq!(c.stats().size, 0);
+        c.check(&all).await.unwrap();
+        let s = c.stats();
+        assert_eq!((s.size, s.evictions), (4, 0));
+    }
+
+    /// How many answers an index lists under `name`.
+    fn listed(c: &DecisionCache, index: &Index, name: &str) -> usize {
+        index
+            .get(&c.name_hash(name))
+            .map_or(0, |l| l.to_vec().len())
     }
 
     #[tokio::test]
@@ -930,19 +1080,23 @@ mod tests {
         // Every entry is reachable from both indexes (or invalidation could miss it), and
         // the indexes hold nothing else.
         for e in c.entries.iter() {
-            let k = e.key();
+            let (fp, entry) = (*e.key(), e.value());
             assert!(
-                c.by_object.get(&k.object).is_some_and(|s| s.contains(k)),
-                "{k:?}"
+                c.by_object
+                    .get(&entry.object)
+                    .is_some_and(|l| l.to_vec().contains(&fp)),
+                "{entry:?}"
             );
             assert!(
-                c.by_subject.get(&k.user).is_some_and(|s| s.contains(k)),
-                "{k:?}"
+                c.by_subject
+                    .get(&entry.subject)
+                    .is_some_and(|l| l.to_vec().contains(&fp)),
+                "{entry:?}"
             );
         }
-        let indexed: usize = c.by_object.iter().map(|e| e.value().len()).sum();
+        let indexed: usize = c.by_object.iter().map(|e| e.value().to_vec().len()).sum();
         assert_eq!(indexed, c.entries.len());
-        let indexed: usize = c.by_subject.iter().map(|e| e.value().len()).sum();
+        let indexed: usize = c.by_subject.iter().map(|e| e.value().to_vec().len()).sum();
         assert_eq!(indexed, c.entries.len());
         assert!(c.inflight.is_empty());
     }

@@ -97,6 +97,9 @@ pub struct Args {
     mint_key: PathBuf,
     #[arg(long, default_value = "dev-local-1")]
     mint_kid: String,
+    /// The signing algorithm of --mint-key (RS256, ES256, ...).
+    #[arg(long, default_value = "RS256")]
+    mint_alg: String,
     #[arg(long, value_delimiter = ',', default_value = "admin")]
     mint_roles: Vec<String>,
     #[arg(long, default_value = "authz-sidecar-local")]
@@ -619,10 +622,14 @@ fn specs(args: &Args) -> anyhow::Result<Vec<Spec>> {
     }])
 }
 
-/// Distinct RS256 (or the key's) tokens, subject `bench-<i>`, valid for 2 hours.
+/// Distinct tokens signed with --mint-alg, subject `bench-<i>`, valid for 2 hours.
 fn mint_tokens(args: &Args, count: usize) -> anyhow::Result<Vec<String>> {
     let pem = std::fs::read(&args.mint_key)
         .with_context(|| format!("--mint-key {}", args.mint_key.display()))?;
+    let alg: jsonwebtoken::Algorithm = args
+        .mint_alg
+        .parse()
+        .with_context(|| format!("--mint-alg {}", args.mint_alg))?;
     let now = authz_sidecar::clock::now_secs();
     let started = Instant::now();
     let tokens = (0..count)
@@ -633,13 +640,8 @@ fn mint_tokens(args: &Args, count: usize) -> anyhow::Result<Vec<String>> {
                 "iat": now, "exp": now + 7200, "realm_access": {"roles": args.mint_roles},
                 "scope": "",
             });
-            authz_sidecar::authn::jwt::mint(
-                &pem,
-                jsonwebtoken::Algorithm::RS256,
-                &args.mint_kid,
-                &claims,
-            )
-            .context("signing a token with --mint-key")
+            authz_sidecar::authn::jwt::mint(&pem, alg, &args.mint_kid, &claims)
+                .context("signing a token with --mint-key")
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     eprintln!(

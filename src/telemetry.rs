@@ -817,9 +817,6 @@ mod tests {
 
     /// The line without its quoted values (escapes honoured): what a logfmt reader takes for
     /// field names.
-
-    /// The line without its quoted values (escapes honoured): what a logfmt reader takes for
-    /// field names.
     fn outside_quotes(line: &str) -> String {
         let (mut out, mut inside, mut escaped) = (String::new(), false, false);
         for c in line.chars() {

@@ -277,7 +277,6 @@ impl Authorization for CheckService {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::OnceLock;
 
     use tokio::sync::{Notify, Semaphore};
 
@@ -353,14 +352,8 @@ mod tests {
             gate: Semaphore::new(0),
         });
         let backends = Backends {
-            keys: None,
             api_keys: Some(keys.clone()),
-            checker: None,
-            openfga: Arc::new(OnceLock::new()),
-            openfga_requests: Default::default(),
-            model_gate: Default::default(),
-            cache_ttls: Default::default(),
-            clock: crate::clock::system_clock(),
+            ..Backends::none()
         };
         let open = config("[ { name: any-caller, path: /docs } ]");
         let admins_only = config("[ { name: admins-only, path: /docs, roles: [admin] } ]");
@@ -437,16 +430,7 @@ mod tests {
             &std::collections::BTreeMap::new(),
         )
         .unwrap();
-        let backends = Backends {
-            keys: None,
-            api_keys: None,
-            checker: None,
-            openfga: Arc::new(OnceLock::new()),
-            openfga_requests: Default::default(),
-            model_gate: Default::default(),
-            cache_ttls: Default::default(),
-            clock: crate::clock::system_clock(),
-        };
+        let backends = Backends::none();
         let policy = crate::state::policy(&cfg, &backends).unwrap();
         let service = CheckService::new(Arc::new(State::new(policy, backends)), Metrics::new())
             .with_decision_log(DecisionLog::new(&cfg.log));
@@ -499,14 +483,8 @@ mod tests {
             gate: Semaphore::new(1000),
         });
         let backends = Backends {
-            keys: None,
             api_keys: Some(keys),
-            checker: None,
-            openfga: Arc::new(OnceLock::new()),
-            openfga_requests: Default::default(),
-            model_gate: Default::default(),
-            cache_ttls: Default::default(),
-            clock: crate::clock::system_clock(),
+            ..Backends::none()
         };
         let policy =
             crate::state::policy(&config("[ { name: docs, path: /docs } ]"), &backends).unwrap();

@@ -71,6 +71,24 @@ pub struct Backends {
     pub clock: Clock,
 }
 
+#[cfg(test)]
+impl Backends {
+    /// No signing keys, API keys or OpenFGA, the system clock: a test sets what it needs
+    /// (`Backends { api_keys: Some(keys), ..Backends::none() }`).
+    pub fn none() -> Self {
+        Self {
+            keys: None,
+            api_keys: None,
+            checker: None,
+            openfga: Default::default(),
+            openfga_requests: Default::default(),
+            model_gate: Default::default(),
+            cache_ttls: Default::default(),
+            clock: crate::clock::system_clock(),
+        }
+    }
+}
+
 /// The relation references of the serving policy's rules and the OpenFGA model they must
 /// exist in. One lock orders the two ways rules meet the model: the connection checks the
 /// references left here, and [`State::apply`] checks (or leaves) a new policy's and swaps it

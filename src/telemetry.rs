@@ -635,16 +635,7 @@ mod tests {
             &std::collections::BTreeMap::new(),
         )
         .unwrap();
-        let backends = crate::state::Backends {
-            keys: None,
-            api_keys: None,
-            checker: None,
-            openfga: Default::default(),
-            openfga_requests: Default::default(),
-            model_gate: Default::default(),
-            cache_ttls: Default::default(),
-            clock: crate::clock::system_clock(),
-        };
+        let backends = crate::state::Backends::none();
         crate::state::policy(&config, &backends).unwrap()
     }
 

@@ -255,7 +255,6 @@ fn counter_by<L: EncodeLabelSet>(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::OnceLock;
 
     use super::*;
     use crate::authn::api_key::{ApiKeyStore, FileApiKeyStore};
@@ -284,12 +283,7 @@ mod tests {
         let backends = Backends {
             keys: Some(keys.clone()),
             api_keys: Some(Arc::new(api_keys) as Arc<dyn ApiKeyStore>),
-            checker: None,
-            openfga: Arc::new(OnceLock::new()),
-            openfga_requests: Default::default(),
-            model_gate: Default::default(),
-            cache_ttls: Default::default(),
-            clock: crate::clock::system_clock(),
+            ..Backends::none()
         };
         let policy = crate::state::policy(&config, &backends).unwrap();
         (Arc::new(State::new(policy, backends)), keys)

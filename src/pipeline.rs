@@ -406,6 +406,13 @@ fn in_element(element: Option<usize>, failure: Failure) -> Failure {
 /// The rules that decided, for the log: `mcp-tools-call`, or for a batch each distinct rule
 /// in element order (`mcp-tools-call,mcp-other`); `unmatched` for parts no rule matched.
 fn rule_names(parts: &[Routed<'_, '_>]) -> String {
+    // Nearly every request is one part: its name, without the list and the join.
+    if let [one] = parts {
+        return one
+            .rule
+            .map_or("unmatched", |r| r.name.as_str())
+            .to_string();
+    }
     let mut names: Vec<&str> = Vec::new();
     for p in parts {
         let n = p.rule.map_or("unmatched", |r| r.name.as_str());

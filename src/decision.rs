@@ -19,6 +19,8 @@
 //! - A deny is built once, complete: the rule and principal it concerns and the CORS headers
 //!   the check read ([`Context`]).
 
+use std::sync::Arc;
+
 use crate::authn::{AuthnError, Principal};
 use crate::authz::AuthzError;
 use crate::authz::rules::Refusal;
@@ -27,7 +29,7 @@ use crate::request::RequestError;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allow {
-    pub principal: Option<Principal>,
+    pub principal: Option<Arc<Principal>>,
     pub rule: String,
     /// The backend failed and the rule allows failing open: carried to the app as a header.
     pub failed_open: Option<String>,
@@ -53,7 +55,7 @@ pub struct Deny {
     pub detail: String,
     pub www_authenticate: Option<String>,
     pub response_headers: Vec<(String, String)>,
-    pub principal: Option<Principal>,
+    pub principal: Option<Arc<Principal>>,
     pub rule: Option<String>,
 }
 
@@ -217,7 +219,7 @@ pub fn answer(kind: FailureKind) -> (u16, tonic::Code, &'static str, Challenge) 
 #[derive(Debug, Clone, Default)]
 pub struct Context {
     pub rule: Option<String>,
-    pub principal: Option<Principal>,
+    pub principal: Option<Arc<Principal>>,
     pub response_headers: Vec<(String, String)>,
 }
 

@@ -13,6 +13,8 @@
 //! read two ways), a refused CORS origin and a 503 stay as they are, so a rollout never opens
 //! a path-confusion bypass.
 
+use std::sync::Arc;
+
 use crate::authn::{Authenticator, Principal};
 use crate::authz::rules::{EvalContext, Routed, Rule, RuleSet};
 use crate::authz::trace::{Event, Trace, record};
@@ -269,7 +271,7 @@ async fn decide(policy: &Policy, input: &CheckInput, mut trace: Option<&mut Trac
         }
         Consulted::Headers(headers) => headers,
     };
-    let context = |rule: Option<String>, principal: Option<Principal>| Context {
+    let context = |rule: Option<String>, principal: Option<Arc<Principal>>| Context {
         rule,
         principal,
         response_headers: cors.clone(),
@@ -311,7 +313,7 @@ async fn decide(policy: &Policy, input: &CheckInput, mut trace: Option<&mut Trac
         None => policy.rules.unmatched == Unmatched::Authenticated,
     });
     let names = rule_names(&route.parts);
-    let allow = |principal: Option<Principal>, granted: Granted| {
+    let allow = |principal: Option<Arc<Principal>>, granted: Granted| {
         Decision::Allow(Allow {
             principal,
             rule: names.clone(),
@@ -404,6 +406,13 @@ fn in_element(element: Option<usize>, failure: Failure) -> Failure {
 /// The rules that decided, for the log: `mcp-tools-call`, or for a batch each distinct rule
 /// in element order (`mcp-tools-call,mcp-other`); `unmatched` for parts no rule matched.
 fn rule_names(parts: &[Routed<'_, '_>]) -> String {
+    // Nearly every request is one part: its name, without the list and the join.
+    if let [one] = parts {
+        return one
+            .rule
+            .map_or("unmatched", |r| r.name.as_str())
+            .to_string();
+    }
     let mut names: Vec<&str> = Vec::new();
     for p in parts {
         let n = p.rule.map_or("unmatched", |r| r.name.as_str());

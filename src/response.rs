@@ -56,8 +56,13 @@ fn header(key: &str, value: impl Into<String>) -> HeaderValueOption {
     }
 }
 
-/// Header values cannot hold CR/LF; identity values come from tokens, so make sure.
+/// Header values cannot hold CR/LF; identity values come from tokens, so make sure. A value
+/// of printable ASCII (nearly all) is copied whole; any other byte (C1 controls are
+/// multi-byte) sends it through the char filter.
 fn clean(v: &str) -> String {
+    if v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return v.to_string();
+    }
     v.chars().filter(|c| !c.is_control()).collect()
 }
 
@@ -322,6 +327,20 @@ mod tests {
     }
 
     #[test]
+    fn header_values_lose_every_control_character_and_keep_the_rest() {
+        for (value, want) in [
+            ("alice", "alice"),
+            ("a b~", "a b~"),
+            ("alice\r\nx-admin: 1", "alicex-admin: 1"),
+            ("tab\there\u{7f}", "tabhere"),
+            ("c1\u{85}\u{9b}end", "c1end"),
+            ("jos\u{e9}", "jos\u{e9}"),
+        ] {
+            assert_eq!(clean(value), want, "{value:?}");
+        }
+    }
+
+    #[test]
     fn every_allow_removes_the_credential_headers() {
         let strip = vec!["x-api-key".to_string(), "apikey".to_string()];
         let public = Allow {
@@ -339,7 +358,7 @@ mod tests {
             crate::authn::AuthMethod::ApiKey,
         );
         p.key_id = "ak_1".into();
-        with_key.principal = Some(p);
+        with_key.principal = Some(p.into());
         for (allow, strip, want_removed) in [
             (&public, &strip, vec!["x-api-key", "apikey"]),
             (&with_key, &strip, vec!["x-api-key", "apikey"]),
@@ -385,7 +404,7 @@ mod tests {
         );
         alice.key_id = "dev-local-1".into();
         let allow = Allow {
-            principal: Some(alice.clone()),
+            principal: Some(alice.clone().into()),
             rule: "api".into(),
             failed_open: None,
             response_headers: Vec::new(),

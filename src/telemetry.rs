@@ -140,7 +140,24 @@ fn push_escaped(out: &mut String, c: char) {
     }
 }
 
-fn quoted(value: &str) -> String {
+/// The escaping below goes char by char; most values (ids, paths, rule names) have nothing
+/// to escape, and this says so from the bytes alone. `false` only when every byte is
+/// printable ASCII other than `"` and `\`: a non-ASCII byte (C1 controls, U+2028 and U+2029
+/// are multi-byte) always takes the careful path, so the fast path keeps the invariant.
+fn needs_escaping(value: &str) -> bool {
+    value
+        .bytes()
+        .any(|b| !(0x20..0x7f).contains(&b) || b == b'"' || b == b'\\')
+}
+
+/// The message's counterpart of [`needs_escaping`]: only line-breaking characters are escaped
+/// there, so quotes and backslashes pass.
+fn message_needs_escaping(value: &str) -> bool {
+    value.bytes().any(|b| !(0x20..0x7f).contains(&b))
+}
+
+/// `value` quoted, every character that could end the line or the quotes escaped.
+fn quoted_by_chars(value: &str) -> String {
     let mut out = String::with_capacity(value.len() + 2);
     out.push('"');
     for c in value.chars() {
@@ -154,11 +171,30 @@ fn quoted(value: &str) -> String {
     out
 }
 
-fn is_plain_token(value: &str) -> bool {
+/// [`quoted_by_chars`], written straight through when there is nothing to escape.
+fn write_quoted(w: &mut impl fmt::Write, value: &str) -> fmt::Result {
+    if needs_escaping(value) {
+        return w.write_str(&quoted_by_chars(value));
+    }
+    w.write_char('"')?;
+    w.write_str(value)?;
+    w.write_char('"')
+}
+
+fn is_plain_token_by_chars(value: &str) -> bool {
     !value.is_empty()
         && !value
             .chars()
             .any(|c| c.is_whitespace() || breaks_lines(c) || matches!(c, '"' | '\\'))
+}
+
+/// [`is_plain_token_by_chars`], from the bytes when the value is printable ASCII.
+fn is_plain_token(value: &str) -> bool {
+    if needs_escaping(value) {
+        return is_plain_token_by_chars(value);
+    }
+    // Printable ASCII without quotes or backslashes: the one whitespace left is the space.
+    !value.is_empty() && !value.contains(' ')
 }
 
 impl LogVisitor<'_> {
@@ -173,24 +209,49 @@ impl LogVisitor<'_> {
         let name = field.name();
         self.result = self.result.and_then(|()| {
             if name == "message" {
+                if !message_needs_escaping(value) {
+                    return self.writer.write_str(value);
+                }
                 let mut out = String::with_capacity(value.len());
                 value.chars().for_each(|c| push_escaped(&mut out, c));
                 self.writer.write_str(&out)
             } else {
                 let name = name.strip_prefix("r#").unwrap_or(name);
+                self.writer.write_str(name)?;
+                self.writer.write_char('=')?;
                 if always_quote || !is_plain_token(value) {
-                    write!(self.writer, "{name}={}", quoted(value))
+                    write_quoted(&mut self.writer, value)
                 } else {
-                    write!(self.writer, "{name}={value}")
+                    self.writer.write_str(value)
                 }
             }
         });
+    }
+
+    /// A number is always one plain token: written as is, without a `String` in between.
+    fn write_number(&mut self, field: &Field, value: impl fmt::Display) {
+        if self.result.is_err() {
+            return;
+        }
+        let separator = if self.empty { "" } else { " " };
+        self.empty = false;
+        let name = field.name();
+        let name = name.strip_prefix("r#").unwrap_or(name);
+        self.result = write!(self.writer, "{separator}{name}={value}");
     }
 }
 
 impl Visit for LogVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         self.write(field, value, true);
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.write_number(field, value);
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.write_number(field, value);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
@@ -563,6 +624,32 @@ mod tests {
         }
     }
 
+    /// The byte checks only ever skip work the careful path would not have done: for every
+    /// character (alone and between letters), a value said to need no escaping comes out of
+    /// the careful path unchanged, and the fast plain-token answer is the careful one.
+    #[test]
+    fn the_fast_path_writes_only_what_the_careful_path_would() {
+        for c in (0..=0x10_ffff_u32).filter_map(char::from_u32) {
+            for value in [c.to_string(), format!("a{c}b")] {
+                if !needs_escaping(&value) {
+                    assert_eq!(quoted_by_chars(&value), format!("\"{value}\""), "{c:?}");
+                }
+                if !message_needs_escaping(&value) {
+                    assert!(!value.chars().any(breaks_lines), "{c:?}");
+                }
+                assert_eq!(
+                    is_plain_token(&value),
+                    is_plain_token_by_chars(&value),
+                    "{c:?}"
+                );
+            }
+        }
+        assert!(!is_plain_token(""));
+        let mut fast = String::new();
+        write_quoted(&mut fast, "a\"b\\c\nd").unwrap();
+        assert_eq!(fast, "\"a\\\"b\\\\c\\nd\"");
+    }
+
     /// Every event becomes exactly one line, whatever its values hold, and each value reads
     /// back as written.
     #[test]
@@ -642,7 +729,7 @@ mod tests {
     fn allow(rule: &str, failed_open: bool) -> Decision {
         use crate::authn::{AuthMethod, Principal, PrincipalKind};
         Decision::Allow(crate::decision::Allow {
-            principal: Some(Principal::new(PrincipalKind::User, "a", AuthMethod::Jwt)),
+            principal: Some(Principal::new(PrincipalKind::User, "a", AuthMethod::Jwt).into()),
             rule: rule.into(),
             failed_open: failed_open.then(|| "OpenFGA down".into()),
             response_headers: Vec::new(),

@@ -334,8 +334,10 @@ fn token_exp(token: &str) -> Option<u64> {
         .as_u64()
 }
 
-/// The token's principal, as having come with an API key.
-fn as_api_key(mut p: Principal, key: &str) -> Principal {
+/// The token's principal, as having come with an API key: a copy, since the token cache
+/// keeps the token's own.
+fn as_api_key(p: Arc<Principal>, key: &str) -> Principal {
+    let mut p = Arc::unwrap_or_clone(p);
     p.method = AuthMethod::ApiKey;
     // The token's signing key id would read as an API key id; this key has none here.
     p.key_id = String::new();

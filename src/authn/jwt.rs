@@ -77,13 +77,19 @@ impl TokenCache {
         Some(hit.principal.clone())
     }
 
-    fn insert(&self, digest: [u8; 32], principal: Principal, exp: u64, live: impl Fn(u64) -> bool) {
+    fn insert(
+        &self,
+        digest: [u8; 32],
+        principal: Arc<Principal>,
+        exp: u64,
+        live: impl Fn(u64) -> bool,
+    ) {
         if self.capacity == 0 {
             return;
         }
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         let cached = Cached {
-            principal: Arc::new(principal),
+            principal,
             exp,
             referenced: AtomicBool::new(false),
         };
@@ -194,8 +200,9 @@ impl JwtVerifier {
         n
     }
 
-    /// Verifies `token` and maps its claims to a [`Principal`].
-    pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthnError> {
+    /// Verifies `token` and maps its claims to a [`Principal`], shared with the token cache:
+    /// a cache hit is a reference count, not a copy of the principal's strings.
+    pub async fn authenticate(&self, token: &str) -> Result<Arc<Principal>, AuthnError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthnError::TooLarge {
                 size: token.len(),
@@ -206,9 +213,10 @@ impl JwtVerifier {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let live = |exp: u64| now <= exp.saturating_add(self.leeway);
         if let Some(principal) = self.cache.get(&digest, live) {
-            return Ok((*principal).clone());
+            return Ok(principal);
         }
         let (principal, exp) = self.verify(token, now).await?;
+        let principal = Arc::new(principal);
         self.cache.insert(digest, principal.clone(), exp, live);
         Ok(principal)
     }

@@ -284,7 +284,10 @@ pub struct Authenticator {
 impl Authenticator {
     /// The caller, verified; inside an `authenticate` span (credential kind, subject, outcome)
     /// when spans are exported ([`crate::tracing_export`]).
-    pub async fn authenticate(&self, input: &CheckInput) -> Result<Principal, AuthnError> {
+    ///
+    /// The principal is shared: a bearer token's is the token cache's own (a cache hit copies
+    /// no string), so nothing downstream may change it.
+    pub async fn authenticate(&self, input: &CheckInput) -> Result<Arc<Principal>, AuthnError> {
         use tracing::Instrument as _;
         let span = tracing::info_span!(
             target: crate::tracing_export::TARGET,
@@ -315,7 +318,7 @@ impl Authenticator {
         result
     }
 
-    async fn verify(&self, input: &CheckInput) -> Result<Principal, AuthnError> {
+    async fn verify(&self, input: &CheckInput) -> Result<Arc<Principal>, AuthnError> {
         let authorization = input.headers.single("authorization")?;
         let api_key = input.headers.single(&self.api_key_header)?;
         let principal = match (authorization, api_key) {
@@ -330,9 +333,10 @@ impl Authenticator {
                     .api_keys
                     .as_ref()
                     .ok_or(AuthnError::ApiKeysNotConfigured)?;
-                store
+                let principal = store
                     .authenticate_with(key.trim(), self.jwt.as_ref())
-                    .await?
+                    .await?;
+                Arc::new(principal)
             }
             (None, None) => {
                 return Err(AuthnError::Missing {

@@ -9,6 +9,8 @@
 //! events are plain data: [`crate::explain`] renders them (this module sits low enough for
 //! the rules and the authorizer to record into it).
 
+use std::sync::Arc;
+
 use super::TupleKey;
 use crate::authn::Principal;
 
@@ -57,7 +59,7 @@ pub enum Event {
     /// The rule is public: no credential is read.
     Public { rule: String },
     /// Who the caller is, or why that could not be told (the whole reason).
-    Authenticated(Result<Principal, String>),
+    Authenticated(Result<Arc<Principal>, String>),
     /// Tuples that hold for this request only (from the principal's roles and groups), sent
     /// with every relationship question below.
     Contextual { tuples: Vec<TupleKey> },

@@ -382,19 +382,7 @@ mod tests {
         );
     }
 
-    /// Everything written to it, shared with the test.
-    #[derive(Clone, Default)]
-    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::telemetry::Capture;
 
     fn get(path: &str) -> Request<CheckRequest> {
         let mut r = get_docs();

@@ -370,52 +370,55 @@ pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
 
     let mut out = String::new();
     if rows.iter().any(|s| tag(s, "measure") == "envoy") {
-        let (fp, sp) = (
-            pick("envoy", "floor", "peak"),
-            pick("envoy", "sidecar", "peak"),
-        );
-        let (fh, sh) = (
-            pick("envoy", "floor", "half"),
-            pick("envoy", "sidecar", "half"),
-        );
-        out.push_str("#### Through Envoy (1 worker), JWT + role: ext_authz to the floor vs to the sidecar\n\n");
+        // Three servers behind the same Envoy config: the floor (an empty allow), the floor
+        // answering with the sidecar's headers and metadata (`floor --answer`: Envoy's cost
+        // of applying the answer, no deciding), and the sidecar.
+        let servers = ["floor", "floor-answer", "sidecar"];
+        let runs = |shape: &str| servers.map(|server| pick("envoy", server, shape));
+        let (peak, half) = (runs("peak"), runs("half"));
         out.push_str(
-            "| | floor | sidecar | sidecar / floor | target |\n|---|---:|---:|---:|---|\n",
+            "#### Through Envoy (1 worker), JWT + role: ext_authz to the floor vs to the sidecar
+
+",
         );
-        let (f, s) = (med(&fp, &rps), med(&sp, &rps));
-        out.push_str(&format!(
-            "| peak rps (closed loop) | {} | {} | {} | ≥ 0.95x |\n",
-            fmt(f),
-            fmt(s),
-            ratio(s, f)
-        ));
-        let (f, s) = (med(&fp, &cpu), med(&sp, &cpu));
-        out.push_str(&format!(
-            "| Envoy CPU µs per request at peak | {} | {} | {} | – |\n",
-            fmt(f),
-            fmt(s),
-            ratio(s, f)
-        ));
-        let (f, s) = (med(&fh, &rps), med(&sh, &rps));
-        out.push_str(&format!(
-            "| rate at half of the floor's peak, rps | {} | {} | – | – |\n",
-            fmt(f),
-            fmt(s)
-        ));
-        let (f, s) = (med(&fh, &p50), med(&sh, &p50));
-        out.push_str(&format!(
-            "| p50 at half of peak, µs | {} | {} | {} | – |\n",
-            fmt(f),
-            fmt(s),
-            ratio(s, f)
-        ));
-        let (f, s) = (med(&fh, &p99), med(&sh, &p99));
-        out.push_str(&format!(
-            "| p99 at half of peak, µs | {} | {} | {} | ≤ 1.2x |\n\n",
-            fmt(f),
-            fmt(s),
-            ratio(s, f)
-        ));
+        out.push_str(
+            "`floor, sidecar's answer`: the floor answering with the sidecar's identity headers, \
+             removals and metadata for this request, without deciding anything.\n\n",
+        );
+        out.push_str(
+            "| | floor | floor, sidecar's answer | sidecar | sidecar / floor | answer / floor | sidecar / answer | target |\n\
+             |---|---:|---:|---:|---:|---:|---:|---|\n",
+        );
+        let mut row = |what: &str,
+                       runs: &[Vec<&Summary>; 3],
+                       f: &dyn Fn(&Summary) -> Option<f64>,
+                       target: &str,
+                       ratios: bool| {
+            let [a, b, c] = [med(&runs[0], f), med(&runs[1], f), med(&runs[2], f)];
+            let (r1, r2, r3) = if ratios {
+                (ratio(c, a), ratio(b, a), ratio(c, b))
+            } else {
+                ("–".into(), "–".into(), "–".into())
+            };
+            out.push_str(&format!(
+                "| {what} | {} | {} | {} | {r1} | {r2} | {r3} | {target} |\n",
+                fmt(a),
+                fmt(b),
+                fmt(c)
+            ));
+        };
+        row("peak rps (closed loop)", &peak, &rps, "≥ 0.95x", true);
+        row("Envoy CPU µs per request at peak", &peak, &cpu, "–", true);
+        row(
+            "rate at half of the floor's peak, rps",
+            &half,
+            &rps,
+            "–",
+            false,
+        );
+        row("p50 at half of peak, µs", &half, &p50, "–", true);
+        row("p99 at half of peak, µs", &half, &p99, "≤ 1.2x", true);
+        out.push('\n');
     }
     if rows.iter().any(|s| tag(s, "measure") == "fga-miss") {
         out.push_str("#### OpenFGA miss: the sidecar (decision cache off) against OpenFGA's Check called directly\n\n");

@@ -238,6 +238,84 @@ fn the_floor_reports_a_port_it_picked() {
     floor.kill();
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_floor_given_an_answer_sends_the_sidecars_headers_and_metadata() {
+    use authz_sidecar::proto::pb::envoy::service::auth::v3::{
+        CheckRequest, authorization_client::AuthorizationClient, check_response::HttpResponse,
+    };
+    // What the sidecar answers for an admin's GET /admin/users, as `check --json` shows it.
+    let dir = tempfile::tempdir().unwrap();
+    let answer = dir.path().join("answer.json");
+    let out = Command::new(SIDECAR)
+        .current_dir(common::tools::repo_root())
+        .args([
+            "check",
+            "--config",
+            "deploy/local/sidecar.yaml",
+            "--path",
+            "/admin/users",
+        ])
+        .args(["--token", &admin_token(), "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "check: {out:?}");
+    std::fs::write(&answer, &out.stdout).unwrap();
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    let port = free_port();
+    let grpc = format!("127.0.0.1:{port}");
+    let mut cmd = Command::new(BENCH);
+    cmd.args(["floor", "--addr", &grpc, "--answer"])
+        .arg(&answer);
+    let mut floor = Proc::spawn("bench-floor-answer", port, &cmd);
+    let url = format!("http://{grpc}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut client = loop {
+        match AuthorizationClient::connect(url.clone()).await {
+            Ok(c) => break c,
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("floor --answer did not listen: {e}: {}", floor.tail(5))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    // The floor decides nothing: an empty request gets the same answer.
+    let response = client
+        .check(CheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(HttpResponse::OkResponse(ok)) = response.http_response else {
+        panic!("not an allow: {response:?}");
+    };
+    let set: Vec<(String, String)> = ok
+        .headers
+        .iter()
+        .map(|h| h.header.as_ref().unwrap())
+        .map(|h| (h.key.clone(), h.value.clone()))
+        .collect();
+    let want_set: Vec<(String, String)> = shown["set"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["name"].as_str().unwrap().into(),
+                h["value"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(set, want_set);
+    assert!(set.contains(&("x-auth-subject".into(), "user:alice".into())));
+    let want_remove: Vec<String> = serde_json::from_value(shown["remove"].clone()).unwrap();
+    assert_eq!(ok.headers_to_remove, want_remove);
+    let metadata = response.dynamic_metadata.expect("metadata");
+    let mut keys: Vec<&str> = metadata.fields.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(keys, ["decision", "decision_id", "rule", "subject"]);
+    floor.kill();
+}
+
 #[test]
 fn a_fixed_number_of_requests_is_answered_inside_the_window() {
     // --requests fills caches: every answer must count (10 000 tokens means 10 000 answers).
@@ -317,8 +395,10 @@ async fn http_load_and_its_report_cover_the_envoy_and_openfga_miss_tables() {
     let url = format!("http://{}/readyz", sidecar.ops.as_ref().unwrap());
     for (measure, server, shape, rate) in [
         ("envoy", "floor", "peak", None),
+        ("envoy", "floor-answer", "peak", None),
         ("envoy", "sidecar", "peak", None),
         ("envoy", "floor", "half", Some("200")),
+        ("envoy", "floor-answer", "half", Some("200")),
         ("envoy", "sidecar", "half", Some("200")),
         ("fga-miss", "openfga", "c1", None),
     ] {
@@ -381,7 +461,14 @@ async fn http_load_and_its_report_cover_the_envoy_and_openfga_miss_tables() {
             .unwrap_or_else(|| panic!("no row {start:?} in\n{table}"))
             .to_string()
     };
-    assert!(row("| peak rps (closed loop) |").contains('x'));
+    // Three servers, three ratios: sidecar / floor, answer / floor, sidecar / answer.
+    let peak = row("| peak rps (closed loop) |");
+    let ratios = peak
+        .split('|')
+        .filter_map(|cell| cell.trim().strip_suffix('x'))
+        .filter(|r| r.parse::<f64>().is_ok())
+        .count();
+    assert_eq!(ratios, 3, "{peak}");
     assert!(row("| p99 at half of peak, µs |").contains('x'));
     assert!(row("| 2 |").contains('%'), "the OpenFGA-miss row: {table}");
 }

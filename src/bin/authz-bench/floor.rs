@@ -102,12 +102,15 @@ fn answer_from(path: &std::path::Path) -> anyhow::Result<CheckResponse> {
         .map(text_of)
         .collect();
     let mut fields = std::collections::BTreeMap::new();
-    for (k, v) in [
+    let fixed = [
         ("decision_id", "0123456789abcdef".to_string()),
         ("decision", "allow".to_string()),
-        ("rule", text_of(&shown["rule"])),
-        ("subject", subject),
-    ] {
+    ];
+    // As the sidecar: `rule` and `subject` only when there is one.
+    let known = [("rule", text_of(&shown["rule"])), ("subject", subject)]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty());
+    for (k, v) in fixed.into_iter().chain(known) {
         fields.insert(
             k.to_string(),
             prost_types::Value {

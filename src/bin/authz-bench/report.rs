@@ -135,8 +135,10 @@ pub fn render(rows: &[Summary]) -> String {
             ),
         });
         let _ = writeln!(out, "### Shape `{shape}`: {how}\n");
-        out.push_str("| path | floor CPU µs/check | sidecar CPU µs/check | CPU ratio | target | floor rps | sidecar rps | rps ratio | floor p50 / p99 / p99.9 µs | sidecar p50 / p99 / p99.9 µs | sidecar RSS / peak MiB | client CPU µs/check (floor / sidecar) | runs | max other CPU |\n");
-        out.push_str("|---|---:|---:|---:|---|---:|---:|---:|---|---|---|---|---|---:|\n");
+        out.push_str("| path | floor CPU µs/check | sidecar CPU µs/check | CPU ratio | target | answer floor CPU µs/check | sidecar / answer floor | floor rps | sidecar rps | rps ratio | floor p50 / p99 / p99.9 µs | sidecar p50 / p99 / p99.9 µs | sidecar RSS / peak MiB | client CPU µs/check (floor / sidecar) | runs | max other CPU |\n");
+        out.push_str(
+            "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|---|---|---|---:|\n",
+        );
         for path in paths.get(shape).into_iter().flatten() {
             let of = |server: &str| -> Vec<&Summary> {
                 rows.iter()
@@ -149,6 +151,8 @@ pub fn render(rows: &[Summary]) -> String {
             };
             let (floor, sidecar) = (of("floor"), of("sidecar"));
             let (f, sc) = (side(&floor), side(&sidecar));
+            // The floor answering with the sidecar's answer: what is left over it is deciding.
+            let answer = side(&of("answer-floor"));
             let cpu_ratio = ratio(sc.cpu, f.cpu);
             let target = sidecar
                 .iter()
@@ -170,10 +174,12 @@ pub fn render(rows: &[Summary]) -> String {
                 .reduce(f64::max);
             let _ = writeln!(
                 out,
-                "| {path} | {} | {} | {} | {verdict} | {} | {} | {} | {} | {} | {} / {} | {} / {} | {} + {} | {} |",
+                "| {path} | {} | {} | {} | {verdict} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} / {} | {} + {} | {} |",
                 fmt(f.cpu, 1),
                 fmt(sc.cpu, 1),
                 ratio(sc.cpu, f.cpu).map_or("-".into(), |r| format!("{r:.2}x")),
+                fmt(answer.cpu, 1),
+                ratio(sc.cpu, answer.cpu).map_or("-".into(), |r| format!("{r:.2}x")),
                 fmt(f.rps, 0),
                 fmt(sc.rps, 0),
                 ratio(sc.rps, f.rps).map_or("-".into(), |r| format!("{r:.2}x")),
@@ -283,6 +289,8 @@ mod tests {
             run("sidecar", 20.0, 900.0, &t),
             run("floor", 18.0, 1000.0, &t),
             run("sidecar", 22.0, 800.0, &t),
+            run("answer-floor", 19.0, 950.0, &t),
+            run("answer-floor", 20.0, 950.0, &t),
         ];
         let table = render(&rows);
         let row = table
@@ -290,9 +298,10 @@ mod tests {
             .find(|l| l.starts_with("| jwt-role |"))
             .expect("a row for the path");
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-        // Medians 17 and 21: 21 / 17 = 1.24, above 1.15.
+        // Medians 17 and 21: 21 / 17 = 1.24, above 1.15; the answer floor's 19.5: 21 / 19.5.
         assert_eq!(&cells[2..6], ["17.0", "21.0", "1.24x", "≤ 1.15x: not met"]);
-        assert_eq!(cells[8], "0.85x");
+        assert_eq!(&cells[6..8], ["19.5", "1.08x"]);
+        assert_eq!(cells[10], "0.85x");
         assert!(row.ends_with("| 2 + 2 | 25% |"), "{row}");
     }
 

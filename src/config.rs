@@ -344,6 +344,8 @@ pub struct RawOpenFga {
     pub max_batch_size: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     pub changelog_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub changelog_lookback: Option<Duration>,
     /// Contextual tuples built from token claims, e.g.
     /// `{from: roles, tuple: "{subject} assignee role:{value}"}`.
     #[serde(default)]
@@ -616,6 +618,9 @@ pub struct OpenFgaConfig {
     pub consistency: Consistency,
     pub max_batch_size: usize,
     pub changelog_interval: Duration,
+    /// How far before startup the changelog watcher starts reading (the clock skew it
+    /// tolerates between the sidecar and OpenFGA).
+    pub changelog_lookback: Duration,
     pub contextual_tuples: Vec<ContextualTupleConfig>,
     pub breaker_failures: u32,
     pub breaker_open_for: Duration,
@@ -693,6 +698,8 @@ pub const DEFAULT_REALM: &str = "authz-sidecar";
 pub const DEFAULT_OPENFGA_TIMEOUT: Duration = Duration::from_millis(500);
 pub const DEFAULT_OPENFGA_BATCH: usize = 50;
 pub const DEFAULT_CHANGELOG_INTERVAL: Duration = Duration::from_secs(1);
+/// Five minutes: far beyond the clock skew of NTP-synced hosts, and a few pages of changes.
+pub const DEFAULT_CHANGELOG_LOOKBACK: Duration = Duration::from_secs(300);
 pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
 pub const DEFAULT_BREAKER_OPEN_FOR: Duration = Duration::from_secs(5);
 pub const DEFAULT_ALLOWED_TTL: Duration = Duration::from_secs(60);
@@ -1437,6 +1444,7 @@ fn resolve_openfga(
         consistency: raw.consistency.unwrap_or_default(),
         max_batch_size,
         changelog_interval: raw.changelog_interval.unwrap_or(DEFAULT_CHANGELOG_INTERVAL),
+        changelog_lookback: raw.changelog_lookback.unwrap_or(DEFAULT_CHANGELOG_LOOKBACK),
         contextual_tuples: raw.contextual_tuples,
         breaker_failures: raw.breaker_failures.unwrap_or(DEFAULT_BREAKER_FAILURES),
         breaker_open_for: raw.breaker_open_for.unwrap_or(DEFAULT_BREAKER_OPEN_FOR),
@@ -1562,6 +1570,7 @@ impl Config {
                 "consistency": f.consistency.as_str(),
                 "max_batch_size": f.max_batch_size,
                 "changelog_interval": secs(f.changelog_interval),
+                "changelog_lookback": secs(f.changelog_lookback),
                 "contextual_tuples": f.contextual_tuples.iter().map(|t| json!({
                     "from": match t.from { ClaimSet::Roles => "roles", ClaimSet::Groups => "groups" },
                     "relation": t.relation,

@@ -461,6 +461,11 @@ pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str>
             );
             changed(
                 &mut keys,
+                "openfga.changelog_lookback",
+                a.changelog_lookback != b.changelog_lookback,
+            );
+            changed(
+                &mut keys,
                 "openfga.breaker_failures",
                 a.breaker_failures != b.breaker_failures,
             );

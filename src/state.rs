@@ -591,6 +591,7 @@ fn spawn_openfga(
             client.clone(),
             cache.clone().map(|c| c as Arc<dyn Invalidate>),
             cfg.changelog_interval,
+            cfg.changelog_lookback,
         )
         .spawn(shutdown.clone());
         let _ = connected.set(OpenFga {

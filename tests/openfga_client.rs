@@ -31,6 +31,7 @@ fn config(url: &str, store: StoreRef) -> OpenFgaConfig {
         consistency: Consistency::MinimizeLatency,
         max_batch_size: 50,
         changelog_interval: Duration::from_millis(100),
+        changelog_lookback: Duration::from_secs(300),
         contextual_tuples: Vec::new(),
         breaker_failures: 5,
         breaker_open_for: Duration::from_secs(5),
@@ -368,7 +369,8 @@ async fn the_cache_saves_requests_and_the_changelog_evicts_a_revoked_allow() {
     let url = fga.http_url();
     let (store, _) = fga.app_store("changelog").await;
     let grant = t("user:alice", "executor", "tool:search");
-    // Older history (more than one page) the watcher must read past.
+    // Older history (more than one page) inside the watcher's lookback: read and applied
+    // (evictions of nothing), then followed.
     for i in 0..150 {
         let object = format!("tool:t{i}");
         fga.write_tuples(&store, &[("user:old", "owner", object.as_str())])
@@ -387,6 +389,7 @@ async fn the_cache_saves_requests_and_the_changelog_evicts_a_revoked_allow() {
         client.clone(),
         Some(cache.clone()),
         Duration::from_millis(100),
+        Duration::from_secs(300),
     );
     let watching = watcher.spawn(shutdown.clone());
     // The watcher has read to the end of the changelog once it has polled.
@@ -464,6 +467,80 @@ async fn the_cache_saves_requests_and_the_changelog_evicts_a_revoked_allow() {
 }
 
 #[tokio::test]
+async fn the_watcher_starts_at_its_lookback_not_at_the_stores_first_change() {
+    use authz_sidecar::authz::openfga::{Endpoint, Outcome, RequestMetrics};
+    let fga = OpenFga::shared().await;
+    let url = fga.http_url();
+    let (store, _) = fga.app_store("lookback").await;
+    // Three pages of history, all older than the lookback below.
+    for i in 0..250 {
+        let object = format!("tool:h{i}");
+        fga.write_tuples(&store, &[("user:old", "owner", object.as_str())])
+            .await;
+    }
+    let grant = t("user:alice", "executor", "tool:search");
+    fga.write_tuples(&store, std::slice::from_ref(&grant)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let metrics = RequestMetrics::default();
+    let client = Arc::new(
+        OpenFgaClient::connect_observed(
+            &config(&url, StoreRef::Id(store.clone())),
+            metrics.clone(),
+        )
+        .await
+        .unwrap(),
+    );
+    let cache = Arc::new(DecisionCache::new(client.clone(), &cache_config()));
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let watcher = ChangeWatcher::new(
+        client.clone(),
+        Some(cache.clone()),
+        Duration::from_millis(50),
+        Duration::from_secs(1),
+    );
+    watcher.spawn(shutdown.clone());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while watcher.last_poll().is_none() {
+        assert!(Instant::now() < deadline, "the watcher never polled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // One request found nothing after the lookback: the 251 older changes were not read
+    // (from the beginning, that is three pages).
+    let reads = || metrics.count(Endpoint::ReadChanges, Outcome::Ok);
+    assert_eq!(reads(), 1, "the first poll read past the lookback");
+
+    // Nothing has changed since: the watcher stays at its start, and keeps reading from it
+    // (OpenFGA gives no token for an empty `start_time` read) without missing what follows.
+    assert_eq!(cache.check(&[q(&grant)]).await, Ok(vec![true]));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(reads() >= 3, "the watcher kept polling: {}", reads());
+    fga.delete_tuples(&store, std::slice::from_ref(&grant))
+        .await;
+    let revoked = Instant::now();
+    while cache.check(&[q(&grant)]).await != Ok(vec![false]) {
+        assert!(
+            revoked.elapsed() < Duration::from_secs(2),
+            "a revocation after a start with no token was missed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And the token that change gave is followed from then on.
+    let other = t("user:bob", "executor", "tool:search");
+    assert_eq!(cache.check(&[q(&other)]).await, Ok(vec![false]));
+    fga.write_tuples(&store, std::slice::from_ref(&other)).await;
+    let granted = Instant::now();
+    while cache.check(&[q(&other)]).await != Ok(vec![true]) {
+        assert!(
+            granted.elapsed() < Duration::from_secs(2),
+            "a grant after the first token was missed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
 async fn without_a_cache_the_watcher_still_follows_the_latest_model() {
     let fga = OpenFga::shared().await;
     let url = fga.http_url();
@@ -479,10 +556,20 @@ async fn without_a_cache_the_watcher_still_follows_the_latest_model() {
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
 
-    let following = ChangeWatcher::new(followed.clone(), None, Duration::from_millis(20));
+    let following = ChangeWatcher::new(
+        followed.clone(),
+        None,
+        Duration::from_millis(20),
+        Duration::from_secs(300),
+    );
     let watching = following.spawn(shutdown.clone());
     // A pinned model and no cache to tell: nothing to follow, so the task ends at once.
-    let idle = ChangeWatcher::new(pinned.clone(), None, Duration::from_millis(20));
+    let idle = ChangeWatcher::new(
+        pinned.clone(),
+        None,
+        Duration::from_millis(20),
+        Duration::from_secs(300),
+    );
     tokio::time::timeout(Duration::from_secs(1), idle.spawn(shutdown.clone()))
         .await
         .expect("a watcher with nothing to follow ends")
@@ -528,6 +615,7 @@ async fn an_outage_opens_the_breaker_and_a_restart_closes_it() {
         client.clone(),
         Some(cache.clone()),
         Duration::from_millis(50),
+        Duration::from_secs(300),
     );
     watcher.spawn(shutdown.clone());
     let _stop = shutdown.drop_guard();

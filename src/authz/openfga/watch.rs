@@ -2,12 +2,18 @@
 //! which remembered answers a change makes stale, and, when no model is pinned, follows the
 //! store's latest authorization model.
 //!
-//! Owns: [`ChangeWatcher`], its changelog position and its last successful poll. Invariant:
-//! an answer the cache keeps never outlives a change the watcher could not see: the cache is
-//! cleared when the watcher first finds the end of the changelog, on every failed poll, when
-//! its position is lost and when the model changes. Changes are pushed through
-//! [`Invalidate`], the cache's own small trait, so neither the client nor the watcher knows
-//! the cache's type.
+//! Owns: [`ChangeWatcher`], its changelog [`Position`] and its last successful poll.
+//! Invariant: an answer the cache keeps never outlives a change the watcher could not see:
+//! every change from `lookback` before the watcher started is applied, and the cache is
+//! cleared on the first successful poll, on every failed poll, when the position is lost and
+//! when the model changes. Changes are pushed through [`Invalidate`], the cache's own small
+//! trait, so neither the client nor the watcher knows the cache's type.
+//!
+//! Where it starts: not at the beginning of the store's history (a store with a million
+//! changes would cost ten thousand requests before the first useful one) but at a moment,
+//! `lookback` before now, read with ReadChanges' `start_time`. Changes carry OpenFGA's
+//! clock, not ours; the lookback (default 5 minutes) is the clock skew tolerated between
+//! the sidecar and OpenFGA. The changes inside it are applied, a few harmless evictions.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,12 +33,24 @@ const CHANGES_PAGE: u32 = 100;
 /// Ticks between two looks at the latest model (when following it).
 const MODEL_REFRESH_EVERY: u64 = 10;
 
+/// Where the next poll reads from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Position {
+    /// Every change at or after this moment (no change seen since, so OpenFGA has given no
+    /// token yet: a `start_time` read with nothing to return answers an empty token).
+    Since(SystemTime),
+    /// The changes after this continuation token.
+    After(String),
+}
+
 pub struct ChangeWatcher {
     client: Arc<OpenFgaClient>,
     /// Where stale answers are reported; `None` without a decision cache (then only the
     /// model is followed: the changelog would be read for nobody).
     cache: Option<Arc<dyn Invalidate>>,
     interval: Duration,
+    /// How long before startup (or a lost position) the changelog is read from.
+    lookback: Duration,
     /// Unix milliseconds of the last successful changelog poll; 0 = none yet.
     last_poll_ms: AtomicU64,
 }
@@ -41,18 +59,26 @@ pub struct ChangeWatcher {
 
 impl ChangeWatcher {
     /// A watcher reading the changelog every `interval` (and the latest model every
-    /// [`MODEL_REFRESH_EVERY`] intervals); it does nothing until [`spawn`](Self::spawn)ed.
+    /// [`MODEL_REFRESH_EVERY`] intervals), from `lookback` before it starts; it does nothing
+    /// until [`spawn`](Self::spawn)ed.
     pub fn new(
         client: Arc<OpenFgaClient>,
         cache: Option<Arc<dyn Invalidate>>,
         interval: Duration,
+        lookback: Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
             client,
             cache,
             interval: interval.max(Duration::from_millis(10)),
+            lookback,
             last_poll_ms: AtomicU64::new(0),
         })
+    }
+
+    /// The position of a watcher that has seen nothing yet: `lookback` before now.
+    fn anchor(&self) -> Position {
+        Position::Since(SystemTime::now() - self.lookback)
     }
 
     /// Runs until `shutdown`. With a pinned model and no cache there is nothing to follow
@@ -69,9 +95,9 @@ impl ChangeWatcher {
         }
     }
 
-    /// Starts by reading the changelog to its end (older changes are not news), then every
-    /// tick reads what came after. Any error clears the cache (a revocation may have gone
-    /// unseen) and is logged once per streak; the next tick retries from the same position.
+    /// Starts `lookback` before now (older changes are not news), then every tick reads
+    /// what came after. Any error clears the cache (a revocation may have gone unseen) and is
+    /// logged once per streak; the next tick retries from the same position.
     async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let client = &self.client;
         if self.cache.is_none() && client.model_pinned() {
@@ -79,8 +105,8 @@ impl ChangeWatcher {
         }
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // `None` until the end of the changelog has been found.
-        let mut position: Option<String> = None;
+        let mut position = self.anchor();
+        let mut first = true;
         let mut failing = false;
         let mut ticks: u64 = 0;
         loop {
@@ -90,6 +116,12 @@ impl ChangeWatcher {
             }
             if let Some(cache) = &self.cache {
                 failing = !self.poll(cache.as_ref(), &mut position, failing).await;
+                if first && !failing {
+                    // Anything cached before the watcher first read the changelog is
+                    // dropped: the invariant is simpler than proving it current.
+                    cache.clear();
+                    first = false;
+                }
             }
             ticks = ticks.wrapping_add(1);
             if !client.model_pinned() && ticks.is_multiple_of(MODEL_REFRESH_EVERY) && !failing {
@@ -103,18 +135,11 @@ impl ChangeWatcher {
     async fn poll(
         &self,
         cache: &dyn Invalidate,
-        position: &mut Option<String>,
+        position: &mut Position,
         was_failing: bool,
     ) -> bool {
         let client = &self.client;
-        let outcome = match position.as_deref() {
-            None => self.changelog_end().await.map(|end| {
-                // Anything cached before the end was found may predate a change it skipped.
-                cache.clear();
-                (end, 0)
-            }),
-            Some(from) => self.apply_changes(from, cache).await,
-        };
+        let outcome = self.apply_changes(position, cache).await;
         match outcome {
             Ok((next, applied)) => {
                 if was_failing {
@@ -126,7 +151,7 @@ impl ChangeWatcher {
                         "OpenFGA changes applied to the decision cache"
                     );
                 }
-                *position = Some(next);
+                *position = next;
                 self.last_poll_ms.store(unix_ms(), Ordering::Relaxed);
                 true
             }
@@ -139,9 +164,10 @@ impl ChangeWatcher {
                         "cannot read the OpenFGA changelog; clearing the decision cache on every failed poll until it recovers"
                     );
                 }
-                // A token OpenFGA no longer accepts (store recreated): find the end again.
+                // A token OpenFGA no longer accepts (store recreated): start again from
+                // `lookback` before now (the cache is cleared just below).
                 if err.code() == "invalid_continuation_token" {
-                    *position = None;
+                    *position = self.anchor();
                 }
                 cache.clear();
                 false
@@ -167,42 +193,37 @@ impl ChangeWatcher {
         }
     }
 
-    /// One page of changes after `token` (`""` = from the beginning).
-    async fn read_changes(&self, token: &str) -> Result<ChangesPage, CallError> {
+    /// One page of changes from `from`.
+    async fn read_changes(&self, from: &Position) -> Result<ChangesPage, CallError> {
         let mut path = format!(
             "/stores/{}/changes?page_size={CHANGES_PAGE}",
             self.client.store_id()
         );
-        if !token.is_empty() {
-            path.push_str("&continuation_token=");
-            path.push_str(&encode_query(token));
+        match from {
+            Position::After(token) => {
+                path.push_str("&continuation_token=");
+                path.push_str(&encode_query(token));
+            }
+            Position::Since(at) => {
+                path.push_str("&start_time=");
+                path.push_str(&encode_query(
+                    &humantime::format_rfc3339_millis(*at).to_string(),
+                ));
+            }
         }
         self.client.transport().get(&path).await
     }
 
-    /// Reads the changelog to its end; the token to continue from.
-    async fn changelog_end(&self) -> Result<String, CallError> {
-        let mut token = String::new();
-        loop {
-            let page = self.read_changes(&token).await?;
-            let done = page.changes.is_empty() || page.continuation_token == token;
-            token = page.continuation_token;
-            if done {
-                return Ok(token);
-            }
-        }
-    }
-
-    /// Reads and applies the changes after `from`; the next position and how many applied.
+    /// Reads and applies the changes from `from`; the next position and how many applied.
     async fn apply_changes(
         &self,
-        from: &str,
+        from: &Position,
         cache: &dyn Invalidate,
-    ) -> Result<(String, usize), CallError> {
-        let mut token = from.to_string();
+    ) -> Result<(Position, usize), CallError> {
+        let mut at = from.clone();
         let mut applied = 0;
         loop {
-            let page = self.read_changes(&token).await?;
+            let page = self.read_changes(&at).await?;
             let empty = page.changes.is_empty();
             for change in page.changes {
                 let tuple = TupleKey::from(change.tuple_key);
@@ -213,15 +234,16 @@ impl ChangeWatcher {
                 }
                 applied += 1;
             }
-            // OpenFGA hands back the same token when nothing is new; an empty one would
-            // restart from the beginning, so keep ours.
-            let done =
-                empty || page.continuation_token.is_empty() || page.continuation_token == token;
+            // OpenFGA hands back the same token when nothing is new, and an empty one when
+            // a `start_time` read found nothing; an empty token would restart from the
+            // beginning, so keep our position.
+            let same = matches!(&at, Position::After(t) if *t == page.continuation_token);
+            let done = empty || page.continuation_token.is_empty() || same;
             if !page.continuation_token.is_empty() {
-                token = page.continuation_token;
+                at = Position::After(page.continuation_token);
             }
             if done {
-                return Ok((token, applied));
+                return Ok((at, applied));
             }
         }
     }

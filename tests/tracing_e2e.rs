@@ -5,7 +5,9 @@
 //! sidecar, exporting OTLP/gRPC, is called straight over gRPC with one context in the gRPC
 //! metadata and another in the HTTP headers, and continues the metadata's. Both sidecars hold
 //! their spans until shutdown (batch delay 10 min), so finding them proves the flush on
-//! SIGTERM. One test: Jaeger, OpenFGA and Envoy start once.
+//! SIGTERM. Through a second Envoy with its own OpenTelemetry tracing on, the check continues
+//! Envoy's ext_authz span (the gRPC metadata), not the caller's. One test: Jaeger, OpenFGA
+//! and the Envoys start once.
 
 mod common;
 
@@ -23,6 +25,9 @@ use common::upstream::EchoUpstream;
 /// The caller's context, as a client (or Envoy with tracing on) sends it.
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+/// A caller's context sent through an Envoy whose own tracing is on.
+const TRACED_ENVOY_TRACE: &str = "5d3c0ffee0ddf00d5d3c0ffee0ddf00d";
+const TRACED_ENVOY_SPAN: &str = "0d15ea5e0d15ea5e";
 /// Envoy's context in the gRPC metadata, and a different one in the request's headers.
 const METADATA_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 const METADATA_SPAN: &str = "b7ad6b7169203331";
@@ -125,6 +130,34 @@ async fn one_trace_from_envoy_through_the_sidecar_to_openfga_in_jaeger() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200, "alice may execute agent_chat");
+
+    // 1b. Through an Envoy with its own tracing on: Envoy continues the caller's trace and
+    // hands the ext_authz call its own span's context in the gRPC metadata.
+    let traced_opts = common::envoy::EnvoyOptions {
+        otlp_tracing: Some(jaeger.otlp_grpc_addr().parse().unwrap()),
+        ..Default::default()
+    };
+    let mut traced_envoy = Envoy::start_with(via_envoy.grpc, upstream_addr, &traced_opts).await;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/tools/agent_chat/execute", traced_envoy.url()))
+        .header("authorization", &alice)
+        .header(
+            "traceparent",
+            format!("00-{TRACED_ENVOY_TRACE}-{TRACED_ENVOY_SPAN}-01"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "alice may execute agent_chat");
+    // Envoy's tracer flushes on a timer (5 s); it is stopped once its spans are in.
+    jaeger
+        .wait_for_trace(
+            TRACED_ENVOY_TRACE,
+            |t| !t.of("envoy").is_empty(),
+            Duration::from_secs(30),
+        )
+        .await;
+    traced_envoy.stop();
 
     // 2. Straight over gRPC: the metadata's context wins over the header's.
     let mut request = tonic::Request::new(
@@ -249,6 +282,38 @@ async fn one_trace_from_envoy_through_the_sidecar_to_openfga_in_jaeger() {
             .any(|l| l["decision"] == "allow" && l["trace_id"] == CLIENT_TRACE),
         "no decision line with the trace id:\n{log}"
     );
+
+    // Through the traced Envoy, the sidecar's check hangs under Envoy's ext_authz call span
+    // (from the gRPC metadata), itself in the caller's trace.
+    let traced = jaeger
+        .wait_for_trace(
+            TRACED_ENVOY_TRACE,
+            |t| t.has(svc, "check") && !t.of("envoy").is_empty(),
+            Duration::from_secs(20),
+        )
+        .await;
+    println!(
+        "trace {TRACED_ENVOY_TRACE}:\n{}",
+        traced.tree(&["decision"])
+    );
+    let check = traced.span(svc, "check").unwrap();
+    let parent = check
+        .parent_id
+        .as_deref()
+        .and_then(|p| traced.by_id(p))
+        .unwrap_or_else(|| {
+            panic!(
+                "the check's parent is not in the trace:\n{}",
+                traced.tree(&[])
+            )
+        });
+    assert_eq!(
+        parent.service,
+        "envoy",
+        "the check continues Envoy's span, not the caller's:\n{}",
+        traced.tree(&[])
+    );
+    assert_ne!(check.parent_id.as_deref(), Some(TRACED_ENVOY_SPAN));
 
     // The gRPC-exporting sidecar continued the metadata's context, not the header's.
     let direct_trace = jaeger

@@ -51,6 +51,10 @@ pub struct EnvoyOptions {
     pub merge_slashes: bool,
     pub path_with_escaped_slashes_action: &'static str,
     pub strip_trailing_host_dot: bool,
+    /// Envoy's own tracing: every request sampled, spans sent by Envoy's OpenTelemetry
+    /// tracer over OTLP/gRPC to this `host:port` as service `envoy` (deploy: off). Envoy
+    /// then passes its context to the ext_authz call in the gRPC metadata.
+    pub otlp_tracing: Option<SocketAddr>,
 }
 
 impl EnvoyOptions {
@@ -85,6 +89,7 @@ impl Default for EnvoyOptions {
             merge_slashes: true,
             path_with_escaped_slashes_action: "REJECT_REQUEST",
             strip_trailing_host_dot: true,
+            otlp_tracing: None,
         }
     }
 }
@@ -248,6 +253,17 @@ pub fn render_config(
     } else {
         String::new()
     };
+    let (tracing, tracing_cluster) = match opts.otlp_tracing {
+        Some(otlp) => (
+            "          tracing:\n            random_sampling: { value: 100 }\n            provider:\n              name: envoy.tracers.opentelemetry\n              typed_config:\n                \"@type\": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig\n                service_name: envoy\n                grpc_service:\n                  envoy_grpc: { cluster_name: otlp }\n                  timeout: 1s\n".to_string(),
+            format!(
+                "  - name: otlp\n    type: STATIC\n    connect_timeout: 1s\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config:\n          http2_protocol_options: {{}}\n    load_assignment:\n      cluster_name: otlp\n      endpoints:\n      - lb_endpoints:\n        - endpoint:\n            address:\n              socket_address: {{ address: {}, port_value: {} }}\n",
+                otlp.ip(),
+                otlp.port()
+            ),
+        ),
+        None => (String::new(), String::new()),
+    };
     format!(
         r#"# rendered by tests/common/envoy.rs
 admin:
@@ -272,7 +288,7 @@ static_resources:
           use_remote_address: true
           common_http_protocol_options:
             headers_with_underscores_action: REJECT_REQUEST
-          route_config:
+{tracing}          route_config:
             name: local_route
             virtual_hosts:
             - name: app
@@ -322,7 +338,7 @@ static_resources:
         - endpoint:
             address:
               socket_address: {{ address: {up_ip}, port_value: {up_port} }}
-"#,
+{tracing_cluster}"#,
         route_timeout = secs(opts.route_timeout),
         authz_timeout = secs(opts.authz_timeout),
         failure_mode_allow = opts.failure_mode_allow,

@@ -351,6 +351,43 @@ fn both_envoy_configs_are_one_and_answer_503_when_the_sidecar_fails() {
     );
 }
 
+#[test]
+fn istio_writes_the_same_access_line_as_envoy_with_the_decision_id() {
+    // deploy/envoy's json_format and Istio's envoyFileAccessLog labels: one format, so the
+    // decision id joins istio-proxy's line exactly as it joins Envoy's.
+    let cfg = yaml("deploy/envoy/envoy.yaml");
+    let hcm =
+        &cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    let envoy_format = &hcm["access_log"][0]["typed_config"]["log_format"]["json_format"];
+    let mesh = yaml("deploy/istio/mesh-config.yaml");
+    let providers = mesh["spec"]["meshConfig"]["extensionProviders"]
+        .as_array()
+        .unwrap();
+    let decisions = providers
+        .iter()
+        .find(|p| p["name"] == "authz-decisions")
+        .expect("an authz-decisions provider in deploy/istio/mesh-config.yaml");
+    let labels = &decisions["envoyFileAccessLog"]["logFormat"]["labels"];
+    assert_eq!(labels, envoy_format);
+    assert_eq!(
+        s(&labels["decision_id"]),
+        "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:decision_id)%"
+    );
+    // Turned on for the pods the AuthorizationPolicy covers.
+    let telemetry = yaml("deploy/istio/telemetry.yaml");
+    let policy = yaml("deploy/istio/authorizationpolicy.yaml");
+    assert_eq!(telemetry["spec"]["selector"], policy["spec"]["selector"]);
+    assert_eq!(
+        telemetry["spec"]["accessLogging"][0]["providers"][0]["name"],
+        "authz-decisions"
+    );
+    let kustomization = read("deploy/istio/kustomization.yaml");
+    assert!(
+        kustomization.contains("- telemetry.yaml"),
+        "{kustomization}"
+    );
+}
+
 fn kustomize(dir: &str) -> Vec<Value> {
     let out = Command::new("kubectl")
         .args(["kustomize", dir])

@@ -481,7 +481,8 @@ async fn through_envoy_the_app_sees_the_keycloak_identity() {
 
 /// On an owned Keycloak: rotation (a new key provider with a higher priority) without a
 /// sidecar restart, then an outage (cached keys keep working, unknown kids fail naming the
-/// JWKS URL, readiness follows whether keys are loaded), then recovery.
+/// JWKS URL, readiness follows whether keys are loaded), then recovery, then a key removed
+/// from the realm (its tokens refused at the sidecars' next fetch, cached or not).
 #[tokio::test]
 async fn key_rotation_and_keycloak_outage() {
     let mut kc = Keycloak::start_owned().await;
@@ -584,6 +585,38 @@ async fn key_rotation_and_keycloak_outage() {
     for s in both {
         let r = get(s, "/api/x", &t2).await;
         assert_eq!(status(&r), 200, "the key minted during the outage: {r:?}");
+    }
+
+    // --- a key leaves the JWKS (revoked): its tokens stop at once, cached or not --------
+    let revoked = kc.add_rsa_key_provider("revoked", 400).await;
+    let t_rev = kc.password_token("bob", "bob123").await;
+    let kid_rev = kid(&t_rev);
+    tokio::time::sleep(COOLDOWN).await;
+    for s in both {
+        for _ in 0..2 {
+            // The second answer comes from the verified-token cache.
+            assert_eq!(status(&get(s, "/api/x", &t_rev).await), 200);
+        }
+    }
+    kc.remove_component(&revoked).await;
+    assert!(!jwks_kids(&kc.jwks(REALM).await).contains(&kid_rev));
+    // The sidecars learn of it at their next fetch: here a new key's first token.
+    kc.add_rsa_key_provider("after", 500).await;
+    let t_after = kc.password_token("bob", "bob123").await;
+    tokio::time::sleep(COOLDOWN).await;
+    for s in both {
+        assert_eq!(status(&get(s, "/api/x", &t_after).await), 200);
+        let r = get(s, "/api/x", &t_rev).await;
+        assert_eq!(
+            status(&r),
+            401,
+            "a token of a revoked key, cached before: {r:?}"
+        );
+        assert!(
+            reason(&r).starts_with(&format!("signing key kid={kid_rev} not found")),
+            "{}",
+            reason(&r)
+        );
     }
     cold.stop().await.unwrap();
     by_url.stop().await.unwrap();

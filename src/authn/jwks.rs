@@ -69,6 +69,16 @@ pub trait KeySource: Send + Sync {
     fn describe(&self) -> String;
     /// Loaded key ids, for `doctor` and the startup log.
     fn key_ids(&self) -> Vec<String>;
+    /// Whether `kid` is among the loaded keys now (no fetch).
+    fn has_key(&self, kid: &str) -> bool {
+        self.key_ids().iter().any(|k| k == kid)
+    }
+    /// How many refreshes have dropped a key id the set had before (a key rotated out or
+    /// revoked). The verifier compares it on every check (one atomic load) and forgets the
+    /// tokens verified with a dropped key when it moves. A fixed set never drops one.
+    fn removals(&self) -> u64 {
+        0
+    }
     /// Refreshes and keys for `/metrics`; a source that never fetches has only keys.
     fn stats(&self) -> KeySourceStats {
         KeySourceStats {
@@ -105,6 +115,8 @@ pub struct JwksKeySource {
     refreshes_error: AtomicU64,
     /// Unix seconds of the last fetch that loaded keys; 0 = none yet.
     last_success: AtomicU64,
+    /// See [`KeySource::removals`].
+    removals: AtomicU64,
 }
 
 #[derive(Deserialize)]
@@ -135,6 +147,7 @@ impl JwksKeySource {
             refreshes_ok: AtomicU64::new(0),
             refreshes_error: AtomicU64::new(0),
             last_success: AtomicU64::new(0),
+            removals: AtomicU64::new(0),
         })
     }
 
@@ -338,6 +351,14 @@ impl KeySource for JwksKeySource {
         ids
     }
 
+    fn has_key(&self, kid: &str) -> bool {
+        self.set.load().keys.contains_key(kid)
+    }
+
+    fn removals(&self) -> u64 {
+        self.removals.load(Ordering::Acquire)
+    }
+
     fn stats(&self) -> KeySourceStats {
         KeySourceStats {
             refreshes_ok: self.refreshes_ok.load(Ordering::Relaxed),
@@ -398,7 +419,21 @@ impl JwksKeySource {
                 let mut ids: Vec<_> = set.keys.keys().cloned().collect();
                 ids.sort();
                 tracing::debug!(source = %self.source_name(), kids = ?ids, "signing keys loaded");
+                let mut dropped: Vec<String> = self
+                    .set
+                    .load()
+                    .keys
+                    .keys()
+                    .filter(|kid| !set.keys.contains_key(*kid))
+                    .cloned()
+                    .collect();
                 self.set.store(Arc::new(set));
+                if !dropped.is_empty() {
+                    // After the store: a verifier that sees the new count finds the new set.
+                    dropped.sort();
+                    self.removals.fetch_add(1, Ordering::Release);
+                    tracing::info!(source = %self.source_name(), kids = ?dropped, "signing keys left the JWKS; tokens verified with them are refused from now on");
+                }
                 self.set_error(None);
                 self.refreshes_ok.fetch_add(1, Ordering::Relaxed);
                 self.last_success

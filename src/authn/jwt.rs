@@ -5,7 +5,7 @@
 //! bounded, one token evicted at a time).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
@@ -117,6 +117,16 @@ impl TokenCache {
         self.map.len()
     }
 
+    /// Keeps only the tokens whose principal `keep` accepts; returns how many went. The
+    /// order's lock first, as `insert` takes it, so `order` still lists exactly the map.
+    fn retain(&self, keep: impl Fn(&Arc<Principal>) -> bool) -> usize {
+        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        let before = self.map.len();
+        self.map.retain(|_, c| keep(&c.principal));
+        order.retain(|d| self.map.contains_key(d));
+        before - self.map.len()
+    }
+
     /// Forgets every token (an operator's flush), the eviction order with them; the order's
     /// lock first, as `insert` takes it.
     fn clear(&self) {
@@ -136,6 +146,9 @@ pub struct JwtVerifier {
     required_claims: Vec<String>,
     require_typ: Option<String>,
     cache: TokenCache,
+    /// The key source's [`KeySource::removals`] when the cache was last purged of tokens
+    /// whose key left the set.
+    removals_seen: AtomicU64,
     clock: Clock,
 }
 
@@ -173,6 +186,7 @@ impl JwtVerifier {
             required_claims: cfg.required_claims.clone(),
             require_typ: cfg.require_typ.clone(),
             cache: TokenCache::new(cfg.token_cache_size),
+            removals_seen: AtomicU64::new(0),
             clock,
         }
     }
@@ -200,6 +214,19 @@ impl JwtVerifier {
         n
     }
 
+    /// A key left the set (rotated out, revoked): a token it signed is refused from now on,
+    /// cached or not. Checks racing here may purge twice; the second finds nothing.
+    fn forget_tokens_of_dropped_keys(&self, removals: u64) {
+        let gone = self.cache.retain(|p| self.keys.has_key(&p.key_id));
+        self.removals_seen.store(removals, Ordering::Release);
+        if gone > 0 {
+            tracing::info!(
+                tokens = gone,
+                "verified tokens forgotten: their signing key left the key set"
+            );
+        }
+    }
+
     /// Verifies `token` and maps its claims to a [`Principal`], shared with the token cache:
     /// a cache hit is a reference count, not a copy of the principal's strings.
     pub async fn authenticate(&self, token: &str) -> Result<Arc<Principal>, AuthnError> {
@@ -208,6 +235,10 @@ impl JwtVerifier {
                 size: token.len(),
                 limit: MAX_TOKEN_BYTES,
             });
+        }
+        let removals = self.keys.removals();
+        if removals != self.removals_seen.load(Ordering::Acquire) {
+            self.forget_tokens_of_dropped_keys(removals);
         }
         let now = (self.clock)();
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
@@ -218,6 +249,11 @@ impl JwtVerifier {
         let (principal, exp) = self.verify(token, now).await?;
         let principal = Arc::new(principal);
         self.cache.insert(digest, principal.clone(), exp, live);
+        // Verified just before its key left the set: a purge may already have run, so this
+        // token goes now (the check after the insert closes the race with the purge).
+        if !self.keys.has_key(&principal.key_id) {
+            self.cache.retain(|p| !Arc::ptr_eq(p, &principal));
+        }
         Ok(principal)
     }
 
@@ -719,6 +755,65 @@ mod tests {
         clock.store(now + 300 + 31, Ordering::Relaxed);
         let e = v.authenticate(&t).await.unwrap_err();
         assert_eq!(e, AuthnError::Expired { ago: 31 });
+    }
+
+    #[tokio::test]
+    async fn a_cached_token_is_refused_once_its_key_leaves_the_jwks() {
+        // A real JWKS source (a file, refreshed as a URL would be) with rsa-a and rsa-b.
+        let fixture: Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("{KEYS}/jwks.json")).unwrap())
+                .unwrap();
+        let only = |kids: &[&str]| {
+            let keys: Vec<&Value> = fixture["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|k| kids.contains(&k["kid"].as_str().unwrap()))
+                .collect();
+            serde_json::to_string(&json!({ "keys": keys })).unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("jwks.json");
+        std::fs::write(&file, only(&["rsa-a", "rsa-b"])).unwrap();
+        let yaml = format!(
+            "jwt: {{ jwks_file: {}, issuer: https://kc/realms/r, audience: mcp-server }}",
+            file.display()
+        );
+        let cfg = crate::config::Config::from_yaml(
+            &yaml,
+            std::path::Path::new("/"),
+            &std::collections::BTreeMap::new(),
+        )
+        .unwrap();
+        let source = Arc::new(crate::authn::jwks::JwksKeySource::new(&cfg.jwt).unwrap());
+        source.refresh().await.unwrap();
+        let now = 1_000_000;
+        let v = JwtVerifier::new(&cfg.jwt, source.clone(), Arc::new(move || now));
+        let by_a = mint(&pem("rsa-a"), Algorithm::RS256, "rsa-a", &claims(now)).unwrap();
+        let by_b = mint(&pem("rsa-b"), Algorithm::RS256, "rsa-b", &claims(now)).unwrap();
+        assert!(v.authenticate(&by_a).await.is_ok());
+        assert!(v.authenticate(&by_b).await.is_ok());
+        assert_eq!(v.cached_tokens(), 2);
+
+        // rsa-a is rotated out (or revoked): the next refresh drops it.
+        std::fs::write(&file, only(&["rsa-b"])).unwrap();
+        source.refresh().await.unwrap();
+        assert_eq!(source.removals(), 1);
+        assert!(
+            matches!(
+                v.authenticate(&by_a).await,
+                Err(AuthnError::UnknownKid { ref kid, .. }) if kid == "rsa-a"
+            ),
+            "a token of a dropped key is refused at once, not at its exp"
+        );
+        // rsa-b's token is still the cached one.
+        assert_eq!(v.cached_tokens(), 1);
+        assert!(v.authenticate(&by_b).await.is_ok());
+        // A refresh that only adds keys forgets nothing.
+        std::fs::write(&file, only(&["rsa-b", "ec256"])).unwrap();
+        source.refresh().await.unwrap();
+        assert_eq!(source.removals(), 1);
+        assert_eq!(v.cached_tokens(), 1);
     }
 
     #[tokio::test]

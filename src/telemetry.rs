@@ -299,8 +299,12 @@ impl Default for DecisionId {
 }
 
 impl fmt::Display for DecisionId {
+    /// `{:016x}`, without the formatting machinery (written on every check, twice when
+    /// logged).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
+        let mut digits = [0u8; 16];
+        hex::encode_to_slice(self.0.to_be_bytes(), &mut digits).map_err(|_| fmt::Error)?;
+        f.write_str(std::str::from_utf8(&digits).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -959,6 +963,9 @@ mod tests {
         let ids: std::collections::HashSet<String> =
             (0..10_000).map(|_| DecisionId::new().to_string()).collect();
         assert_eq!(ids.len(), 10_000);
+        for n in [0, 0xab, 0x0123_4567_89ab_cdef, u64::MAX] {
+            assert_eq!(DecisionId(n).to_string(), format!("{n:016x}"));
+        }
         for id in &ids {
             assert_eq!(id.len(), 16, "{id}");
             assert!(

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{AuthMethod, AuthnError, Principal, PrincipalKind, fingerprint};
+use super::{AuthMethod, AuthnError, Principal, PrincipalKind, fingerprint_of_digest};
 
 pub const KEY_PREFIX_LIVE: &str = "mcpkey_live_";
 
@@ -484,7 +484,9 @@ impl FileApiKeyStore {
         hmac_sha256(&self.hmac_key, key)
     }
 
-    fn admit(&self, e: &Entry, key: &str) -> Result<Principal, AuthnError> {
+    /// `sha256`: the key's digest (its fingerprint is the digest's first bytes: not hashed
+    /// again).
+    fn admit(&self, e: &Entry, sha256: &[u8; 32]) -> Result<Principal, AuthnError> {
         if !e.record.active {
             return Err(AuthnError::ApiKeyInactive {
                 id: e.record.id.clone(),
@@ -502,7 +504,7 @@ impl FileApiKeyStore {
         let mut p = Principal::new(e.kind, &e.principal_id, AuthMethod::ApiKey);
         p.scopes = e.record.scopes.clone();
         p.key_id = e.record.id.clone();
-        p.credential_hash = fingerprint(key);
+        p.credential_hash = fingerprint_of_digest(sha256);
         Ok(p)
     }
 }
@@ -530,7 +532,7 @@ impl ApiKeyStore for FileApiKeyStore {
             && let Hash::Sha256(stored) = &e.hash
             && bool::from(stored.ct_eq(&digest))
         {
-            return self.admit(e, key);
+            return self.admit(e, &digest);
         }
         if !index.has_bcrypt() {
             return Err(AuthnError::ApiKeyUnknown);
@@ -548,7 +550,7 @@ impl ApiKeyStore for FileApiKeyStore {
         };
         let mac = self.hmac(key);
         if let Some(e) = index.bcrypt_hits.get(&mac) {
-            return self.admit(&e, key);
+            return self.admit(&e, &digest);
         }
         let now = (self.clock)();
         if index.known_miss(&mac, now) {
@@ -582,7 +584,7 @@ impl ApiKeyStore for FileApiKeyStore {
         .map_err(|e| AuthnError::ApiKeyStoreUnavailable(e.to_string()))?;
         if ok {
             index.bcrypt_hits.insert(mac, entry.clone());
-            self.admit(&entry, key)
+            self.admit(&entry, &digest)
         } else {
             index.remember_miss(mac, now);
             Err(AuthnError::ApiKeyUnknown)

@@ -32,7 +32,7 @@ pub const KEY_PREFIX_LIVE: &str = "mcpkey_live_";
 #[async_trait::async_trait]
 pub trait ApiKeyStore: Send + Sync {
     /// Verifies the presented key and returns its principal.
-    async fn authenticate(&self, key: &str) -> Result<Principal, AuthnError>;
+    async fn authenticate(&self, key: &str) -> Result<Arc<Principal>, AuthnError>;
     /// [`authenticate`](Self::authenticate) with the current policy's bearer-token verifier:
     /// a store whose keys stand for tokens (the app's key service,
     /// [`super::api_key_exchange`]) verifies them with it, so they pass exactly the checks a
@@ -41,7 +41,7 @@ pub trait ApiKeyStore: Send + Sync {
         &self,
         key: &str,
         _jwt: Option<&super::jwt::JwtVerifier>,
-    ) -> Result<Principal, AuthnError> {
+    ) -> Result<Arc<Principal>, AuthnError> {
         self.authenticate(key).await
     }
     /// Number of records (for the startup log and doctor).
@@ -150,9 +150,11 @@ enum Hash {
 struct Entry {
     record: ApiKeyRecord,
     hash: Hash,
-    kind: PrincipalKind,
-    principal_id: String,
     expires_at: Option<u64>,
+    /// Who the key stands for, built once at load and shared by every request with the key.
+    /// For a `sha256` record its fingerprint is the stored digest's (the one key that matches
+    /// it); a `bcrypt` record's is the key's, set when it is admitted.
+    principal: Arc<Principal>,
 }
 
 #[derive(Default)]
@@ -315,12 +317,17 @@ fn parse_index(text: &str, lookup_secret_set: bool) -> Result<Index, String> {
                 Some(l)
             }
         };
+        let mut principal = Principal::new(kind, &principal_id, AuthMethod::ApiKey);
+        principal.scopes = r.scopes.clone();
+        principal.key_id = r.id.clone();
+        if let Hash::Sha256(digest) = &hash {
+            principal.credential_hash = fingerprint_of_digest(digest);
+        }
         let entry = Arc::new(Entry {
             hash,
-            kind,
-            principal_id,
             expires_at,
             record: r,
+            principal: Arc::new(principal),
         });
         // A lookup exists exactly for bcrypt records (checked above).
         match lookup {
@@ -486,7 +493,7 @@ impl FileApiKeyStore {
 
     /// `sha256`: the key's digest (its fingerprint is the digest's first bytes: not hashed
     /// again).
-    fn admit(&self, e: &Entry, sha256: &[u8; 32]) -> Result<Principal, AuthnError> {
+    fn admit(&self, e: &Entry, sha256: &[u8; 32]) -> Result<Arc<Principal>, AuthnError> {
         if !e.record.active {
             return Err(AuthnError::ApiKeyInactive {
                 id: e.record.id.clone(),
@@ -501,11 +508,16 @@ impl FileApiKeyStore {
                 });
             }
         }
-        let mut p = Principal::new(e.kind, &e.principal_id, AuthMethod::ApiKey);
-        p.scopes = e.record.scopes.clone();
-        p.key_id = e.record.id.clone();
-        p.credential_hash = fingerprint_of_digest(sha256);
-        Ok(p)
+        match &e.hash {
+            // Admitted because the key's digest is the stored one: the prepared principal,
+            // fingerprint included, is the key's.
+            Hash::Sha256(_) => Ok(e.principal.clone()),
+            Hash::Bcrypt(_) => {
+                let mut p = Principal::clone(&e.principal);
+                p.credential_hash = fingerprint_of_digest(sha256);
+                Ok(Arc::new(p))
+            }
+        }
     }
 }
 
@@ -522,7 +534,7 @@ pub(crate) fn hmac_sha256(key: &[u8], message: &str) -> [u8; 32] {
 
 #[async_trait::async_trait]
 impl ApiKeyStore for FileApiKeyStore {
-    async fn authenticate(&self, key: &str) -> Result<Principal, AuthnError> {
+    async fn authenticate(&self, key: &str) -> Result<Arc<Principal>, AuthnError> {
         if key.is_empty() || key.len() > 512 {
             return Err(AuthnError::ApiKeyUnknown);
         }
@@ -731,10 +743,18 @@ mod tests {
         let p = store.authenticate("key-a").await.unwrap();
         assert_eq!((p.subject.as_str(), p.key_id.as_str()), ("user:alice", "a"));
         assert_eq!(p.scopes, vec!["read:agents"]);
+        assert_eq!(p.method, AuthMethod::ApiKey);
+        assert_eq!(p.credential_hash, crate::authn::fingerprint("key-a"));
+        assert!(
+            Arc::ptr_eq(&p, &store.authenticate("key-a").await.unwrap()),
+            "a sha256 key's principal is built once, at load"
+        );
         let p = store.authenticate(bkey).await.unwrap();
         assert_eq!(p.subject, "service_principal:svc");
+        assert_eq!(p.credential_hash, crate::authn::fingerprint(bkey));
         // second time from the HMAC cache
-        assert_eq!(store.authenticate(bkey).await.unwrap().key_id, "b");
+        let again = store.authenticate(bkey).await.unwrap();
+        assert_eq!((again.key_id.as_str(), again.credential_hash.as_str()), ("b", p.credential_hash.as_str()));
         assert_eq!(
             store.authenticate("nope").await.unwrap_err(),
             AuthnError::ApiKeyUnknown
@@ -958,7 +978,7 @@ mod tests {
             ("mcpkey_live_new", Err(AuthnError::ApiKeyUnknown), 4),
         ];
         for (key, want, runs) in cases {
-            let got = store.authenticate(key).await.map(|p| p.subject);
+            let got = store.authenticate(key).await.map(|p| p.subject.clone());
             assert_eq!(got, want.map(String::from), "{key}");
             assert_eq!(store.bcrypt_runs(), runs, "bcrypt runs after {key}");
         }

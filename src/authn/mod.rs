@@ -337,10 +337,9 @@ impl Authenticator {
                     .api_keys
                     .as_ref()
                     .ok_or(AuthnError::ApiKeysNotConfigured)?;
-                let principal = store
+                store
                     .authenticate_with(key.trim(), self.jwt.as_ref())
-                    .await?;
-                Arc::new(principal)
+                    .await?
             }
             (None, None) => {
                 return Err(AuthnError::Missing {

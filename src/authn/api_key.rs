@@ -754,7 +754,10 @@ mod tests {
         assert_eq!(p.credential_hash, crate::authn::fingerprint(bkey));
         // second time from the HMAC cache
         let again = store.authenticate(bkey).await.unwrap();
-        assert_eq!((again.key_id.as_str(), again.credential_hash.as_str()), ("b", p.credential_hash.as_str()));
+        assert_eq!(
+            (again.key_id.as_str(), again.credential_hash.as_str()),
+            ("b", p.credential_hash.as_str())
+        );
         assert_eq!(
             store.authenticate("nope").await.unwrap_err(),
             AuthnError::ApiKeyUnknown

@@ -156,9 +156,9 @@ impl<W: fmt::Write> fmt::Write for Escaping<'_, W> {
 fn escape_into(out: &mut impl fmt::Write, s: &str) -> fmt::Result {
     // Nearly every value (ids, paths, rule names) has nothing to escape. Said from the bytes
     // in one pass without an early exit, which the compiler turns into vector compares.
-    let plain = s
-        .bytes()
-        .fold(true, |plain, b| plain & (b >= 0x20) & (b != b'"') & (b != b'\\'));
+    let plain = s.bytes().fold(true, |plain, b| {
+        plain & (b >= 0x20) & (b != b'"') & (b != b'\\')
+    });
     if plain {
         return out.write_str(s);
     }

@@ -88,7 +88,7 @@ where
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     // JSON escapes every string itself; the text format needs LogFields. The JSON line is
-    // written by `JsonLine`, the same bytes as the stock format at half the instructions.
+    // written by `JsonLine`, the same bytes as the stock format at a third of the instructions.
     if cfg.json {
         fmt.json()
             .flatten_event(true)

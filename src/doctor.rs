@@ -808,7 +808,7 @@ pub async fn run(args: Options) -> ExitCode {
             (Ok(Some(store)), Some(principals)) => match store
                 .authenticate(key.trim())
                 .await
-                .and_then(|p| principals.admit(p.into()))
+                .and_then(|p| principals.admit(p))
             {
                 Ok(p) => r.ok(
                     "api key",

@@ -439,13 +439,13 @@ mod tests {
 
     #[async_trait::async_trait]
     impl ApiKeyStore for Keys {
-        async fn authenticate(&self, key: &str) -> Result<Principal, AuthnError> {
+        async fn authenticate(&self, key: &str) -> Result<Arc<Principal>, AuthnError> {
             match key {
-                "key-alice" => Ok(Principal::new(
+                "key-alice" => Ok(Arc::new(Principal::new(
                     PrincipalKind::User,
                     "alice",
                     AuthMethod::ApiKey,
-                )),
+                ))),
                 _ => Err(AuthnError::ApiKeyUnknown),
             }
         }

@@ -7,6 +7,7 @@
 //! resolve it differently (or not at all). [`read_path`] lists what is refused and the one
 //! decoding allowed; [`read_host`] the host's canonical form.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use bytes::Bytes;
@@ -110,9 +111,11 @@ pub enum HostProblem {
     BadChar,
 }
 
-/// One header value as received: Envoy's `raw_value` may hold any bytes.
+/// One header value as received: Envoy's `raw_value` may hold any bytes. The decoded
+/// message's own buffer, moved: a `Bytes` made from it would cost an allocation for every
+/// value shorter than 8 bytes (`GET`, `http`, `*/*`), whose buffer has spare capacity.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeaderValue(Bytes);
+pub struct HeaderValue(Vec<u8>);
 
 impl HeaderValue {
     pub fn as_str(&self) -> Option<&str> {
@@ -132,12 +135,12 @@ pub struct Headers {
 }
 
 impl Headers {
-    pub fn insert(&mut self, name: &str, value: impl Into<Bytes>) {
+    pub fn insert(&mut self, name: &str, value: impl Into<Vec<u8>>) {
         self.push(name.to_string(), value.into());
     }
 
     /// As [`insert`](Self::insert), taking the name: lower-cased in place, not copied.
-    fn push(&mut self, mut name: String, value: Bytes) {
+    fn push(&mut self, mut name: String, value: Vec<u8>) {
         name.make_ascii_lowercase();
         self.list.push((name, HeaderValue(value)));
     }
@@ -256,14 +259,13 @@ pub fn from_proto(req: auth::CheckRequest, policy: PathPolicy) -> Result<CheckIn
     let attrs = req.attributes.unwrap_or_default();
     let peer = attrs
         .source
-        .as_ref()
-        .and_then(|p| p.address.as_ref())
-        .and_then(|a| a.address.as_ref())
+        .and_then(|p| p.address)
+        .and_then(|a| a.address)
         .map(|a| {
             use crate::proto::pb::envoy::config::core::v3::address::Address;
             match a {
-                Address::SocketAddress(s) => s.address.to_string(),
-                Address::Pipe(p) => p.path.clone(),
+                Address::SocketAddress(s) => s.address,
+                Address::Pipe(p) => p.path,
                 #[allow(unreachable_patterns)]
                 _ => String::new(),
             }
@@ -281,9 +283,9 @@ pub fn from_proto(req: auth::CheckRequest, policy: PathPolicy) -> Result<CheckIn
             headers.list.reserve(map.headers.len());
             for h in map.headers {
                 let value = if h.raw_value.is_empty() {
-                    Bytes::from(h.value.into_bytes())
+                    h.value.into_bytes()
                 } else {
-                    Bytes::from(h.raw_value)
+                    h.raw_value
                 };
                 headers.push(h.key, value);
             }
@@ -291,7 +293,7 @@ pub fn from_proto(req: auth::CheckRequest, policy: PathPolicy) -> Result<CheckIn
         _ => {
             headers.list.reserve(http.headers.len());
             for (k, v) in http.headers {
-                headers.push(k, Bytes::from(v.into_bytes()));
+                headers.push(k, v.into_bytes());
             }
         }
     }
@@ -300,14 +302,14 @@ pub fn from_proto(req: auth::CheckRequest, policy: PathPolicy) -> Result<CheckIn
     // or the sidecar would decide on one and the app receive the other.
     let pseudo_path = headers.single(":path")?;
     let raw_path = match (http.path.as_str(), pseudo_path) {
-        ("", Some(p)) => p.to_string(),
+        ("", Some(p)) => p,
         (attr, Some(p)) if attr != p => {
             return Err(RequestError::PathsDisagree(excerpt(attr), excerpt(p)));
         }
-        (attr, _) => attr.to_string(),
+        (attr, _) => attr,
     };
-    let (path, mut query) = split_path(&raw_path, policy)?;
-    let mut query_raw = query_part(&raw_path).to_string();
+    let (path, mut query) = split_path(raw_path, policy)?;
+    let mut query_raw = query_part(raw_path).to_string();
     if query.is_empty() && !http.query.is_empty() {
         query = parse_query(&http.query);
         query_raw = http.query.clone();
@@ -333,7 +335,9 @@ pub fn from_proto(req: auth::CheckRequest, policy: PathPolicy) -> Result<CheckIn
             .unwrap_or("GET")
             .to_ascii_uppercase()
     } else {
-        http.method.to_ascii_uppercase()
+        let mut method = http.method;
+        method.make_ascii_uppercase();
+        method
     };
 
     Ok(CheckInput {
@@ -347,7 +351,7 @@ pub fn from_proto(req: auth::CheckRequest, policy: PathPolicy) -> Result<CheckIn
         headers,
         body,
         peer,
-        context_extensions: attrs.context_extensions.into_iter().collect(),
+        context_extensions: attrs.context_extensions,
     })
 }
 
@@ -404,7 +408,9 @@ fn canonical_host(attr: &str, headers: &Headers) -> Result<String, RequestError>
     };
     let host = read_host(raw).map_err(|p| RequestError::BadHost(excerpt(raw), p))?;
     for (name, copy) in [(":authority", authority), ("host", host_header)] {
+        // The same text as `raw` reads the same (most requests: `:authority` is the attribute).
         if let Some(copy) = copy
+            && copy != raw
             && read_host(copy).as_ref() != Ok(&host)
         {
             return Err(RequestError::HostsDisagree(
@@ -526,29 +532,36 @@ pub fn read_path(raw: &str, policy: PathPolicy) -> Result<String, PathProblem> {
     let Some(rest) = raw.strip_prefix('/') else {
         return Err(PathProblem::NotOriginForm);
     };
-    let segments: Vec<&str> = rest.split('/').collect();
-    let last = segments.len() - 1;
+    let mut segments = rest.split('/').peekable();
     let mut path = String::with_capacity(raw.len());
-    for (i, seg) in segments.iter().enumerate() {
+    while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
         path.push('/');
-        path.push_str(&read_segment(seg, i == last, policy)?);
+        path.push_str(&read_segment(seg, last, policy)?);
     }
     Ok(path)
 }
 
-/// One segment of [`read_path`], decoded.
-fn read_segment(raw: &str, last: bool, policy: PathPolicy) -> Result<String, PathProblem> {
+/// One segment of [`read_path`], decoded; borrowed when there is nothing to decode (no `%`:
+/// most segments), so only an encoded segment costs a copy.
+fn read_segment(raw: &str, last: bool, policy: PathPolicy) -> Result<Cow<'_, str>, PathProblem> {
+    let mut encoded = false;
     for b in raw.bytes() {
         match b {
             b'\\' => return Err(PathProblem::Backslash),
             b';' => return Err(PathProblem::PathParameter),
             b' ' => return Err(PathProblem::Control),
             b if b.is_ascii_control() => return Err(PathProblem::Control),
+            b'%' => encoded = true,
             _ => {}
         }
     }
-    let decoded = percent_decode(raw, false).ok_or(PathProblem::BadEscape)?;
-    let text = String::from_utf8(decoded).map_err(|_| PathProblem::NotUtf8)?;
+    let text = if encoded {
+        let decoded = percent_decode(raw, false).ok_or(PathProblem::BadEscape)?;
+        Cow::Owned(String::from_utf8(decoded).map_err(|_| PathProblem::NotUtf8)?)
+    } else {
+        Cow::Borrowed(raw)
+    };
     let opaque = policy == PathPolicy::OpaqueEncodedSlashes;
     let bytes = text.as_bytes();
     for (i, c) in text.char_indices() {
@@ -574,7 +587,7 @@ fn read_segment(raw: &str, last: bool, policy: PathPolicy) -> Result<String, Pat
         return Err(PathProblem::EmptySegment);
     }
     Ok(if opaque {
-        text.replace('/', "%2F").replace('\\', "%5C")
+        Cow::Owned(text.replace('/', "%2F").replace('\\', "%5C"))
     } else {
         text
     })

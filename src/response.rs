@@ -60,10 +60,19 @@ fn header(key: &str, value: impl Into<String>) -> HeaderValueOption {
 /// of printable ASCII (nearly all) is copied whole; any other byte (C1 controls are
 /// multi-byte) sends it through the char filter.
 fn clean(v: &str) -> String {
-    if v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+    if is_printable_ascii(v) {
         return v.to_string();
     }
     v.chars().filter(|c| !c.is_control()).collect()
+}
+
+fn is_printable_ascii(v: &str) -> bool {
+    v.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
+/// [`clean`] for a value built for the header (a join): kept as is when already clean.
+fn clean_owned(v: String) -> String {
+    if is_printable_ascii(&v) { v } else { clean(&v) }
 }
 
 /// `strip`: request headers to remove on allow besides the identity headers we do not set
@@ -102,21 +111,21 @@ fn dynamic_metadata(decision: &Decision, decision_id: &str) -> prost_types::Stru
         Decision::Deny(d) => ("deny", d.rule.as_deref(), d.principal.as_ref()),
     };
     let mut fields = std::collections::BTreeMap::new();
-    let mut put = |k: &str, v: &str| {
+    let mut put = |k: &str, v: String| {
         fields.insert(
             k.to_string(),
             prost_types::Value {
-                kind: Some(Kind::StringValue(v.to_string())),
+                kind: Some(Kind::StringValue(v)),
             },
         );
     };
-    put("decision_id", decision_id);
-    put("decision", verdict);
+    put("decision_id", decision_id.to_string());
+    put("decision", verdict.to_string());
     if let Some(rule) = rule {
-        put("rule", rule);
+        put("rule", rule.to_string());
     }
     if let Some(p) = principal {
-        put("subject", &clean(&p.subject));
+        put("subject", clean(&p.subject));
     }
     prost_types::Struct { fields }
 }
@@ -177,17 +186,17 @@ pub fn applied(decision: &Decision, request_id: &str, strip: &[String]) -> Appli
 
 /// The identity headers set on the upstream request, and the headers removed from it.
 fn upstream_headers(a: &Allow, strip: &[String]) -> (Vec<(&'static str, String)>, Vec<String>) {
-    let mut set: Vec<(&'static str, String)> = Vec::new();
+    let mut set: Vec<(&'static str, String)> = Vec::with_capacity(IDENTITY_HEADERS.len());
     if let Some(p) = &a.principal {
         set.push((H_SUBJECT, clean(&p.subject)));
         set.push((H_PRINCIPAL_TYPE, p.kind.as_str().to_string()));
         set.push((H_USERNAME, clean(&p.username)));
         set.push((H_METHOD, p.method.as_str().to_string()));
         if !p.roles.is_empty() {
-            set.push((H_ROLES, clean(&p.roles.join(","))));
+            set.push((H_ROLES, clean_owned(p.roles.join(","))));
         }
         if !p.scopes.is_empty() {
-            set.push((H_SCOPES, clean(&p.scopes.join(" "))));
+            set.push((H_SCOPES, clean_owned(p.scopes.join(" "))));
         }
         if !p.key_id.is_empty() {
             set.push((H_KEY_ID, clean(&p.key_id)));
@@ -198,17 +207,15 @@ fn upstream_headers(a: &Allow, strip: &[String]) -> (Vec<(&'static str, String)>
     }
     // Removing a header we also set would race with Envoy's order of operations; overwrite
     // those, remove the rest. The credential headers are never among those set.
-    let headers_to_remove: Vec<String> = IDENTITY_HEADERS
-        .iter()
-        .filter(|h| !set.iter().any(|(k, _)| k == *h))
-        .map(|h| h.to_string())
-        .chain(
-            strip
-                .iter()
-                .filter(|h| !set.iter().any(|(k, _)| k == h))
-                .cloned(),
-        )
-        .collect();
+    let is_set = |h: &str| set.iter().any(|(k, _)| *k == h);
+    let mut headers_to_remove = Vec::with_capacity(IDENTITY_HEADERS.len() + strip.len());
+    headers_to_remove.extend(
+        IDENTITY_HEADERS
+            .iter()
+            .filter(|h| !is_set(h))
+            .map(|h| h.to_string()),
+    );
+    headers_to_remove.extend(strip.iter().filter(|h| !is_set(h)).cloned());
     (set, headers_to_remove)
 }
 

@@ -295,14 +295,14 @@ mod tests {
 
     #[async_trait::async_trait]
     impl ApiKeyStore for GatedKeys {
-        async fn authenticate(&self, _: &str) -> Result<Principal, AuthnError> {
+        async fn authenticate(&self, _: &str) -> Result<Arc<Principal>, AuthnError> {
             self.entered.notify_one();
             let _pass = self.gate.acquire().await.expect("gate open");
-            Ok(Principal::new(
+            Ok(Arc::new(Principal::new(
                 PrincipalKind::User,
                 "alice",
                 AuthMethod::ApiKey,
-            ))
+            )))
         }
         fn len(&self) -> usize {
             1

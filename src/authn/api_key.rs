@@ -25,14 +25,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{AuthMethod, AuthnError, Principal, PrincipalKind, fingerprint};
+use super::{AuthMethod, AuthnError, Principal, PrincipalKind, fingerprint_of_digest};
 
 pub const KEY_PREFIX_LIVE: &str = "mcpkey_live_";
 
 #[async_trait::async_trait]
 pub trait ApiKeyStore: Send + Sync {
     /// Verifies the presented key and returns its principal.
-    async fn authenticate(&self, key: &str) -> Result<Principal, AuthnError>;
+    async fn authenticate(&self, key: &str) -> Result<Arc<Principal>, AuthnError>;
     /// [`authenticate`](Self::authenticate) with the current policy's bearer-token verifier:
     /// a store whose keys stand for tokens (the app's key service,
     /// [`super::api_key_exchange`]) verifies them with it, so they pass exactly the checks a
@@ -41,7 +41,7 @@ pub trait ApiKeyStore: Send + Sync {
         &self,
         key: &str,
         _jwt: Option<&super::jwt::JwtVerifier>,
-    ) -> Result<Principal, AuthnError> {
+    ) -> Result<Arc<Principal>, AuthnError> {
         self.authenticate(key).await
     }
     /// Number of records (for the startup log and doctor).
@@ -150,9 +150,11 @@ enum Hash {
 struct Entry {
     record: ApiKeyRecord,
     hash: Hash,
-    kind: PrincipalKind,
-    principal_id: String,
     expires_at: Option<u64>,
+    /// Who the key stands for, built once at load and shared by every request with the key.
+    /// For a `sha256` record its fingerprint is the stored digest's (the one key that matches
+    /// it); a `bcrypt` record's is the key's, set when it is admitted.
+    principal: Arc<Principal>,
 }
 
 #[derive(Default)]
@@ -315,12 +317,17 @@ fn parse_index(text: &str, lookup_secret_set: bool) -> Result<Index, String> {
                 Some(l)
             }
         };
+        let mut principal = Principal::new(kind, &principal_id, AuthMethod::ApiKey);
+        principal.scopes = r.scopes.clone();
+        principal.key_id = r.id.clone();
+        if let Hash::Sha256(digest) = &hash {
+            principal.credential_hash = fingerprint_of_digest(digest);
+        }
         let entry = Arc::new(Entry {
             hash,
-            kind,
-            principal_id,
             expires_at,
             record: r,
+            principal: Arc::new(principal),
         });
         // A lookup exists exactly for bcrypt records (checked above).
         match lookup {
@@ -484,7 +491,9 @@ impl FileApiKeyStore {
         hmac_sha256(&self.hmac_key, key)
     }
 
-    fn admit(&self, e: &Entry, key: &str) -> Result<Principal, AuthnError> {
+    /// `sha256`: the key's digest (its fingerprint is the digest's first bytes: not hashed
+    /// again).
+    fn admit(&self, e: &Entry, sha256: &[u8; 32]) -> Result<Arc<Principal>, AuthnError> {
         if !e.record.active {
             return Err(AuthnError::ApiKeyInactive {
                 id: e.record.id.clone(),
@@ -499,11 +508,16 @@ impl FileApiKeyStore {
                 });
             }
         }
-        let mut p = Principal::new(e.kind, &e.principal_id, AuthMethod::ApiKey);
-        p.scopes = e.record.scopes.clone();
-        p.key_id = e.record.id.clone();
-        p.credential_hash = fingerprint(key);
-        Ok(p)
+        match &e.hash {
+            // Admitted because the key's digest is the stored one: the prepared principal,
+            // fingerprint included, is the key's.
+            Hash::Sha256(_) => Ok(e.principal.clone()),
+            Hash::Bcrypt(_) => {
+                let mut p = Principal::clone(&e.principal);
+                p.credential_hash = fingerprint_of_digest(sha256);
+                Ok(Arc::new(p))
+            }
+        }
     }
 }
 
@@ -520,7 +534,7 @@ pub(crate) fn hmac_sha256(key: &[u8], message: &str) -> [u8; 32] {
 
 #[async_trait::async_trait]
 impl ApiKeyStore for FileApiKeyStore {
-    async fn authenticate(&self, key: &str) -> Result<Principal, AuthnError> {
+    async fn authenticate(&self, key: &str) -> Result<Arc<Principal>, AuthnError> {
         if key.is_empty() || key.len() > 512 {
             return Err(AuthnError::ApiKeyUnknown);
         }
@@ -530,7 +544,7 @@ impl ApiKeyStore for FileApiKeyStore {
             && let Hash::Sha256(stored) = &e.hash
             && bool::from(stored.ct_eq(&digest))
         {
-            return self.admit(e, key);
+            return self.admit(e, &digest);
         }
         if !index.has_bcrypt() {
             return Err(AuthnError::ApiKeyUnknown);
@@ -548,7 +562,7 @@ impl ApiKeyStore for FileApiKeyStore {
         };
         let mac = self.hmac(key);
         if let Some(e) = index.bcrypt_hits.get(&mac) {
-            return self.admit(&e, key);
+            return self.admit(&e, &digest);
         }
         let now = (self.clock)();
         if index.known_miss(&mac, now) {
@@ -582,7 +596,7 @@ impl ApiKeyStore for FileApiKeyStore {
         .map_err(|e| AuthnError::ApiKeyStoreUnavailable(e.to_string()))?;
         if ok {
             index.bcrypt_hits.insert(mac, entry.clone());
-            self.admit(&entry, key)
+            self.admit(&entry, &digest)
         } else {
             index.remember_miss(mac, now);
             Err(AuthnError::ApiKeyUnknown)
@@ -729,10 +743,21 @@ mod tests {
         let p = store.authenticate("key-a").await.unwrap();
         assert_eq!((p.subject.as_str(), p.key_id.as_str()), ("user:alice", "a"));
         assert_eq!(p.scopes, vec!["read:agents"]);
+        assert_eq!(p.method, AuthMethod::ApiKey);
+        assert_eq!(p.credential_hash, crate::authn::fingerprint("key-a"));
+        assert!(
+            Arc::ptr_eq(&p, &store.authenticate("key-a").await.unwrap()),
+            "a sha256 key's principal is built once, at load"
+        );
         let p = store.authenticate(bkey).await.unwrap();
         assert_eq!(p.subject, "service_principal:svc");
+        assert_eq!(p.credential_hash, crate::authn::fingerprint(bkey));
         // second time from the HMAC cache
-        assert_eq!(store.authenticate(bkey).await.unwrap().key_id, "b");
+        let again = store.authenticate(bkey).await.unwrap();
+        assert_eq!(
+            (again.key_id.as_str(), again.credential_hash.as_str()),
+            ("b", p.credential_hash.as_str())
+        );
         assert_eq!(
             store.authenticate("nope").await.unwrap_err(),
             AuthnError::ApiKeyUnknown
@@ -956,7 +981,7 @@ mod tests {
             ("mcpkey_live_new", Err(AuthnError::ApiKeyUnknown), 4),
         ];
         for (key, want, runs) in cases {
-            let got = store.authenticate(key).await.map(|p| p.subject);
+            let got = store.authenticate(key).await.map(|p| p.subject.clone());
             assert_eq!(got, want.map(String::from), "{key}");
             assert_eq!(store.bcrypt_runs(), runs, "bcrypt runs after {key}");
         }

@@ -336,18 +336,18 @@ fn token_exp(token: &str) -> Option<u64> {
 
 /// The token's principal, as having come with an API key: a copy, since the token cache
 /// keeps the token's own.
-fn as_api_key(p: Arc<Principal>, key: &str) -> Principal {
+fn as_api_key(p: Arc<Principal>, key: &str) -> Arc<Principal> {
     let mut p = Arc::unwrap_or_clone(p);
     p.method = AuthMethod::ApiKey;
     // The token's signing key id would read as an API key id; this key has none here.
     p.key_id = String::new();
     p.credential_hash = fingerprint(key);
-    p
+    Arc::new(p)
 }
 
 #[async_trait::async_trait]
 impl ApiKeyStore for ExchangeApiKeyStore {
-    async fn authenticate(&self, key: &str) -> Result<Principal, AuthnError> {
+    async fn authenticate(&self, key: &str) -> Result<Arc<Principal>, AuthnError> {
         self.authenticate_with(key, None).await
     }
 
@@ -355,7 +355,7 @@ impl ApiKeyStore for ExchangeApiKeyStore {
         &self,
         key: &str,
         jwt: Option<&JwtVerifier>,
-    ) -> Result<Principal, AuthnError> {
+    ) -> Result<Arc<Principal>, AuthnError> {
         // The configuration requires a JWT key source with an exchange URL.
         let jwt = jwt.ok_or_else(|| {
             AuthnError::ApiKeyStoreUnavailable(
@@ -460,7 +460,7 @@ pub fn compose(
 
 #[async_trait::async_trait]
 impl ApiKeyStore for ApiKeySources {
-    async fn authenticate(&self, key: &str) -> Result<Principal, AuthnError> {
+    async fn authenticate(&self, key: &str) -> Result<Arc<Principal>, AuthnError> {
         self.authenticate_with(key, None).await
     }
 
@@ -468,7 +468,7 @@ impl ApiKeyStore for ApiKeySources {
         &self,
         key: &str,
         jwt: Option<&JwtVerifier>,
-    ) -> Result<Principal, AuthnError> {
+    ) -> Result<Arc<Principal>, AuthnError> {
         match self.file.authenticate_with(key, jwt).await {
             Err(AuthnError::ApiKeyUnknown) => self.exchange.authenticate_with(key, jwt).await,
             answered => answered,
@@ -725,7 +725,7 @@ mod tests {
             async move {
                 both.authenticate_with(key, Some(jwt))
                     .await
-                    .map(|p| p.subject)
+                    .map(|p| p.subject.clone())
             }
         };
         assert_eq!(who("in-file").await, Ok("user:filed".into()));

@@ -247,8 +247,12 @@ impl From<RequestError> for AuthnError {
 
 /// Short, non-reversible fingerprint of a secret for logs: 12 hex chars of SHA-256.
 pub fn fingerprint(secret: &str) -> String {
-    let digest = Sha256::digest(secret.as_bytes());
-    hex::encode(&digest[..6])
+    fingerprint_of_digest(&Sha256::digest(secret.as_bytes()).into())
+}
+
+/// [`fingerprint`] from the secret's SHA-256, for a caller that has it already.
+pub fn fingerprint_of_digest(sha256: &[u8; 32]) -> String {
+    hex::encode(&sha256[..6])
 }
 
 /// Header names other gateways read API keys from (Kong's key-auth: `apikey`), besides the
@@ -333,10 +337,9 @@ impl Authenticator {
                     .api_keys
                     .as_ref()
                     .ok_or(AuthnError::ApiKeysNotConfigured)?;
-                let principal = store
+                store
                     .authenticate_with(key.trim(), self.jwt.as_ref())
-                    .await?;
-                Arc::new(principal)
+                    .await?
             }
             (None, None) => {
                 return Err(AuthnError::Missing {
@@ -360,6 +363,9 @@ pub fn bearer_token(value: &str) -> Result<&str, AuthnError> {
     if token.is_empty() {
         return Err(AuthnError::EmptyBearer);
     }
+    if is_plain_token(token) {
+        return Ok(token);
+    }
     if token.contains(',') {
         return Err(AuthnError::DuplicateAuthorization);
     }
@@ -367,6 +373,18 @@ pub fn bearer_token(value: &str) -> Result<&str, AuthnError> {
         return Err(AuthnError::Malformed("token contains whitespace".into()));
     }
     Ok(token)
+}
+
+/// No comma and no whitespace, from the bytes alone: every byte is printable ASCII other than
+/// the space (`!` to `~`) and none is a comma. That is every well-formed token (base64url and
+/// dots), so the checks below, which say which rule a token breaks, only run for the rest.
+/// One pass over a ~1 KiB token without an early exit, which the compiler turns into vector
+/// compares: a fraction of the two scans it stands in for.
+fn is_plain_token(token: &str) -> bool {
+    let odd = token.bytes().fold(false, |odd, b| {
+        odd | !(b'!'..=b'~').contains(&b) | (b == b',')
+    });
+    !odd
 }
 
 /// `s.contains(char::is_whitespace)`, by bytes when `s` is ASCII (any JWT is: base64url and
@@ -418,6 +436,25 @@ mod tests {
                 "{c:?}"
             );
         }
+    }
+
+    /// The byte check only ever skips checks that would have passed: for every character, a
+    /// token it calls plain has no comma and no whitespace; and a JWT is plain.
+    #[test]
+    fn the_plain_token_shortcut_skips_only_checks_that_pass() {
+        for c in (0..=0x10_ffff_u32).filter_map(char::from_u32) {
+            let token = format!("a{c}b");
+            if is_plain_token(&token) {
+                assert!(
+                    !token.contains(',') && !contains_whitespace(&token),
+                    "{c:?}"
+                );
+            }
+        }
+        assert!(is_plain_token(
+            "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln-_~+/="
+        ));
+        assert!(!is_plain_token("a,b") && !is_plain_token("a\u{7f}") && !is_plain_token("\u{e9}"));
     }
 
     #[test]

@@ -97,24 +97,28 @@ impl PathPattern {
         })
     }
 
-    /// Matches a normalised path; returns the captured parameters.
+    /// Matches a normalised path; returns the captured parameters. The path's segments are
+    /// read as they are split (every rule is tried against the path until one matches: no
+    /// list of them per rule).
     pub fn matches(&self, path: &str) -> Option<Vec<(String, String)>> {
-        let parts: Vec<&str> = path[1.min(path.len())..].split('/').collect();
+        let mut parts = path[1.min(path.len())..].split('/');
         let mut params = Vec::new();
-        for (i, seg) in self.segments.iter().enumerate() {
+        for seg in &self.segments {
+            if let Segment::Rest = seg {
+                return Some(params);
+            }
+            let part = parts.next()?;
             match seg {
-                Segment::Rest => return Some(params),
-                _ if i >= parts.len() => return None,
-                Segment::Lit(l) if l == parts[i] => {}
-                Segment::Lit(_) => return None,
-                Segment::Star if !parts[i].is_empty() => {}
-                Segment::Param(n) if !parts[i].is_empty() => {
-                    params.push((n.clone(), parts[i].to_string()));
+                Segment::Lit(l) if l == part => {}
+                Segment::Star if !part.is_empty() => {}
+                Segment::Param(n) if !part.is_empty() => {
+                    params.push((n.clone(), part.to_string()));
                 }
                 _ => return None,
             }
         }
-        (parts.len() == self.segments.len()).then_some(params)
+        // Every segment matched: the path matches when it has no more.
+        parts.next().is_none().then_some(params)
     }
 }
 
@@ -1205,6 +1209,13 @@ mod tests {
         );
         assert_eq!(p.matches("/tools//execute"), None);
         assert_eq!(p.matches("/tools/chat/execute/x"), None);
+        assert_eq!(p.matches("/tools/chat"), None);
+        let p = PathPattern::parse("k", "/a/*/{b}").unwrap();
+        assert_eq!(p.matches("/a/x/y"), Some(vec![("b".into(), "y".into())]));
+        assert_eq!(p.matches("/a//y"), None);
+        assert_eq!(p.matches("/a/x/"), None);
+        let p = PathPattern::parse("k", "/").unwrap();
+        assert!(p.matches("/").is_some() && p.matches("/a").is_none());
         let p = PathPattern::parse("k", "/public/**").unwrap();
         assert!(p.matches("/public").is_some());
         assert!(p.matches("/public/a/b").is_some());

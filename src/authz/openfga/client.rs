@@ -45,6 +45,9 @@ pub struct OpenFgaClient {
     pinned: bool,
     model: ArcSwap<Model>,
     max_batch: usize,
+    /// `/stores/{id}/check` and `/stores/{id}/batch-check`, formatted once.
+    check_path: Arc<str>,
+    batch_path: Arc<str>,
     breaker: CircuitBreaker,
     requests: AtomicU64,
     errors: AtomicU64,
@@ -78,6 +81,8 @@ impl OpenFgaClient {
         let resolved = resolve(&transport, cfg).await?;
         Ok(Self {
             transport,
+            check_path: format!("/stores/{}/check", resolved.store_id).into(),
+            batch_path: format!("/stores/{}/batch-check", resolved.store_id).into(),
             store_id: resolved.store_id,
             store_name: resolved.store_name,
             pinned: cfg.model_id.is_some(),
@@ -159,15 +164,8 @@ impl OpenFgaClient {
         &self.transport
     }
 
-    /// Sends one chunk (`/check` for one question, `/batch-check` otherwise) and returns
-    /// its answers in order.
-    fn spawn_chunk(
-        &self,
-        set: &mut JoinSet<ChunkResult>,
-        index: usize,
-        chunk: &[CheckQuery],
-        model_id: &str,
-    ) -> Result<(), BackendError> {
+    /// The request for one chunk: `/check` for one question, `/batch-check` otherwise.
+    fn chunk_request(&self, chunk: &[CheckQuery], model_id: &str) -> Result<Chunk, BackendError> {
         let consistency = chunk
             .first()
             .map(|q| q.consistency.as_str())
@@ -179,10 +177,7 @@ impl OpenFgaClient {
                 contextual_tuples: ContextualJson::of(q),
                 consistency,
             };
-            (
-                format!("/stores/{}/check", self.store_id),
-                serde_json::to_vec(&body),
-            )
+            (&self.check_path, serde_json::to_vec(&body))
         } else {
             let body = BatchBody {
                 authorization_model_id: model_id,
@@ -197,40 +192,30 @@ impl OpenFgaClient {
                     .collect(),
                 consistency,
             };
-            (
-                format!("/stores/{}/batch-check", self.store_id),
-                serde_json::to_vec(&body),
-            )
+            (&self.batch_path, serde_json::to_vec(&body))
         };
         let body = body.map_err(|e| BackendError::Rejected(format!("cannot encode check: {e}")))?;
-        let n = chunk.len();
-        let transport = self.transport.clone();
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        // In the check's span, so the call's span is its child.
-        set.spawn(tracing::Instrument::in_current_span(async move {
-            let url = transport.base().to_string();
-            let result = if n == 1 {
-                transport
-                    .call::<CheckAnswer>(Method::POST, &path, Some(body))
-                    .await
-                    .map(|a| vec![a.allowed])
-                    .map_err(|e| e.into_backend(&url))
-            } else {
-                match transport
-                    .call::<BatchAnswer>(Method::POST, &path, Some(body))
-                    .await
-                {
-                    Ok(a) => batch_answers(a, n, &url),
-                    Err(e) => Err(e.into_backend(&url)),
-                }
-            };
-            (index, result)
-        }));
-        Ok(())
+        Ok(Chunk {
+            path: Arc::clone(path),
+            body,
+            n: chunk.len(),
+        })
     }
 
     async fn check_uncounted(&self, queries: &[CheckQuery]) -> Result<Vec<bool>, BackendError> {
-        let model = self.model.load_full();
+        let model = self.model.load();
+        // One question (one rule, one relation: the usual miss) is one /check, awaited here:
+        // no sorting, no copies, no task (a spawned task per call cost a hand-off through
+        // the scheduler on every miss).
+        if let [query] = queries {
+            let chunk = self.chunk_request(std::slice::from_ref(query), &model.id)?;
+            drop(model);
+            let result = self.send(chunk).await;
+            if result.is_err() {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            return result;
+        }
         // A batch-check request has one consistency: questions are grouped by it (a rule's
         // questions share one, so this is normally a single group).
         let mut order: Vec<usize> = (0..queries.len()).collect();
@@ -240,10 +225,17 @@ impl OpenFgaClient {
         for group in sorted.chunk_by(|a, b| a.consistency == b.consistency) {
             chunks.extend(group.chunks(self.max_batch));
         }
-        let mut set = JoinSet::new();
+        let mut set: JoinSet<ChunkResult> = JoinSet::new();
         for (i, chunk) in chunks.iter().enumerate() {
-            self.spawn_chunk(&mut set, i, chunk, &model.id)?;
+            let chunk = self.chunk_request(chunk, &model.id)?;
+            let transport = self.transport.clone();
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            // In the check's span, so the call's span is its child.
+            set.spawn(tracing::Instrument::in_current_span(async move {
+                (i, send_chunk(&transport, chunk).await)
+            }));
         }
+        drop(model);
         let mut per_chunk: Vec<Option<Vec<bool>>> = vec![None; chunks.len()];
         let mut first_error: Option<BackendError> = None;
         while let Some(joined) = set.join_next().await {
@@ -288,6 +280,40 @@ impl OpenFgaClient {
             out[pos] = allowed;
         }
         Ok(out)
+    }
+
+    /// Sends one chunk from the caller's task, counted.
+    async fn send(&self, chunk: Chunk) -> Result<Vec<bool>, BackendError> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        send_chunk(&self.transport, chunk).await
+    }
+}
+
+/// One request's worth of questions, encoded.
+struct Chunk {
+    path: Arc<str>,
+    body: Vec<u8>,
+    /// How many questions it asks.
+    n: usize,
+}
+
+/// Sends one chunk and returns its answers in order.
+async fn send_chunk(transport: &Transport, chunk: Chunk) -> Result<Vec<bool>, BackendError> {
+    let Chunk { path, body, n } = chunk;
+    if n == 1 {
+        transport
+            .call::<CheckAnswer>(Method::POST, &path, Some(body))
+            .await
+            .map(|a| vec![a.allowed])
+            .map_err(|e| e.into_backend(transport.base()))
+    } else {
+        match transport
+            .call::<BatchAnswer>(Method::POST, &path, Some(body))
+            .await
+        {
+            Ok(a) => batch_answers(a, n, transport.base()),
+            Err(e) => Err(e.into_backend(transport.base())),
+        }
     }
 }
 

@@ -1,6 +1,8 @@
 //! The OpenFGA client: answers relationship checks (`/check` for one question,
 //! `/batch-check` in concurrent chunks for several) behind a [`CircuitBreaker`], holds the
-//! authorization model they are asked against, and counts requests for `/metrics`.
+//! authorization model they are asked against, and counts requests for `/metrics`. Single
+//! checks asked while `openfga.max_in_flight` requests are out go together as one
+//! `/batch-check` when one returns ([`Coalescer`]).
 //!
 //! Owns: [`OpenFgaClient`], built once per process (it is a backend, not policy). Invariant:
 //! answers come back in the caller's order whatever the chunking; the breaker hears every
@@ -16,6 +18,7 @@ use reqwest::Method;
 use tokio::task::JoinSet;
 
 use super::OpenFgaError;
+use super::coalesce::{Coalescer, SendChecks};
 use super::metrics::RequestMetrics;
 use super::model::Model;
 use super::resolve::{latest_model, resolve, store_label};
@@ -38,24 +41,39 @@ pub struct ClientStats {
 }
 
 pub struct OpenFgaClient {
-    transport: Arc<Transport>,
     store_id: String,
     store_name: String,
     /// `OPENFGA_MODEL_ID` was set: never follow newer models.
     pinned: bool,
-    model: ArcSwap<Model>,
     max_batch: usize,
+    breaker: CircuitBreaker,
+    short_circuited: AtomicU64,
+    /// Single checks; it owns the [`Link`] every check request goes through.
+    coalescer: Coalescer<Link>,
+}
+
+/// What sending checks needs, shared with the tasks that send coalesced batches and
+/// multi-chunk checks.
+struct Link {
+    transport: Arc<Transport>,
+    model: ArcSwap<Model>,
     /// `/stores/{id}/check` and `/stores/{id}/batch-check`, formatted once.
     check_path: Arc<str>,
     batch_path: Arc<str>,
-    breaker: CircuitBreaker,
     requests: AtomicU64,
     errors: AtomicU64,
-    short_circuited: AtomicU64,
+}
+
+/// One request's worth of questions, encoded.
+struct Chunk {
+    path: Arc<str>,
+    body: Vec<u8>,
+    /// How many questions it asks.
+    n: usize,
 }
 
 /// One chunk's answers, tagged with the chunk's index.
-type ChunkResult = (usize, Result<Vec<bool>, BackendError>);
+type ChunkResult = (usize, Vec<Result<bool, BackendError>>);
 
 // === impl OpenFgaClient ===
 
@@ -79,20 +97,28 @@ impl OpenFgaClient {
     ) -> Result<Self, OpenFgaError> {
         let transport = Arc::new(Transport::new(cfg, metrics));
         let resolved = resolve(&transport, cfg).await?;
-        Ok(Self {
+        let max_batch = cfg.max_batch_size.max(1);
+        let link = Link {
             transport,
+            model: ArcSwap::from_pointee(Model::from_json(&resolved.model)),
             check_path: format!("/stores/{}/check", resolved.store_id).into(),
             batch_path: format!("/stores/{}/batch-check", resolved.store_id).into(),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        };
+        Ok(Self {
             store_id: resolved.store_id,
             store_name: resolved.store_name,
             pinned: cfg.model_id.is_some(),
-            model: ArcSwap::from_pointee(Model::from_json(&resolved.model)),
-            max_batch: cfg.max_batch_size.max(1),
+            max_batch,
             breaker: CircuitBreaker::new(cfg.breaker_failures, cfg.breaker_open_for),
-            requests: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
             short_circuited: AtomicU64::new(0),
+            coalescer: Coalescer::new(link, cfg.max_in_flight, max_batch),
         })
+    }
+
+    fn link(&self) -> &Link {
+        self.coalescer.sender()
     }
 
     pub fn store_id(&self) -> &str {
@@ -105,7 +131,7 @@ impl OpenFgaClient {
 
     /// The model checks are asked against now (it changes when following the latest).
     pub fn model_id(&self) -> String {
-        self.model.load().id.clone()
+        self.link().model.load().id.clone()
     }
 
     /// Whether the model id was pinned (`OPENFGA_MODEL_ID`) rather than followed.
@@ -114,13 +140,13 @@ impl OpenFgaClient {
     }
 
     pub fn api_url(&self) -> &str {
-        self.transport.base()
+        self.link().transport.base()
     }
 
     pub fn stats(&self) -> ClientStats {
         ClientStats {
-            requests: self.requests.load(Ordering::Relaxed),
-            errors: self.errors.load(Ordering::Relaxed),
+            requests: self.link().requests.load(Ordering::Relaxed),
+            errors: self.link().errors.load(Ordering::Relaxed),
             short_circuited: self.short_circuited.load(Ordering::Relaxed),
             breaker: self.breaker.state(),
         }
@@ -129,7 +155,7 @@ impl OpenFgaClient {
     /// Every type a rule names must be in the model, every relation on its type. Returns
     /// the first problem, naming the config key, the type, the relation and what exists.
     pub fn validate(&self, refs: &[RelationRef]) -> Result<(), OpenFgaError> {
-        self.model.load().validate(refs)
+        self.link().model.load().validate(refs)
     }
 
     /// Re-reads the latest model when none is pinned; `true` when it changed (answers
@@ -138,15 +164,16 @@ impl OpenFgaClient {
         if self.pinned {
             return Ok(false);
         }
-        let latest = latest_model(&self.transport, &self.store_id)
+        let link = self.link();
+        let latest = latest_model(&link.transport, &self.store_id)
             .await?
             .ok_or_else(|| OpenFgaError::NoModel {
                 store: store_label(&self.store_name, &self.store_id),
             })?;
-        if latest.id == self.model.load().id {
+        if latest.id == link.model.load().id {
             return Ok(false);
         }
-        self.model.store(Arc::new(Model::from_json(&latest)));
+        link.model.store(Arc::new(Model::from_json(&latest)));
         Ok(true)
     }
 
@@ -156,16 +183,100 @@ impl OpenFgaClient {
     /// (`organization:acme` in `tool:x#organization`) *and* the object itself is reached
     /// from other objects (through a tupleset or a userset).
     pub fn change_needs_clear(&self, tuple: &TupleKey) -> bool {
-        self.model.load().change_needs_clear(tuple)
+        self.link().model.load().change_needs_clear(tuple)
     }
 
     /// For the changelog watcher, which reads the same store over the same connection pool.
     pub(super) fn transport(&self) -> &Transport {
-        &self.transport
+        &self.link().transport
     }
 
-    /// The request for one chunk: `/check` for one question, `/batch-check` otherwise.
-    fn chunk_request(&self, chunk: &[CheckQuery], model_id: &str) -> Result<Chunk, BackendError> {
+    async fn check_uncounted(&self, queries: &[CheckQuery]) -> Result<Vec<bool>, BackendError> {
+        // One question (one rule, one relation: the usual miss) is awaited in this task, or
+        // coalesced with others when OpenFGA is busy: no sorting, no copies, no task.
+        if let [query] = queries {
+            return self.coalescer.check(query).await.map(|allowed| vec![allowed]);
+        }
+        let link = self.link();
+        // A batch-check request has one consistency: questions are grouped by it (a rule's
+        // questions share one, so this is normally a single group).
+        let mut order: Vec<usize> = (0..queries.len()).collect();
+        order.sort_by_key(|&i| queries[i].consistency.as_str());
+        let sorted: Vec<CheckQuery> = order.iter().map(|&i| queries[i].clone()).collect();
+        let mut chunks: Vec<&[CheckQuery]> = Vec::new();
+        for group in sorted.chunk_by(|a, b| a.consistency == b.consistency) {
+            chunks.extend(group.chunks(self.max_batch));
+        }
+        let encoded = {
+            let model = link.model.load();
+            chunks
+                .iter()
+                .map(|chunk| link.request(chunk, &model.id))
+                .collect::<Result<Vec<Chunk>, BackendError>>()?
+        };
+        let mut set: JoinSet<ChunkResult> = JoinSet::new();
+        for (i, chunk) in encoded.into_iter().enumerate() {
+            let transport = Arc::clone(&link.transport);
+            link.requests.fetch_add(1, Ordering::Relaxed);
+            // In the check's span, so the call's span is its child.
+            set.spawn(tracing::Instrument::in_current_span(async move {
+                (i, send_chunk(&transport, chunk).await)
+            }));
+        }
+        let mut per_chunk: Vec<Option<Vec<bool>>> = vec![None; chunks.len()];
+        let mut first_error: Option<BackendError> = None;
+        while let Some(joined) = set.join_next().await {
+            // A per-check error fails the whole call (the rule needs every answer).
+            match joined.map(|(i, answers)| (i, answers.into_iter().collect::<Result<Vec<_>, _>>())) {
+                Ok((i, Ok(answers))) => {
+                    if let Some(slot) = per_chunk.get_mut(i) {
+                        *slot = Some(answers);
+                    }
+                }
+                Ok((_, Err(e))) => {
+                    link.errors.fetch_add(1, Ordering::Relaxed);
+                    // An outage outranks a refusal: it is what the breaker must hear about.
+                    if first_error
+                        .as_ref()
+                        .is_none_or(|f| matches!(f, BackendError::Rejected(_)))
+                    {
+                        first_error = Some(e);
+                    }
+                }
+                Err(join) => {
+                    link.errors.fetch_add(1, Ordering::Relaxed);
+                    first_error = Some(BackendError::Unavailable(format!(
+                        "OpenFGA check task failed: {join}"
+                    )));
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        let mut sorted_answers = Vec::with_capacity(queries.len());
+        for answers in per_chunk {
+            sorted_answers.extend(answers.unwrap_or_default());
+        }
+        if sorted_answers.len() != queries.len() {
+            return Err(BackendError::Unavailable(
+                "OpenFGA answered fewer checks than asked".into(),
+            ));
+        }
+        let mut out = vec![false; queries.len()];
+        for (pos, allowed) in order.into_iter().zip(sorted_answers) {
+            out[pos] = allowed;
+        }
+        Ok(out)
+    }
+}
+
+// === impl Link ===
+
+impl Link {
+    /// The request for one chunk (one consistency): `/check` for one question,
+    /// `/batch-check` otherwise.
+    fn request(&self, chunk: &[CheckQuery], model_id: &str) -> Result<Chunk, BackendError> {
         let consistency = chunk
             .first()
             .map(|q| q.consistency.as_str())
@@ -201,145 +312,78 @@ impl OpenFgaClient {
             n: chunk.len(),
         })
     }
+}
 
-    async fn check_uncounted(&self, queries: &[CheckQuery]) -> Result<Vec<bool>, BackendError> {
-        let model = self.model.load();
-        // One question (one rule, one relation: the usual miss) is one /check, awaited here:
-        // no sorting, no copies, no task (a spawned task per call cost a hand-off through
-        // the scheduler on every miss).
-        if let [query] = queries {
-            let chunk = self.chunk_request(std::slice::from_ref(query), &model.id)?;
-            drop(model);
-            let result = self.send(chunk).await;
-            if result.is_err() {
+impl SendChecks for Link {
+    fn send<'a>(
+        &'a self,
+        queries: &'a [CheckQuery],
+    ) -> impl std::future::Future<Output = Vec<Result<bool, BackendError>>> + Send + 'a {
+        async move {
+            let chunk = {
+                let model = self.model.load();
+                self.request(queries, &model.id)
+            };
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => return vec![Err(e); queries.len()],
+            };
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            let answers = send_chunk(&self.transport, chunk).await;
+            if answers.iter().any(Result::is_err) {
                 self.errors.fetch_add(1, Ordering::Relaxed);
             }
-            return result;
+            answers
         }
-        // A batch-check request has one consistency: questions are grouped by it (a rule's
-        // questions share one, so this is normally a single group).
-        let mut order: Vec<usize> = (0..queries.len()).collect();
-        order.sort_by_key(|&i| queries[i].consistency.as_str());
-        let sorted: Vec<CheckQuery> = order.iter().map(|&i| queries[i].clone()).collect();
-        let mut chunks: Vec<&[CheckQuery]> = Vec::new();
-        for group in sorted.chunk_by(|a, b| a.consistency == b.consistency) {
-            chunks.extend(group.chunks(self.max_batch));
-        }
-        let mut set: JoinSet<ChunkResult> = JoinSet::new();
-        for (i, chunk) in chunks.iter().enumerate() {
-            let chunk = self.chunk_request(chunk, &model.id)?;
-            let transport = self.transport.clone();
-            self.requests.fetch_add(1, Ordering::Relaxed);
-            // In the check's span, so the call's span is its child.
-            set.spawn(tracing::Instrument::in_current_span(async move {
-                (i, send_chunk(&transport, chunk).await)
-            }));
-        }
-        drop(model);
-        let mut per_chunk: Vec<Option<Vec<bool>>> = vec![None; chunks.len()];
-        let mut first_error: Option<BackendError> = None;
-        while let Some(joined) = set.join_next().await {
-            match joined {
-                Ok((i, Ok(answers))) => {
-                    if let Some(slot) = per_chunk.get_mut(i) {
-                        *slot = Some(answers);
-                    }
-                }
-                Ok((_, Err(e))) => {
-                    self.errors.fetch_add(1, Ordering::Relaxed);
-                    // An outage outranks a refusal: it is what the breaker must hear about.
-                    if first_error
-                        .as_ref()
-                        .is_none_or(|f| matches!(f, BackendError::Rejected(_)))
-                    {
-                        first_error = Some(e);
-                    }
-                }
-                Err(join) => {
-                    self.errors.fetch_add(1, Ordering::Relaxed);
-                    first_error = Some(BackendError::Unavailable(format!(
-                        "OpenFGA check task failed: {join}"
-                    )));
+    }
+}
+
+/// Sends one chunk; one answer per question in order, a failed request being that error
+/// for each.
+async fn send_chunk(transport: &Transport, chunk: Chunk) -> Vec<Result<bool, BackendError>> {
+    let Chunk { path, body, n } = chunk;
+    let url = transport.base();
+    if n == 1 {
+        let answer = transport
+            .call::<CheckAnswer>(Method::POST, &path, Some(body))
+            .await;
+        return vec![answer.map(|a| a.allowed).map_err(|e| e.into_backend(url))];
+    }
+    match transport
+        .call::<BatchAnswer>(Method::POST, &path, Some(body))
+        .await
+    {
+        Ok(answer) => batch_answers(&answer, n, url),
+        Err(e) => vec![Err(e.into_backend(url)); n],
+    }
+}
+
+/// Answers of a batch in chunk order, each check on its own: one check's error (a
+/// refused question, or OpenFGA failing that one) is that check's answer only.
+fn batch_answers(answer: &BatchAnswer, n: usize, url: &str) -> Vec<Result<bool, BackendError>> {
+    (0..n)
+        .map(|i| {
+            let Some(one) = answer.result.get(&i.to_string()) else {
+                return Err(BackendError::Unavailable(format!(
+                    "OpenFGA at {url}: batch-check answer lacks check {i}"
+                )));
+            };
+            match &one.error {
+                None => Ok(one.allowed),
+                Some(err) => {
+                    let message = err
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| "batch-check failed for one check".into());
+                    Err(if err.input_error.is_some() {
+                        BackendError::Rejected(message)
+                    } else {
+                        BackendError::Unavailable(format!("OpenFGA at {url}: {message}"))
+                    })
                 }
             }
-        }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
-        let mut sorted_answers = Vec::with_capacity(queries.len());
-        for answers in per_chunk {
-            sorted_answers.extend(answers.unwrap_or_default());
-        }
-        if sorted_answers.len() != queries.len() {
-            return Err(BackendError::Unavailable(
-                "OpenFGA answered fewer checks than asked".into(),
-            ));
-        }
-        let mut out = vec![false; queries.len()];
-        for (pos, allowed) in order.into_iter().zip(sorted_answers) {
-            out[pos] = allowed;
-        }
-        Ok(out)
-    }
-
-    /// Sends one chunk from the caller's task, counted.
-    async fn send(&self, chunk: Chunk) -> Result<Vec<bool>, BackendError> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        send_chunk(&self.transport, chunk).await
-    }
-}
-
-/// One request's worth of questions, encoded.
-struct Chunk {
-    path: Arc<str>,
-    body: Vec<u8>,
-    /// How many questions it asks.
-    n: usize,
-}
-
-/// Sends one chunk and returns its answers in order.
-async fn send_chunk(transport: &Transport, chunk: Chunk) -> Result<Vec<bool>, BackendError> {
-    let Chunk { path, body, n } = chunk;
-    if n == 1 {
-        transport
-            .call::<CheckAnswer>(Method::POST, &path, Some(body))
-            .await
-            .map(|a| vec![a.allowed])
-            .map_err(|e| e.into_backend(transport.base()))
-    } else {
-        match transport
-            .call::<BatchAnswer>(Method::POST, &path, Some(body))
-            .await
-        {
-            Ok(a) => batch_answers(a, n, transport.base()),
-            Err(e) => Err(e.into_backend(transport.base())),
-        }
-    }
-}
-
-/// Answers of a batch in chunk order; a per-check error fails the whole chunk.
-fn batch_answers(answer: BatchAnswer, n: usize, url: &str) -> Result<Vec<bool>, BackendError> {
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        let Some(one) = answer.result.get(&i.to_string()) else {
-            return Err(BackendError::Unavailable(format!(
-                "OpenFGA at {url}: batch-check answer lacks check {i}"
-            )));
-        };
-        if let Some(err) = &one.error {
-            let message = err
-                .message
-                .clone()
-                .unwrap_or_else(|| "batch-check failed for one check".into());
-            return Err(if err.input_error.is_some() {
-                BackendError::Rejected(message)
-            } else {
-                BackendError::Unavailable(format!("OpenFGA at {url}: {message}"))
-            });
-        }
-        out.push(one.allowed);
-    }
-    Ok(out)
+        })
+        .collect()
 }
 
 // === impl RelationshipChecker for OpenFgaClient ===
@@ -375,10 +419,10 @@ impl RelationshipChecker for OpenFgaClient {
     fn describe(&self) -> String {
         format!(
             "OpenFGA {} store {} ({}) model {} ({})",
-            self.transport.base(),
+            self.link().transport.base(),
             self.store_name,
             self.store_id,
-            self.model.load().id,
+            self.link().model.load().id,
             if self.pinned { "pinned" } else { "latest" }
         )
     }
@@ -389,35 +433,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn batch_answers_in_order_and_per_check_errors() {
+    fn batch_answers_in_order_each_check_on_its_own() {
         let ok: BatchAnswer = serde_json::from_value(serde_json::json!({
             "result": {"1": {"allowed": false}, "0": {"allowed": true}, "2": {"allowed": true}}
         }))
         .unwrap();
-        assert_eq!(batch_answers(ok, 3, "u"), Ok(vec![true, false, true]));
+        assert_eq!(batch_answers(&ok, 3, "u"), vec![Ok(true), Ok(false), Ok(true)]);
         let bad: BatchAnswer = serde_json::from_value(serde_json::json!({"result": {
             "0": {"allowed": true},
             "1": {"error": {"input_error": "validation_error", "message": "invalid relation: relation 'tool#nope' not found"}}
         }}))
         .unwrap();
+        // The refused check fails alone; its neighbour keeps its answer.
         assert_eq!(
-            batch_answers(bad, 2, "u"),
-            Err(BackendError::Rejected(
-                "invalid relation: relation 'tool#nope' not found".into()
-            ))
+            batch_answers(&bad, 2, "u"),
+            vec![
+                Ok(true),
+                Err(BackendError::Rejected(
+                    "invalid relation: relation 'tool#nope' not found".into()
+                ))
+            ]
         );
         let internal: BatchAnswer = serde_json::from_value(serde_json::json!({"result": {
             "0": {"error": {"internal_error": "deadline_exceeded", "message": "timeout"}}
         }}))
         .unwrap();
         assert!(matches!(
-            batch_answers(internal, 1, "u"),
-            Err(BackendError::Unavailable(_))
+            batch_answers(&internal, 1, "u")[..],
+            [Err(BackendError::Unavailable(_))]
         ));
         let short: BatchAnswer = serde_json::from_value(serde_json::json!({"result": {}})).unwrap();
         assert!(matches!(
-            batch_answers(short, 1, "u"),
-            Err(BackendError::Unavailable(_))
+            batch_answers(&short, 1, "u")[..],
+            [Err(BackendError::Unavailable(_))]
         ));
     }
 }

@@ -392,14 +392,16 @@ async fn concurrent_single_checks_coalesce_and_each_gets_its_own_answer() {
         // A question the model refuses, among the others: only it fails.
         let refused = {
             let client = client.clone();
-            tokio::spawn(async move {
-                client
-                    .check(&[q(&t("user:u1", "runner", "tool:t1"))])
-                    .await
-            })
+            tokio::spawn(
+                async move { client.check(&[q(&t("user:u1", "runner", "tool:t1"))]).await },
+            )
         };
         for (i, answer) in asked.into_iter().enumerate() {
-            assert_eq!(answer.await.unwrap(), Ok(vec![i % 2 == 0]), "check {i}, max_in_flight {limit}");
+            assert_eq!(
+                answer.await.unwrap(),
+                Ok(vec![i % 2 == 0]),
+                "check {i}, max_in_flight {limit}"
+            );
         }
         match refused.await.unwrap() {
             Err(BackendError::Rejected(m)) => assert!(m.contains("tool#runner"), "{m}"),

@@ -195,7 +195,11 @@ impl OpenFgaClient {
         // One question (one rule, one relation: the usual miss) is awaited in this task, or
         // coalesced with others when OpenFGA is busy: no sorting, no copies, no task.
         if let [query] = queries {
-            return self.coalescer.check(query).await.map(|allowed| vec![allowed]);
+            return self
+                .coalescer
+                .check(query)
+                .await
+                .map(|allowed| vec![allowed]);
         }
         let link = self.link();
         // A batch-check request has one consistency: questions are grouped by it (a rule's
@@ -227,7 +231,8 @@ impl OpenFgaClient {
         let mut first_error: Option<BackendError> = None;
         while let Some(joined) = set.join_next().await {
             // A per-check error fails the whole call (the rule needs every answer).
-            match joined.map(|(i, answers)| (i, answers.into_iter().collect::<Result<Vec<_>, _>>())) {
+            match joined.map(|(i, answers)| (i, answers.into_iter().collect::<Result<Vec<_>, _>>()))
+            {
                 Ok((i, Ok(answers))) => {
                     if let Some(slot) = per_chunk.get_mut(i) {
                         *slot = Some(answers);
@@ -315,26 +320,21 @@ impl Link {
 }
 
 impl SendChecks for Link {
-    fn send<'a>(
-        &'a self,
-        queries: &'a [CheckQuery],
-    ) -> impl std::future::Future<Output = Vec<Result<bool, BackendError>>> + Send + 'a {
-        async move {
-            let chunk = {
-                let model = self.model.load();
-                self.request(queries, &model.id)
-            };
-            let chunk = match chunk {
-                Ok(chunk) => chunk,
-                Err(e) => return vec![Err(e); queries.len()],
-            };
-            self.requests.fetch_add(1, Ordering::Relaxed);
-            let answers = send_chunk(&self.transport, chunk).await;
-            if answers.iter().any(Result::is_err) {
-                self.errors.fetch_add(1, Ordering::Relaxed);
-            }
-            answers
+    async fn send(&self, queries: &[CheckQuery]) -> Vec<Result<bool, BackendError>> {
+        let chunk = {
+            let model = self.model.load();
+            self.request(queries, &model.id)
+        };
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) => return vec![Err(e); queries.len()],
+        };
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let answers = send_chunk(&self.transport, chunk).await;
+        if answers.iter().any(Result::is_err) {
+            self.errors.fetch_add(1, Ordering::Relaxed);
         }
+        answers
     }
 }
 
@@ -438,7 +438,10 @@ mod tests {
             "result": {"1": {"allowed": false}, "0": {"allowed": true}, "2": {"allowed": true}}
         }))
         .unwrap();
-        assert_eq!(batch_answers(&ok, 3, "u"), vec![Ok(true), Ok(false), Ok(true)]);
+        assert_eq!(
+            batch_answers(&ok, 3, "u"),
+            vec![Ok(true), Ok(false), Ok(true)]
+        );
         let bad: BatchAnswer = serde_json::from_value(serde_json::json!({"result": {
             "0": {"allowed": true},
             "1": {"error": {"input_error": "validation_error", "message": "invalid relation: relation 'tool#nope' not found"}}

@@ -244,30 +244,25 @@ mod tests {
     }
 
     impl SendChecks for Arc<Fake> {
-        fn send<'a>(
-            &'a self,
-            queries: &'a [CheckQuery],
-        ) -> impl Future<Output = Vec<Result<bool, BackendError>>> + Send + 'a {
-            async move {
-                let objects: Vec<String> = queries.iter().map(|q| q.tuple.object.clone()).collect();
-                self.requests.lock().unwrap().push(objects.clone());
-                self.sent.fetch_add(1, Ordering::SeqCst);
-                self.release.acquire().await.unwrap().forget();
-                if objects.iter().any(|o| o == "down") {
-                    let e = BackendError::Unavailable("OpenFGA at u: connection reset".into());
-                    return vec![Err(e); queries.len()];
-                }
-                objects
-                    .iter()
-                    .map(|o| {
-                        if o.ends_with("-bad") {
-                            Err(BackendError::Rejected(format!("invalid object {o}")))
-                        } else {
-                            Ok(o.ends_with("-yes"))
-                        }
-                    })
-                    .collect()
+        async fn send(&self, queries: &[CheckQuery]) -> Vec<Result<bool, BackendError>> {
+            let objects: Vec<String> = queries.iter().map(|q| q.tuple.object.clone()).collect();
+            self.requests.lock().unwrap().push(objects.clone());
+            self.sent.fetch_add(1, Ordering::SeqCst);
+            self.release.acquire().await.unwrap().forget();
+            if objects.iter().any(|o| o == "down") {
+                let e = BackendError::Unavailable("OpenFGA at u: connection reset".into());
+                return vec![Err(e); queries.len()];
             }
+            objects
+                .iter()
+                .map(|o| {
+                    if o.ends_with("-bad") {
+                        Err(BackendError::Rejected(format!("invalid object {o}")))
+                    } else {
+                        Ok(o.ends_with("-yes"))
+                    }
+                })
+                .collect()
         }
     }
 
@@ -299,16 +294,21 @@ mod tests {
         let (c, fake) = setup(1);
         fake.release.add_permits(1);
         assert_eq!(c.check(&q("a-yes")).await, Ok(true));
-        assert_eq!(*fake.requests.lock().unwrap(), vec![vec!["a-yes".to_string()]]);
+        assert_eq!(
+            *fake.requests.lock().unwrap(),
+            vec![vec!["a-yes".to_string()]]
+        );
         assert_eq!(c.in_flight(), 0);
     }
 
     #[tokio::test]
-    async fn checks_asked_while_the_limit_is_in_flight_go_out_together_each_with_its_own_answer()
-    {
+    async fn checks_asked_while_the_limit_is_in_flight_go_out_together_each_with_its_own_answer() {
         let (c, fake) = setup(1);
         let first = ask(&c, "first-yes");
-        until("the first request", || fake.sent.load(Ordering::SeqCst) == 1).await;
+        until("the first request", || {
+            fake.sent.load(Ordering::SeqCst) == 1
+        })
+        .await;
         let queued: Vec<_> = ["b-yes", "c-no", "d-yes", "e-no"]
             .iter()
             .map(|o| ask(&c, o))
@@ -342,8 +342,14 @@ mod tests {
     async fn one_bad_check_fails_only_itself() {
         let (c, fake) = setup(1);
         let first = ask(&c, "first-yes");
-        until("the first request", || fake.sent.load(Ordering::SeqCst) == 1).await;
-        let queued: Vec<_> = ["b-yes", "c-bad", "d-no"].iter().map(|o| ask(&c, o)).collect();
+        until("the first request", || {
+            fake.sent.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        let queued: Vec<_> = ["b-yes", "c-bad", "d-no"]
+            .iter()
+            .map(|o| ask(&c, o))
+            .collect();
         until("three queued", || c.shared.lock().queue.len() == 3).await;
         fake.release.add_permits(2);
         first.await.unwrap().unwrap();
@@ -361,8 +367,14 @@ mod tests {
     async fn a_failed_request_fails_every_check_in_it_with_the_same_error() {
         let (c, fake) = setup(1);
         let first = ask(&c, "first-yes");
-        until("the first request", || fake.sent.load(Ordering::SeqCst) == 1).await;
-        let queued: Vec<_> = ["b-yes", "down", "d-no"].iter().map(|o| ask(&c, o)).collect();
+        until("the first request", || {
+            fake.sent.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        let queued: Vec<_> = ["b-yes", "down", "d-no"]
+            .iter()
+            .map(|o| ask(&c, o))
+            .collect();
         until("three queued", || c.shared.lock().queue.len() == 3).await;
         fake.release.add_permits(2);
         assert_eq!(first.await.unwrap(), Ok(true));
@@ -377,7 +389,10 @@ mod tests {
     async fn a_waiter_that_gives_up_is_left_out_and_the_others_keep_their_answers() {
         let (c, fake) = setup(1);
         let first = ask(&c, "first-yes");
-        until("the first request", || fake.sent.load(Ordering::SeqCst) == 1).await;
+        until("the first request", || {
+            fake.sent.load(Ordering::SeqCst) == 1
+        })
+        .await;
         let b = ask(&c, "b-yes");
         let gone = ask(&c, "gone-yes");
         let d = ask(&c, "d-no");
@@ -398,7 +413,10 @@ mod tests {
     async fn a_cancelled_sender_frees_its_slot_and_the_queue_moves_on() {
         let (c, fake) = setup(1);
         let first = ask(&c, "first-yes");
-        until("the first request", || fake.sent.load(Ordering::SeqCst) == 1).await;
+        until("the first request", || {
+            fake.sent.load(Ordering::SeqCst) == 1
+        })
+        .await;
         let b = ask(&c, "b-yes");
         until("one queued", || c.shared.lock().queue.len() == 1).await;
         // The sender of the first request gives up (Envoy's deadline): its slot goes to b.
@@ -415,7 +433,10 @@ mod tests {
         let fake = Arc::new(Fake::default());
         let c = Arc::new(Coalescer::new(fake.clone(), 1, 2));
         let first = ask(&c, "first-yes");
-        until("the first request", || fake.sent.load(Ordering::SeqCst) == 1).await;
+        until("the first request", || {
+            fake.sent.load(Ordering::SeqCst) == 1
+        })
+        .await;
         let mut strong = q("s-yes");
         strong.consistency = Consistency::HigherConsistency;
         let s = {
@@ -423,7 +444,10 @@ mod tests {
             tokio::spawn(async move { c.check(&strong).await })
         };
         until("s queued", || c.shared.lock().queue.len() == 1).await;
-        let rest: Vec<_> = ["b-yes", "c-no", "d-yes"].iter().map(|o| ask(&c, o)).collect();
+        let rest: Vec<_> = ["b-yes", "c-no", "d-yes"]
+            .iter()
+            .map(|o| ask(&c, o))
+            .collect();
         until("four queued", || c.shared.lock().queue.len() == 4).await;
         fake.release.add_permits(4);
         first.await.unwrap().unwrap();
@@ -447,7 +471,10 @@ mod tests {
     #[tokio::test]
     async fn a_limit_of_zero_never_queues() {
         let (c, fake) = setup(0);
-        let asked: Vec<_> = ["a-yes", "b-no", "c-yes"].iter().map(|o| ask(&c, o)).collect();
+        let asked: Vec<_> = ["a-yes", "b-no", "c-yes"]
+            .iter()
+            .map(|o| ask(&c, o))
+            .collect();
         until("three requests", || fake.sent.load(Ordering::SeqCst) == 3).await;
         fake.release.add_permits(3);
         assert_eq!(

@@ -342,6 +342,9 @@ pub struct RawOpenFga {
     pub timeout: Option<Duration>,
     pub consistency: Option<Consistency>,
     pub max_batch_size: Option<usize>,
+    /// Single-check requests in flight before new checks wait and go out together as one
+    /// batch-check when one returns; 0: never wait.
+    pub max_in_flight: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     pub changelog_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -617,6 +620,8 @@ pub struct OpenFgaConfig {
     pub timeout: Duration,
     pub consistency: Consistency,
     pub max_batch_size: usize,
+    /// Single-check requests in flight before new checks are coalesced; 0: never.
+    pub max_in_flight: usize,
     pub changelog_interval: Duration,
     /// How far before startup the changelog watcher starts reading (the clock skew it
     /// tolerates between the sidecar and OpenFGA).
@@ -697,6 +702,10 @@ pub const DEFAULT_REQUIRE_TYP: &str = "Bearer";
 pub const DEFAULT_REALM: &str = "authz-sidecar";
 pub const DEFAULT_OPENFGA_TIMEOUT: Duration = Duration::from_millis(500);
 pub const DEFAULT_OPENFGA_BATCH: usize = 50;
+/// A /batch-check of 8 costs OpenFGA ~0.4x the CPU per check of 8 /check calls
+/// (BENCHMARKS.md, "OpenFGA miss path (session 4)"). With 2, one slow request does not hold
+/// every other check back, and checks beyond two requests share one.
+pub const DEFAULT_OPENFGA_MAX_IN_FLIGHT: usize = 2;
 pub const DEFAULT_CHANGELOG_INTERVAL: Duration = Duration::from_secs(1);
 /// Five minutes: far beyond the clock skew of NTP-synced hosts, and a few pages of changes.
 pub const DEFAULT_CHANGELOG_LOOKBACK: Duration = Duration::from_secs(300);
@@ -1443,6 +1452,7 @@ fn resolve_openfga(
         timeout,
         consistency: raw.consistency.unwrap_or_default(),
         max_batch_size,
+        max_in_flight: raw.max_in_flight.unwrap_or(DEFAULT_OPENFGA_MAX_IN_FLIGHT),
         changelog_interval: raw.changelog_interval.unwrap_or(DEFAULT_CHANGELOG_INTERVAL),
         changelog_lookback: raw.changelog_lookback.unwrap_or(DEFAULT_CHANGELOG_LOOKBACK),
         contextual_tuples: raw.contextual_tuples,
@@ -1569,6 +1579,7 @@ impl Config {
                 "timeout": secs(f.timeout),
                 "consistency": f.consistency.as_str(),
                 "max_batch_size": f.max_batch_size,
+                "max_in_flight": f.max_in_flight,
                 "changelog_interval": secs(f.changelog_interval),
                 "changelog_lookback": secs(f.changelog_lookback),
                 "contextual_tuples": f.contextual_tuples.iter().map(|t| json!({

@@ -456,6 +456,11 @@ pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str>
             );
             changed(
                 &mut keys,
+                "openfga.max_in_flight",
+                a.max_in_flight != b.max_in_flight,
+            );
+            changed(
+                &mut keys,
                 "openfga.changelog_interval",
                 a.changelog_interval != b.changelog_interval,
             );

@@ -30,6 +30,7 @@ fn config(url: &str, store: StoreRef) -> OpenFgaConfig {
         timeout: Duration::from_millis(500),
         consistency: Consistency::MinimizeLatency,
         max_batch_size: 50,
+        max_in_flight: 2,
         changelog_interval: Duration::from_millis(100),
         changelog_lookback: Duration::from_secs(300),
         contextual_tuples: Vec::new(),
@@ -361,6 +362,60 @@ async fn checks_and_batches_answer_from_written_tuples() {
     assert_eq!(client.stats().breaker, BreakerState::Closed);
     assert!(client.stats().errors > before);
     assert!(client.ready());
+}
+
+/// Single checks asked while `max_in_flight` requests are out wait and go out together as
+/// one /batch-check; each gets its own answer (answers differ, and one question is refused
+/// alone). With `max_in_flight: 0` every check is its own request.
+#[tokio::test]
+async fn concurrent_single_checks_coalesce_and_each_gets_its_own_answer() {
+    let fga = OpenFga::shared().await;
+    let url = fga.http_url();
+    let n = 40;
+    let tuples: Vec<TupleKey> = (0..n)
+        .step_by(2)
+        .map(|i| t(&format!("user:u{i}"), "executor", &format!("tool:t{i}")))
+        .collect();
+    let (store, _) = fga.store("coalesce").tuples(&tuples).create().await;
+    for (limit, requests) in [(1, 1..=3), (0, n + 1..=n + 1)] {
+        let mut cfg = config(&url, StoreRef::Id(store.clone()));
+        cfg.max_in_flight = limit;
+        let client = Arc::new(OpenFgaClient::connect(&cfg).await.unwrap());
+        let before = client.stats().requests;
+        let mut asked = Vec::new();
+        for i in 0..n {
+            let (client, query) = (
+                client.clone(),
+                q(&t(&format!("user:u{i}"), "executor", &format!("tool:t{i}"))),
+            );
+            asked.push(tokio::spawn(async move { client.check(&[query]).await }));
+        }
+        // A question the model refuses, among the others: only it fails.
+        let refused = {
+            let client = client.clone();
+            tokio::spawn(
+                async move { client.check(&[q(&t("user:u1", "runner", "tool:t1"))]).await },
+            )
+        };
+        for (i, answer) in asked.into_iter().enumerate() {
+            assert_eq!(
+                answer.await.unwrap(),
+                Ok(vec![i % 2 == 0]),
+                "check {i}, max_in_flight {limit}"
+            );
+        }
+        match refused.await.unwrap() {
+            Err(BackendError::Rejected(m)) => assert!(m.contains("tool#runner"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        let sent = client.stats().requests - before;
+        assert!(
+            requests.contains(&(sent as usize)),
+            "max_in_flight {limit}: {sent} requests for {} checks",
+            n + 1
+        );
+        assert_eq!(client.stats().breaker, BreakerState::Closed);
+    }
 }
 
 #[tokio::test]

@@ -3,6 +3,8 @@
 //!
 //! - `client`: [`OpenFgaClient`], checks and batching behind the circuit breaker, the
 //!   model checks are asked against, route-rule validation.
+//! - `coalesce`: single checks asked while OpenFGA is busy go out together as one
+//!   `/batch-check` (adaptive, no timer).
 //! - `watch`: [`ChangeWatcher`], the changelog (stale cached answers) and the latest model.
 //! - `resolve`: which store and model the configuration names; startup errors.
 //! - `model`: what a model says (types, relations, which changes reach other objects).
@@ -21,6 +23,7 @@
 //! a cache that imported them would be tied to one backend.
 
 mod client;
+mod coalesce;
 mod metrics;
 mod model;
 mod resolve;

@@ -476,6 +476,35 @@ pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
                 fmt(med(&s, &cpu)),
             ));
         }
+        // The direct call made from the sidecar's CPU (scripts/bench), when there is one: the
+        // sidecar's own call crosses CPUs, so does this one.
+        if rows
+            .iter()
+            .any(|s| tag(s, "server") == "openfga-from-server-cpu")
+        {
+            out.push_str("\nThe direct call made from the sidecar's CPU (OpenFGA's answer wakes a process on the other CPU, as it does for the sidecar):\n\n");
+            out.push_str("| in flight | direct from the sidecar's CPU p50 / p99 µs | rps | the OpenFGA call: (sidecar − floor) vs this direct p50 | target |\n|---:|---|---:|---:|---|\n");
+            for shape in &shapes {
+                let (d, f, s) = (
+                    pick("fga-miss", "openfga-from-server-cpu", shape),
+                    pick("fga-miss", "floor", shape),
+                    pick("fga-miss", "sidecar", shape),
+                );
+                let (dp50, fp50, sp50) = (med(&d, &p50), med(&f, &p50), med(&s, &p50));
+                let call = match (sp50, fp50) {
+                    (Some(s), Some(f)) => Some(s - f),
+                    _ => None,
+                };
+                out.push_str(&format!(
+                    "| {} | {} / {} | {} | {} | ≤ +5% |\n",
+                    d.first().map_or(0, |s| s.concurrency),
+                    fmt(dp50),
+                    fmt(med(&d, &p99)),
+                    fmt(med(&d, &rps)),
+                    pct(call, dp50),
+                ));
+            }
+        }
         out.push_str("\nServer CPU µs per check (from /proc; less noisy than latency):\n\n");
         out.push_str("| in flight | OpenFGA (direct) | floor | sidecar |\n|---:|---:|---:|---:|\n");
         out.push_str(&cpu_rows);

@@ -441,6 +441,14 @@ pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
             (Some(n), Some(d)) if d > 0.0 => format!("{:.0}%", n / d * 100.0),
             _ => "-".into(),
         };
+        // The sidecar's OpenFGA call at `shape`: its p50 less the floor's (the gRPC hop).
+        let call_p50 = |shape: &str| match (
+            med(&pick("fga-miss", "sidecar", shape), &p50),
+            med(&pick("fga-miss", "floor", shape), &p50),
+        ) {
+            (Some(s), Some(f)) => Some(s - f),
+            _ => None,
+        };
         let mut cpu_rows = String::new();
         for shape in &shapes {
             let (d, f, s) = (
@@ -449,10 +457,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
                 pick("fga-miss", "sidecar", shape),
             );
             let (dp50, fp50, sp50) = (med(&d, &p50), med(&f, &p50), med(&s, &p50));
-            let call = match (sp50, fp50) {
-                (Some(s), Some(f)) => Some(s - f),
-                _ => None,
-            };
+            let call = call_p50(shape);
             let in_flight = d.first().or(s.first()).map_or(0, |s| s.concurrency);
             out.push_str(&format!(
                 "| {in_flight} | {} / {} | {} / {} | {} / {} | {} / {} / {} | {} | {} | {} | ≤ +5% |\n",
@@ -485,16 +490,8 @@ pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
             out.push_str("\nThe direct call made from the sidecar's CPU (OpenFGA's answer wakes a process on the other CPU, as it does for the sidecar):\n\n");
             out.push_str("| in flight | direct from the sidecar's CPU p50 / p99 µs | rps | the OpenFGA call: (sidecar − floor) vs this direct p50 | target |\n|---:|---|---:|---:|---|\n");
             for shape in &shapes {
-                let (d, f, s) = (
-                    pick("fga-miss", "openfga-from-server-cpu", shape),
-                    pick("fga-miss", "floor", shape),
-                    pick("fga-miss", "sidecar", shape),
-                );
-                let (dp50, fp50, sp50) = (med(&d, &p50), med(&f, &p50), med(&s, &p50));
-                let call = match (sp50, fp50) {
-                    (Some(s), Some(f)) => Some(s - f),
-                    _ => None,
-                };
+                let d = pick("fga-miss", "openfga-from-server-cpu", shape);
+                let (dp50, call) = (med(&d, &p50), call_p50(shape));
                 out.push_str(&format!(
                     "| {} | {} / {} | {} | {} | ≤ +5% |\n",
                     d.first().map_or(0, |s| s.concurrency),

@@ -289,6 +289,27 @@ mod tests {
         tokio::spawn(async move { c.check(&query).await })
     }
 
+    type Asked = tokio::task::JoinHandle<Result<bool, BackendError>>;
+
+    /// One check in flight (the limit reached), then `objects` asked and seen queued behind it.
+    async fn queued_behind_one(
+        c: &Arc<Coalescer<Arc<Fake>>>,
+        fake: &Fake,
+        objects: &[&str],
+    ) -> (Asked, Vec<Asked>) {
+        let first = ask(c, "first-yes");
+        until("the first request", || {
+            fake.sent.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        let queued: Vec<_> = objects.iter().map(|o| ask(c, o)).collect();
+        until("the checks queued", || {
+            c.shared.lock().queue.len() == objects.len()
+        })
+        .await;
+        (first, queued)
+    }
+
     #[tokio::test]
     async fn a_check_with_a_free_slot_goes_out_alone_at_once() {
         let (c, fake) = setup(1);
@@ -304,16 +325,8 @@ mod tests {
     #[tokio::test]
     async fn checks_asked_while_the_limit_is_in_flight_go_out_together_each_with_its_own_answer() {
         let (c, fake) = setup(1);
-        let first = ask(&c, "first-yes");
-        until("the first request", || {
-            fake.sent.load(Ordering::SeqCst) == 1
-        })
-        .await;
-        let queued: Vec<_> = ["b-yes", "c-no", "d-yes", "e-no"]
-            .iter()
-            .map(|o| ask(&c, o))
-            .collect();
-        until("four queued", || c.shared.lock().queue.len() == 4).await;
+        let (first, queued) =
+            queued_behind_one(&c, &fake, &["b-yes", "c-no", "d-yes", "e-no"]).await;
         fake.release.add_permits(2);
         assert_eq!(first.await.unwrap(), Ok(true));
         let answers: Vec<_> = futures_answers(queued).await;
@@ -341,16 +354,7 @@ mod tests {
     #[tokio::test]
     async fn one_bad_check_fails_only_itself() {
         let (c, fake) = setup(1);
-        let first = ask(&c, "first-yes");
-        until("the first request", || {
-            fake.sent.load(Ordering::SeqCst) == 1
-        })
-        .await;
-        let queued: Vec<_> = ["b-yes", "c-bad", "d-no"]
-            .iter()
-            .map(|o| ask(&c, o))
-            .collect();
-        until("three queued", || c.shared.lock().queue.len() == 3).await;
+        let (first, queued) = queued_behind_one(&c, &fake, &["b-yes", "c-bad", "d-no"]).await;
         fake.release.add_permits(2);
         first.await.unwrap().unwrap();
         assert_eq!(
@@ -366,16 +370,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_request_fails_every_check_in_it_with_the_same_error() {
         let (c, fake) = setup(1);
-        let first = ask(&c, "first-yes");
-        until("the first request", || {
-            fake.sent.load(Ordering::SeqCst) == 1
-        })
-        .await;
-        let queued: Vec<_> = ["b-yes", "down", "d-no"]
-            .iter()
-            .map(|o| ask(&c, o))
-            .collect();
-        until("three queued", || c.shared.lock().queue.len() == 3).await;
+        let (first, queued) = queued_behind_one(&c, &fake, &["b-yes", "down", "d-no"]).await;
         fake.release.add_permits(2);
         assert_eq!(first.await.unwrap(), Ok(true));
         let outage = BackendError::Unavailable("OpenFGA at u: connection reset".into());
@@ -388,15 +383,8 @@ mod tests {
     #[tokio::test]
     async fn a_waiter_that_gives_up_is_left_out_and_the_others_keep_their_answers() {
         let (c, fake) = setup(1);
-        let first = ask(&c, "first-yes");
-        until("the first request", || {
-            fake.sent.load(Ordering::SeqCst) == 1
-        })
-        .await;
-        let b = ask(&c, "b-yes");
-        let gone = ask(&c, "gone-yes");
-        let d = ask(&c, "d-no");
-        until("three queued", || c.shared.lock().queue.len() == 3).await;
+        let (first, queued) = queued_behind_one(&c, &fake, &["b-yes", "gone-yes", "d-no"]).await;
+        let [b, gone, d]: [Asked; 3] = queued.try_into().unwrap();
         gone.abort();
         let _ = gone.await;
         fake.release.add_permits(2);
